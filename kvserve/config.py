@@ -1,0 +1,156 @@
+"""Frozen, validated configuration dataclasses. No I/O happens here.
+
+Loading a model's config from disk is `kvserve.model.loader.load_model_config`, which returns a
+`ModelConfig`; everything here is plain data plus validation and derived properties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the option and the problem."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a decoder-only transformer of the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None, or a dict in Hugging Face's `rope_scaling` shape ({"rope_type": "llama3" | "linear", ...}).
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 has biases on q/k/v projections.
+    # Token ids that end generation (eos, eot, ...), as declared by the checkpoint.
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model config: num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"model config: head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: block size and how many blocks the pool holds.
+
+    The pool is sized by exactly one of `num_blocks` or `memory_bytes`; with neither, the
+    runner picks a default budget (see `DEFAULT_KV_MEMORY_BYTES`).
+    """
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_bytes: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"--block-size must be a positive power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.memory_bytes is not None:
+            raise ConfigError("give either --num-kv-blocks or --kv-cache-memory, not both")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"--num-kv-blocks must be at least 1, got {self.num_blocks}")
+        if self.memory_bytes is not None and self.memory_bytes <= 0:
+            raise ConfigError(f"--kv-cache-memory must be positive, got {self.memory_bytes}")
+
+
+DEFAULT_KV_MEMORY_BYTES = 1 << 30  # 1 GiB when neither --num-kv-blocks nor --kv-cache-memory is given
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits.
+
+    max_num_batched_tokens: the token budget of one step (prefill chunks + decodes).
+    max_num_seqs: at most this many requests run at once.
+    max_model_len: prompt + output tokens of one request; None means the model's context.
+    policy: the waiting-queue ordering ("fcfs").
+    """
+
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    policy: str = "fcfs"
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"--max-num-batched-tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"--max-model-len must be at least 2, got {self.max_model_len}")
+        if self.policy not in ("fcfs",):
+            raise ConfigError(f"--scheduling-policy must be one of: fcfs; got {self.policy!r}")
+
+
+DTYPES = ("auto", "bfloat16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything needed to build an engine. `model` is a GGUF path, a Hugging Face directory,
+    "random:<preset>" for a randomly initialised model of a known shape (tests), or None for the
+    embedded default model."""
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB', '512MiB', '1.5G', '1000000' -> bytes. Raises ConfigError on anything else."""
+    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
+             "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
+    s = text.strip().lower()
+    number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(number):].strip()
+    try:
+        value = float(number)
+    except ValueError:
+        raise ConfigError(f"cannot read a size from {text!r}; use e.g. 512MiB, 2GiB or a byte count") from None
+    if unit not in units or value <= 0:
+        raise ConfigError(f"cannot read a size from {text!r}; use e.g. 512MiB, 2GiB or a byte count")
+    return int(value * units[unit])

@@ -1,0 +1,141 @@
+"""KVCacheManager: the only memory API the scheduler sees. Pure Python.
+
+It owns each request's block table (a list of block ids, one per `block_size` tokens) and keeps
+the block pool and the prefix cache in step:
+
+    request tokens   [t0 .. t15][t16 .. t31][t32 .. t40 ......]
+    block table      [    7    ][    3     ][    12            ]   12 is partly filled
+    block hashes     [   h0    ][    h1    ]                       full blocks only
+
+`match` finds cached blocks for a waiting request; `allocate_slots` makes room for the tokens a
+step will compute; `cache_full_blocks` publishes blocks once their KV is computed; `free` gives a
+request's blocks back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvserve.kv.block_pool import BlockPool
+from kvserve.kv.prefix_cache import NoPrefixCache, PrefixCache, hash_block
+from kvserve.request import Request
+
+
+@dataclass(frozen=True)
+class KVCacheStats:
+    num_blocks: int
+    num_used_blocks: int      # held by at least one request
+    num_cached_blocks: int    # hold reusable prefix KV (used or free)
+    num_free_blocks: int      # unheld (cached ones included: they are reusable on demand)
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.prefix_cache: PrefixCache = PrefixCache() if enable_prefix_caching else NoPrefixCache()
+        self.pool = BlockPool(num_blocks, on_evict=self.prefix_cache.evict)
+        self._block_ids: dict[str, list[int]] = {}
+        self._num_published: dict[str, int] = {}   # leading blocks already offered to the cache
+        self._queried_tokens = 0
+        self._hit_tokens = 0
+
+    # ---- queries ------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return self._block_ids.get(request_id, [])
+
+    def stats(self) -> KVCacheStats:
+        num_free = self.pool.num_free_blocks
+        return KVCacheStats(self.num_blocks, self.num_blocks - num_free, self.prefix_cache.num_cached_blocks,
+                            num_free, self._queried_tokens, self._hit_tokens)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- verbs -------------------------------------------------------------------------------
+    def match(self, request: Request) -> list[int]:
+        """Cached blocks covering the longest cached prefix of `request`.
+
+        At least one token is always left to compute: the model must run on the last token to
+        produce logits for the next one.
+        """
+        self._update_block_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        block_ids = self.prefix_cache.match(request.block_hashes[:max_blocks])
+        self._queried_tokens += request.num_tokens
+        self._hit_tokens += len(block_ids) * self.block_size
+        return block_ids
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
+        """Make room for `num_new_tokens` more tokens after the request's computed (and newly
+        matched cached) tokens. All or nothing: returns False, changing nothing, when the pool
+        cannot supply the blocks."""
+        held = self._block_ids.setdefault(request.request_id, [])
+        assert not (held and cached_block_ids), "cached blocks are matched only at admission"
+        num_tokens = request.num_computed_tokens + len(cached_block_ids) * self.block_size + num_new_tokens
+        num_needed = self.blocks_for(num_tokens) - len(held) - len(cached_block_ids)
+        # Matched blocks that sit in the free queue are about to leave it.
+        num_matched_free = sum(1 for b in cached_block_ids if self.pool.ref_count(b) == 0)
+        if num_needed > self.pool.num_free_blocks - num_matched_free:
+            if not held:
+                del self._block_ids[request.request_id]
+            return False
+        self.pool.touch(cached_block_ids)   # before allocating, so allocation cannot evict them
+        held.extend(cached_block_ids)
+        if num_needed > 0:
+            held.extend(self.pool.allocate(num_needed))
+        return True
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Publish every block whose tokens are all computed now."""
+        block_ids = self._block_ids[request.request_id]
+        num_full = request.num_computed_tokens // self.block_size
+        start = self._num_published.get(request.request_id, 0)
+        if num_full <= start:
+            return
+        self._update_block_hashes(request)
+        for i in range(start, num_full):
+            self.prefix_cache.insert(block_ids[i], request.block_hashes[i])
+        self._num_published[request.request_id] = num_full
+
+    def free(self, request: Request) -> None:
+        """Give all of the request's blocks back, tail first (see BlockPool)."""
+        block_ids = self._block_ids.pop(request.request_id, [])
+        self._num_published.pop(request.request_id, None)
+        self.pool.free(reversed(block_ids), self.prefix_cache.is_cached)
+
+    # ---- internals --------------------------------------------------------------------------
+    def _update_block_hashes(self, request: Request) -> None:
+        hashes = request.block_hashes
+        tokens = request.all_token_ids
+        bs = self.block_size
+        for i in range(len(hashes), len(tokens) // bs):
+            parent = hashes[i - 1] if i else None
+            extra = (request.cache_salt,) if i == 0 and request.cache_salt else ()
+            hashes.append(hash_block(parent, tokens[i * bs:(i + 1) * bs], extra))
+
+    def check_integrity(self) -> None:
+        """Verify, from scratch, every ref count and the free queue. Raises AssertionError."""
+        expected = [0] * self.num_blocks
+        for block_ids in self._block_ids.values():
+            assert len(set(block_ids)) == len(block_ids), f"a block table repeats a block: {block_ids}"
+            for block_id in block_ids:
+                expected[block_id] += 1
+        for block_id, count in enumerate(expected):
+            actual = self.pool.ref_count(block_id)
+            assert actual == count, f"block {block_id}: ref count {actual}, held by {count} requests"
+        free = self.pool.free_queue()
+        assert len(set(free)) == len(free), "the free queue repeats a block"
+        assert set(free) == {b for b, c in enumerate(expected) if c == 0}, "free queue != unheld blocks"
+        cached_flags = [self.prefix_cache.is_cached(b) for b in free]
+        assert cached_flags == sorted(cached_flags), "an uncached free block sits behind a cached one"
+        self.prefix_cache.check_integrity()

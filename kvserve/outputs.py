@@ -1,0 +1,59 @@
+"""What the engine hands outward: per-step token deltas and per-request text deltas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvserve.sampling import FinishReason
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The sampled token's log-probability and the top-N alternatives (raw model distribution)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """What one engine step did for one request: the tokens it appended, and whether it finished.
+
+    Emitted by the scheduler's update; the output processor turns it into text.
+    """
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    finish_reason: FinishReason | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """Token accounting of one request, final once the request finishes."""
+
+    num_prompt_tokens: int
+    num_cached_tokens: int        # prompt tokens whose KV came from the prefix cache
+    num_output_tokens: int
+    num_computed_tokens: int      # tokens this request actually ran through the model (recompute included)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A text delta for one request. Streams are sequences of these; the last has finish_reason set."""
+
+    request_id: str
+    text: str                               # new text since the previous RequestOutput
+    token_ids: tuple[int, ...]              # new tokens since the previous RequestOutput
+    logprobs: tuple[TokenLogprob, ...] | None
+    finish_reason: FinishReason | None
+    stats: RequestStats
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

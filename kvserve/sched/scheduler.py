@@ -1,0 +1,189 @@
+"""Token-budget continuous batching: admit, chunk, preempt, finish. Pure Python (no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvserve.config import SchedulerConfig
+from kvserve.kv.manager import KVCacheManager, KVCacheStats
+from kvserve.outputs import TokenDelta
+from kvserve.request import Request, RequestStatus
+from kvserve.sampling import FinishReason, InvalidRequestError
+from kvserve.sched.plan import ModelOutput, ScheduledChunk, SchedulerOutput
+from kvserve.sched.policy import make_policy
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int   # since start
+    kv: KVCacheStats
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+        self.config = config
+        self.kv = kv
+        # A request can never outgrow the whole pool, so the pool caps the context too.
+        self.max_model_len = min(max_model_len, kv.num_blocks * kv.block_size)
+        self.waiting = make_policy(config.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: set[str] = set()
+        self._num_preemptions = 0
+
+    # ---- intake ------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+        if request.num_prompt_tokens >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {request.num_prompt_tokens} tokens; this model's context allows at most "
+                f"{self.max_model_len - 1} prompt tokens (--max-model-len {self.max_model_len})", "messages")
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def abort(self, request_id: str) -> bool:
+        """Finish a request now and free its blocks. False if it is unknown or already finished."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._finish(request, FinishReason.ABORT)
+        return True
+
+    # ---- the step ----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step.
+
+        Each request is given tokens so that its num_computed_tokens catches up with its
+        num_tokens, within a shared budget of max_num_batched_tokens. A new prompt therefore
+        runs in chunks of whatever budget is left; a prefix-cache hit simply starts the count
+        further along; a decoding request needs exactly one token. Running requests are served
+        first, in order; when the pool runs dry the policy's victim is preempted (its blocks are
+        freed and it waits to be recomputed). New requests are admitted only from what is left,
+        and not at all in a step that had to preempt.
+        """
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        budget, preempted = self._schedule_running(budget, chunks)
+        if not preempted:
+            self._admit_waiting(budget, chunks)
+        finished, self._finished_ids = frozenset(self._finished_ids), set()
+        return SchedulerOutput(tuple(chunks), finished)
+
+    def _schedule_running(self, budget: int, chunks: list[ScheduledChunk]) -> tuple[int, bool]:
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_pending_tokens, budget)
+            assert num_new > 0, request
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.waiting.preemption_victim(self.running)
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    return budget, preempted
+            chunks.append(self._chunk(request, num_new))
+            budget -= num_new
+            i += 1
+        return budget, preempted
+
+    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            cached_block_ids = self.kv.match(request)
+            num_cached = len(cached_block_ids) * self.kv.block_size
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not self.kv.allocate_slots(request, num_new, cached_block_ids):
+                return
+            self.waiting.pop()
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = min(num_cached, request.num_prompt_tokens)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chunks.append(self._chunk(request, num_new))
+            budget -= num_new
+
+    def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        end = start + num_new
+        return ScheduledChunk(
+            request_id=request.request_id,
+            token_ids=tuple(request.all_token_ids[start:end]),
+            start_position=start,
+            block_ids=tuple(self.kv.block_ids(request.request_id)),
+            samples=end == request.num_tokens,
+            sampling_params=request.sampling_params,
+        )
+
+    def update(self, plan: SchedulerOutput, output: ModelOutput) -> list[TokenDelta]:
+        """Account a step's results: advance computed counts, publish full blocks, append sampled
+        tokens, and finish requests that hit a stop condition."""
+        deltas = []
+        for chunk in plan.chunks:
+            request = self.requests[chunk.request_id]
+            request.num_computed_tokens += chunk.num_tokens
+            request.num_tokens_run += chunk.num_tokens
+            self.kv.cache_full_blocks(request)
+            if not chunk.samples:
+                continue
+            request.append_token(output.sampled_token_ids[chunk.request_id])
+            reason = request.stop_reason(self.max_model_len)
+            if reason is not None:
+                self.running.remove(request)
+                self._finish(request, reason)
+            logprob = output.logprobs.get(chunk.request_id)
+            deltas.append(TokenDelta(request.request_id, (request.all_token_ids[-1],),
+                                     None if logprob is None else (logprob,), reason))
+        return deltas
+
+    # ---- state changes -----------------------------------------------------------------------
+    def finish(self, request_id: str, reason: FinishReason) -> None:
+        """Finish a running or waiting request for a reason found outside the scheduler (a stop
+        string). Same as abort, with the reason recorded."""
+        request = self.requests[request_id]
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._finish(request, reason)
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        request.finish(reason)
+        self.kv.free(request)
+        del self.requests[request.request_id]
+        self._finished_ids.add(request.request_id)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self._num_preemptions += 1
+        self.waiting.requeue(request)
+
+    # ---- introspection -----------------------------------------------------------------------
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.running), len(self.waiting), self._num_preemptions, self.kv.stats())
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()
+        for request in self.running:
+            assert request.status == RequestStatus.RUNNING
+            held = len(self.kv.block_ids(request.request_id)) * self.kv.block_size
+            assert held >= request.num_computed_tokens, request
+        for request in self.waiting:
+            assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+            assert not self.kv.block_ids(request.request_id), f"waiting {request} holds blocks"
