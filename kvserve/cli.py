@@ -1,0 +1,120 @@
+"""kvserve command line: generate | bench offline."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kvserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig, parse_bytes
+from kvserve.sampling import InvalidRequestError, SamplingParams
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", default=None,
+                       help="GGUF file, Hugging Face directory, or random:tiny (default: embedded SmolLM2-135M-Instruct)")
+    group.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                       help="auto: bf16 on CUDA and on CPUs with AVX512-BF16, else fp32")
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    group.add_argument("--seed", type=int, default=0, help="seed for random init and unseeded sampling")
+    group.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    group.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
+    group.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                       help="KV pool size in bytes, e.g. 512MiB or 2GiB (default 1GiB)")
+    group.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+    group.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
+    group.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
+    group.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
+                          memory_bytes=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len),
+    )
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=128)
+    group.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--sampling-seed", type=int, default=None)
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.sampling_seed, stop=tuple(args.stop),
+                          ignore_eos=args.ignore_eos)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvserve.engine.engine import Engine
+
+    params = sampling_params_from_args(args)
+    engine = Engine(engine_config_from_args(args))
+    prompt = args.prompt
+    if not args.raw and getattr(engine.tokenizer, "chat_template", None):
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    engine.add(prompt, params)
+    while engine.has_unfinished:
+        for output in engine.step():
+            sys.stdout.write(output.text)
+            sys.stdout.flush()
+            if output.finished:
+                sys.stdout.write("\n")
+                print(f"[{output.finish_reason.value}: {output.stats.num_prompt_tokens} prompt tokens, "
+                      f"{output.stats.num_output_tokens} generated]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_offline(args: argparse.Namespace) -> int:
+    from kvserve.bench.offline import run_offline_bench
+
+    return run_offline_bench(args, engine_config_from_args(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvserve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="stream one completion to the terminal")
+    generate.add_argument("prompt")
+    generate.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    add_engine_options(generate)
+    add_sampling_options(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    offline = bench.add_parser("offline", help="seeded offline throughput workload")
+    from kvserve.bench.offline import add_offline_options
+
+    add_offline_options(offline)
+    add_engine_options(offline)
+    offline.set_defaults(func=cmd_bench_offline)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, InvalidRequestError, ValueError, FileNotFoundError) as error:
+        print(f"kvserve: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Engine: the synchronous engine. Text in, text deltas out.
+
+    make_request(prompt, params) ──▶ Request (tokenized, validated; no engine state touched)
+    add_request(request)         ──▶ scheduler.waiting
+    step()  = core.step() → per-request incremental detokenizer → RequestOutput deltas
+              (a stop string found in the text finishes its request before the next step)
+
+AsyncEngine drives one of these on a background thread; LLM.generate drives one inline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+from kvserve.config import EngineConfig
+from kvserve.engine.core import EngineCore
+from kvserve.engine.detokenizer import IncrementalDetokenizer
+from kvserve.kv.manager import KVCacheManager
+from kvserve.model.checkpoint import Checkpoint, load_checkpoint
+from kvserve.model.tokenizer import Tokenizer
+from kvserve.outputs import RequestOutput, RequestStats, TokenDelta
+from kvserve.request import Request
+from kvserve.runner.model_runner import ModelRunner, resolve_device, resolve_dtype
+from kvserve.sampling import FinishReason, InvalidRequestError, SamplingParams
+from kvserve.sched.scheduler import Scheduler, SchedulerStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None):
+        """`checkpoint` overrides loading `config.model` (tests reuse one loaded checkpoint)."""
+        self.config = config
+        checkpoint = checkpoint or load_checkpoint(config.model, seed=config.seed)
+        self.model_config = checkpoint.config
+        self.tokenizer: Tokenizer = checkpoint.tokenizer
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)   # resolved once, here
+        runner = ModelRunner(checkpoint.config, checkpoint.weights, config.cache, self.dtype, self.device, config.seed)
+        del checkpoint
+        kv = KVCacheManager(runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        context = self.model_config.max_position_embeddings
+        max_model_len = min(config.scheduler.max_model_len or context, context)
+        self.core = EngineCore(Scheduler(config.scheduler, kv, max_model_len), runner)
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+
+    # ---- intake ------------------------------------------------------------------------------
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.core.scheduler
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.max_model_len
+
+    def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                     *, cache_salt: str | None = None, priority: int = 0) -> Request:
+        """Tokenize and validate. Touches no engine state, so any thread may call it."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty", "prompt")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        vocab_size = self.model_config.vocab_size
+        if any(not 0 <= t < vocab_size for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must lie in [0, {vocab_size})", "prompt")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(token_ids)} tokens; this model's context allows at most "
+                f"{self.max_model_len - 1} prompt tokens (--max-model-len {self.max_model_len})", "prompt")
+        request_id = request_id or f"req-{next(self._ids)}"
+        return Request(request_id, token_ids, params, self.eos_token_ids, cache_salt=cache_salt, priority=priority)
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.sampling_params.stop)
+        self._tracked[request.request_id] = _Tracked(request, detokenizer)
+
+    def add(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None, **kwargs) -> str:
+        request = self.make_request(prompt, params, request_id, **kwargs)
+        self.add_request(request)
+        return request.request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Finish a request now; its blocks are free when this returns. The final output, or None
+        if the request is unknown or already finished."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None or not self.scheduler.abort(request_id):
+            return None
+        return self._output(tracked.request, "", (), None, FinishReason.ABORT)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        return [self._process(delta) for delta in self.core.step()]
+
+    def _process(self, delta: TokenDelta) -> RequestOutput:
+        tracked = self._tracked[delta.request_id]
+        text = tracked.detokenizer.push(delta.new_token_ids)
+        finish_reason = delta.finish_reason
+        if text.stop_hit:
+            if finish_reason is None:
+                self.scheduler.finish(delta.request_id, FinishReason.STOP)
+            finish_reason = FinishReason.STOP
+            new_text = text.text
+        else:
+            new_text = text.text + (tracked.detokenizer.flush() if finish_reason is not None else "")
+        if finish_reason is not None:
+            del self._tracked[delta.request_id]
+        return self._output(tracked.request, new_text, delta.new_token_ids, delta.logprobs, finish_reason)
+
+    @staticmethod
+    def _output(request: Request, text: str, token_ids: tuple[int, ...], logprobs, finish_reason) -> RequestOutput:
+        stats = RequestStats(request.num_prompt_tokens, request.num_cached_tokens or 0,
+                             request.num_output_tokens, request.num_tokens_run)
+        return RequestOutput(request.request_id, text, token_ids, logprobs, finish_reason, stats)
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()

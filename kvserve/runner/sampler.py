@@ -1,0 +1,173 @@
+"""Logits → next tokens: greedy, temperature, top-k, top-p, per-request seeded generators.
+
+Pipeline for the random (temperature > 0) rows, all in fp32:
+
+    logits / temperature ─▶ top-k mask ─▶ top-p mask ─▶ softmax ─▶ exponential race ─▶ token
+
+The exponential race: with q_i ~ Exp(1) drawn independently, argmax_i p_i / q_i is distributed
+as Categorical(p) (the multiplicative form of the Gumbel-max trick). A row's noise is drawn
+from that row's generator alone, so a seeded request samples the same tokens whatever else is
+in the batch and whatever row it sits in. Rows without a generator share the Sampler's default
+generator (one per device, seeded from `Sampler(seed)`).
+
+Logprobs always describe the raw model distribution (log_softmax of the unmodified logits),
+not the temperature/top-k/top-p distribution the token was drawn from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.outputs import TokenLogprob
+from kvserve.sampling import SamplingParams
+
+# Exp(1) draws can be exactly 0; p / 0 would be inf (or NaN for a masked token, which argmax
+# would pick). Clamping to the smallest normal float keeps p / q finite: p ≤ 1, 1 / tiny < fp32 max.
+_MIN_NOISE = torch.finfo(torch.float32).tiny
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    """One sampled token per row, and its logprobs where that row's params asked for them."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+class Sampler:
+    """Turns a batch of logits rows into tokens, one SamplingParams and optional generator per row."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._seed = seed
+        self._default_generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(
+        self,
+        logits: torch.Tensor,                        # [num_rows, vocab], any float dtype
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> SamplerOutput:
+        assert logits.dim() == 2, f"logits must be [num_rows, vocab], got {tuple(logits.shape)}"
+        num_rows = logits.shape[0]
+        assert len(params) == num_rows and len(generators) == num_rows, \
+            f"{num_rows} logits rows but {len(params)} params and {len(generators)} generators"
+        random_rows = [row for row, p in enumerate(params) if not p.greedy]
+        wants_logprobs = any(p.logprobs is not None for p in params)
+
+        if not random_rows and not wants_logprobs:
+            # Fast path. fp16/bf16 → fp32 is exact, so argmax on the raw dtype is the fp32 argmax.
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * num_rows)
+
+        logits = logits.float()                      # [num_rows, vocab]; never modified in place
+        token_ids = logits.argmax(dim=-1)            # [num_rows]; random rows overwritten below
+        if random_rows:
+            row_index = torch.tensor(random_rows, device=logits.device)
+            token_ids[row_index] = self._sample(
+                logits if len(random_rows) == num_rows else logits.index_select(0, row_index),
+                [params[row] for row in random_rows],
+                [generators[row] for row in random_rows],
+            )
+        logprobs = _logprobs(logits, token_ids, params) if wants_logprobs else [None] * num_rows
+        return SamplerOutput(token_ids.tolist(), logprobs)
+
+    def _sample(
+        self,
+        logits: torch.Tensor,                        # [num_random_rows, vocab], fp32
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> torch.Tensor:                               # [num_random_rows], int64
+        temperatures = torch.tensor([p.temperature for p in params],
+                                    dtype=torch.float32, device=logits.device)  # [num_random_rows]
+        scaled = logits / temperatures[:, None]      # [num_random_rows, vocab]
+        probs = _mask_top_k_top_p(scaled, params).softmax(dim=-1)  # [num_random_rows, vocab]
+        noise = self._exponential_noise(probs, generators)         # [num_random_rows, vocab]
+        return probs.div_(noise).argmax(dim=-1)
+
+    def _exponential_noise(
+        self,
+        probs: torch.Tensor,                         # [num_random_rows, vocab]
+        generators: Sequence[torch.Generator | None],
+    ) -> torch.Tensor:                               # [num_random_rows, vocab], Exp(1) draws
+        noise = torch.empty_like(probs)
+        shared_rows = [row for row, g in enumerate(generators) if g is None]
+        if shared_rows:
+            default = self._default_generator(probs.device)
+            if len(shared_rows) == len(generators):
+                noise.exponential_(generator=default)
+            else:
+                shared_noise = torch.empty(len(shared_rows), probs.shape[1], dtype=probs.dtype,
+                                           device=probs.device).exponential_(generator=default)
+                noise[torch.tensor(shared_rows, device=probs.device)] = shared_noise
+        for row, generator in enumerate(generators):
+            if generator is not None:
+                # noise[row] is a contiguous [vocab] view: the draw depends on this generator only.
+                noise[row].exponential_(generator=generator)
+        return noise.clamp_min_(_MIN_NOISE)
+
+    def _default_generator(self, device: torch.device) -> torch.Generator:
+        generator = self._default_generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device).manual_seed(self._seed)
+            self._default_generators[device] = generator
+        return generator
+
+
+def _mask_top_k_top_p(
+    scaled: torch.Tensor,                            # [num_rows, vocab], temperature applied
+    params: Sequence[SamplingParams],
+) -> torch.Tensor:                                   # [num_rows, vocab], filtered tokens at -inf
+    """Top-k, then top-p on the renormalized top-k distribution. Rows with both off are unchanged.
+
+    Top-p keeps the smallest prefix of the descending-probability order whose cumulative
+    probability reaches top_p: token i is kept iff the mass strictly before it is < top_p, so
+    the most likely token is always kept (the mass before it is exactly 0).
+    """
+    uses_top_k = any(p.top_k > 0 for p in params)
+    uses_top_p = any(p.top_p < 1.0 for p in params)
+    if not uses_top_k and not uses_top_p:
+        return scaled
+    num_rows, vocab = scaled.shape
+    device = scaled.device
+    sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)  # [num_rows, vocab] each
+    keep_sorted = torch.ones_like(sorted_logits, dtype=torch.bool)     # [num_rows, vocab]
+    if uses_top_k:
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+        ranks = torch.arange(vocab, device=device)                     # [vocab]
+        keep_sorted &= ranks[None, :] < top_k[:, None]
+        sorted_logits = sorted_logits.masked_fill(~keep_sorted, float("-inf"))
+    if uses_top_p:
+        sorted_probs = sorted_logits.softmax(dim=-1)                   # [num_rows, vocab]
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs       # exclusive cumsum
+        # top_p == 1 means off: +inf keeps every token despite cumsum rounding past 1.
+        top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params],
+                             dtype=torch.float32, device=device)       # [num_rows]
+        keep_sorted &= mass_before < top_p[:, None]
+    keep = torch.empty_like(keep_sorted).scatter_(-1, sorted_ids, keep_sorted)  # original order
+    return scaled.masked_fill(~keep, float("-inf"))
+
+
+def _logprobs(
+    logits: torch.Tensor,                            # [num_rows, vocab], fp32, unmodified
+    token_ids: torch.Tensor,                         # [num_rows], the sampled tokens
+    params: Sequence[SamplingParams],
+) -> list[TokenLogprob | None]:
+    rows = [row for row, p in enumerate(params) if p.logprobs is not None]
+    row_index = torch.tensor(rows, device=logits.device)
+    logprobs = logits.index_select(0, row_index).log_softmax(dim=-1)   # [num_lp_rows, vocab]
+    sampled = token_ids.index_select(0, row_index)                     # [num_lp_rows]
+    sampled_lp = logprobs.gather(1, sampled[:, None]).squeeze(1)       # [num_lp_rows]
+    max_top = max(params[row].logprobs or 0 for row in rows)
+    top_lp, top_ids = logprobs.topk(max_top, dim=-1)                   # [num_lp_rows, max_top], descending
+
+    # One device → host transfer per tensor, then plain Python.
+    sampled_list, sampled_lp_list = sampled.tolist(), sampled_lp.tolist()
+    top_lp_list, top_ids_list = top_lp.tolist(), top_ids.tolist()
+    result: list[TokenLogprob | None] = [None] * len(params)
+    for i, row in enumerate(rows):
+        num_top = params[row].logprobs or 0
+        top = tuple(zip(top_ids_list[i][:num_top], top_lp_list[i][:num_top]))
+        result[row] = TokenLogprob(sampled_list[i], sampled_lp_list[i], top)
+    return result
