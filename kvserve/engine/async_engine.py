@@ -77,7 +77,8 @@ class RequestStream:
         with self._lock:
             output, self._pending = self._pending, None
             error = self._error
-            self._ready.clear()
+            if error is None:   # an error stays signalled so the next call raises it
+                self._ready.clear()
         if output is None and error is not None:
             self._done = True
             raise EngineDeadError(str(error)) from error
@@ -144,6 +145,7 @@ class AsyncEngine:
             except Exception as error:  # keep serving: fail what was in flight, then go on
                 log.exception("engine step failed; failing %d in-flight requests", len(self._streams))
                 self._fail_all(error)
+        self._fail_all(EngineDeadError("the engine was shut down"))
 
     def _apply_commands(self, block: bool) -> None:
         try:

@@ -70,10 +70,7 @@ class KVCacheManager:
         """
         self._update_block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
-        block_ids = self.prefix_cache.match(request.block_hashes[:max_blocks])
-        self._queried_tokens += request.num_tokens
-        self._hit_tokens += len(block_ids) * self.block_size
-        return block_ids
+        return self.prefix_cache.match(request.block_hashes[:max_blocks])
 
     def allocate_slots(self, request: Request, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
         """Make room for `num_new_tokens` more tokens after the request's computed (and newly
@@ -89,6 +86,9 @@ class KVCacheManager:
             if not held:
                 del self._block_ids[request.request_id]
             return False
+        if not held:   # admission: count the lookup once, when it takes effect
+            self._queried_tokens += request.num_tokens
+            self._hit_tokens += len(cached_block_ids) * self.block_size
         self.pool.touch(cached_block_ids)   # before allocating, so allocation cannot evict them
         held.extend(cached_block_ids)
         if num_needed > 0:

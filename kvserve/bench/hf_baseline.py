@@ -1,0 +1,50 @@
+"""Hugging Face transformers on the same weights: the reference for parity tests and the
+baseline for benchmarks. transformers is optional (a test extra); import errors say so."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvserve.model.checkpoint import Checkpoint
+
+
+def hf_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
+    """A transformers causal LM holding `checkpoint`'s weights (Llama or Qwen2 class)."""
+    try:
+        import transformers
+    except ImportError as error:
+        raise RuntimeError("the transformers baseline needs `pip install transformers`") from error
+    c = checkpoint.config
+    common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                  num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                  num_key_value_heads=c.num_kv_heads, max_position_embeddings=c.max_position_embeddings,
+                  rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
+                  tie_word_embeddings=c.tie_word_embeddings)
+    if c.architecture == "qwen2":
+        config = transformers.Qwen2Config(**common)
+        model = transformers.Qwen2ForCausalLM(config)
+    else:   # llama, mistral (no sliding window): the same computation
+        config = transformers.LlamaConfig(head_dim=c.head_dim, attention_bias=c.attention_bias, **common)
+        model = transformers.LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(checkpoint.weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if c.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(dtype).eval()
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 1) -> list[list[int]]:
+    """Greedy continuations of exactly max_new_tokens tokens (end tokens ignored), left-padded batches."""
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        width = max(len(p) for p in batch)
+        input_ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in batch])
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        results.extend(row[width:].tolist() for row in out)
+    return results

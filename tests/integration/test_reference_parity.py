@@ -1,0 +1,98 @@
+"""fp32 greedy output on the real default model equals transformers' LlamaForCausalLM on the same
+weights, token for token, and does not change with batch composition, prefix caching, chunk
+size or preemption."""
+
+import inspect
+import json.decoder
+import textwrap
+
+import pytest
+import torch
+
+from kvserve.bench.hf_baseline import hf_greedy, hf_model
+from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from kvserve.engine.llm import LLM
+from kvserve.sampling import SamplingParams
+
+pytestmark = pytest.mark.integration
+
+NEW_TOKENS = 32
+# 32 prompts from 5 to 1,500 tokens, roughly log-spaced, with more short ones.
+LENGTHS = [5, 7, 11, 16, 24, 33, 48, 64, 90, 128, 180, 250, 350, 480, 640, 800, 1000, 1200, 1350, 1500,
+           6, 9, 13, 20, 28, 40, 56, 77, 110, 150, 210, 300]
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly.",
+             "List three prime numbers.", "Translate 'good morning' into Spanish."]
+
+
+def source_text() -> str:
+    """Varied, deterministic text: stdlib source and documentation of this Python."""
+    return inspect.getsource(json.decoder) + textwrap.dedent(inspect.getsource(textwrap))
+
+
+@pytest.fixture(scope="module")
+def prompts(default_checkpoint) -> list[list[int]]:
+    tokenizer = default_checkpoint.tokenizer
+    chat = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
+    text_ids = tokenizer.encode(source_text())
+    assert len(text_ids) > 3 * max(LENGTHS)
+    result = []
+    for i, length in enumerate(LENGTHS):
+        if i < len(chat) and len(chat[i]) >= length:
+            result.append(chat[i][:length] if length < len(chat[i]) else chat[i])
+        else:
+            offset = (i * 997) % (len(text_ids) - length)    # different windows of the text
+            result.append(text_ids[offset:offset + length])
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference(default_checkpoint, prompts) -> list[list[int]]:
+    model = hf_model(default_checkpoint, torch.float32)
+    return hf_greedy(model, prompts, NEW_TOKENS, batch_size=1)
+
+
+def make_llm(checkpoint, **options) -> LLM:
+    cache = CacheConfig(**{k: v for k, v in options.items() if k in ("num_blocks", "enable_prefix_caching")})
+    sched = SchedulerConfig(**{k: v for k, v in options.items() if k in ("max_num_batched_tokens", "max_num_seqs")})
+    return LLM(EngineConfig(dtype="float32", cache=cache, scheduler=sched), checkpoint)
+
+
+def generate(llm: LLM, prompts) -> list[list[int]]:
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    outputs = [list(o.token_ids) for o in llm.generate(prompts, params)]
+    llm.engine.check_integrity()
+    assert llm.engine.stats().kv.num_used_blocks == 0, "blocks still held after every request finished"
+    return outputs
+
+
+def assert_same(outputs, reference, prompts):
+    mismatches = [(i, len(prompts[i])) for i, (a, b) in enumerate(zip(outputs, reference)) if a != b]
+    assert not mismatches, f"prompts (index, length) whose greedy output differs from transformers: {mismatches}"
+
+
+def test_32_at_once_equals_transformers_then_again_from_prefix_cache(default_checkpoint, prompts, reference):
+    assert len(prompts) == 32 and min(map(len, prompts)) == 5 and max(map(len, prompts)) == 1500
+    llm = make_llm(default_checkpoint, max_num_batched_tokens=512, max_num_seqs=32)
+    assert_same(generate(llm, prompts), reference, prompts)
+    # The same prompts again: every full block of every prompt now comes from the prefix cache.
+    hits_before = llm.engine.stats().kv.prefix_hit_tokens
+    assert_same(generate(llm, prompts), reference, prompts)
+    assert llm.engine.stats().kv.prefix_hit_tokens - hits_before >= sum(len(p) - 16 for p in prompts)
+
+
+def test_one_at_a_time_no_prefix_cache_chunks_of_64(default_checkpoint, prompts, reference):
+    llm = make_llm(default_checkpoint, max_num_seqs=1, enable_prefix_caching=False, max_num_batched_tokens=64)
+    assert_same(generate(llm, prompts), reference, prompts)
+
+
+def test_chunks_of_16(default_checkpoint, prompts, reference):
+    llm = make_llm(default_checkpoint, max_num_batched_tokens=16)
+    assert_same(generate(llm, prompts), reference, prompts)
+
+
+def test_forced_preemption(default_checkpoint, prompts, reference):
+    # All 32 requests need ~640 blocks of 16 tokens; 160 cannot hold them, so running requests are
+    # preempted, their blocks freed, and later recomputed.
+    llm = make_llm(default_checkpoint, num_blocks=160, max_num_batched_tokens=256)
+    assert_same(generate(llm, prompts), reference, prompts)
+    assert llm.engine.stats().num_preemptions > 0
