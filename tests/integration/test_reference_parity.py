@@ -17,9 +17,10 @@ from kvserve.sampling import SamplingParams
 pytestmark = pytest.mark.integration
 
 NEW_TOKENS = 32
-# 32 prompts from 5 to 1,500 tokens, roughly log-spaced, with more short ones.
+# 24 prompts from 5 to 1,500 tokens, roughly log-spaced. (1 vs 32 concurrent requests is also
+# tested on the tiny model in tests/model/test_engine.py; the real model keeps CI time in bounds.)
 LENGTHS = [5, 7, 11, 16, 24, 33, 48, 64, 90, 128, 180, 250, 350, 480, 640, 800, 1000, 1200, 1350, 1500,
-           6, 9, 13, 20, 28, 40, 56, 77, 110, 150, 210, 300]
+           9, 20, 40, 77]
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly.",
              "List three prime numbers.", "Translate 'good morning' into Spanish."]
 
@@ -70,8 +71,8 @@ def assert_same(outputs, reference, prompts):
     assert not mismatches, f"prompts (index, length) whose greedy output differs from transformers: {mismatches}"
 
 
-def test_32_at_once_equals_transformers_then_again_from_prefix_cache(default_checkpoint, prompts, reference):
-    assert len(prompts) == 32 and min(map(len, prompts)) == 5 and max(map(len, prompts)) == 1500
+def test_all_at_once_equals_transformers_then_again_from_prefix_cache(default_checkpoint, prompts, reference):
+    assert len(prompts) == 24 and min(map(len, prompts)) == 5 and max(map(len, prompts)) == 1500
     llm = make_llm(default_checkpoint, max_num_batched_tokens=512, max_num_seqs=32)
     assert_same(generate(llm, prompts), reference, prompts)
     # The same prompts again: every full block of every prompt now comes from the prefix cache.
@@ -86,12 +87,15 @@ def test_one_at_a_time_no_prefix_cache_chunks_of_64(default_checkpoint, prompts,
 
 
 def test_chunks_of_16(default_checkpoint, prompts, reference):
+    # Prompts up to 640 tokens: 16-token steps over the longest ones would dominate the suite's time.
+    short = [i for i, p in enumerate(prompts) if len(p) <= 640]
     llm = make_llm(default_checkpoint, max_num_batched_tokens=16)
-    assert_same(generate(llm, prompts), reference, prompts)
+    outputs = generate(llm, [prompts[i] for i in short])
+    assert_same(outputs, [reference[i] for i in short], [prompts[i] for i in short])
 
 
 def test_forced_preemption(default_checkpoint, prompts, reference):
-    # All 32 requests need ~640 blocks of 16 tokens; 160 cannot hold them, so running requests are
+    # All 24 requests need ~600 blocks of 16 tokens; 160 cannot hold them, so running requests are
     # preempted, their blocks freed, and later recomputed.
     llm = make_llm(default_checkpoint, num_blocks=160, max_num_batched_tokens=256)
     assert_same(generate(llm, prompts), reference, prompts)
