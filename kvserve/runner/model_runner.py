@@ -68,7 +68,8 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = cache.block_size
-        self.backend = TorchPagedAttention()
+        # Attention in fp32 on CPU: torch's CPU SDPA is much slower in bf16 (benchmarks.md).
+        self.backend = TorchPagedAttention(torch.float32 if device.type == "cpu" else None)
         with torch.device("meta"):
             model = LlamaForCausalLM(config, self.backend)
         model = model.to_empty(device=device)
