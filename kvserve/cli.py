@@ -1,4 +1,4 @@
-"""kvserve command line: generate | bench offline."""
+"""kvserve command line: serve | generate | bench offline."""
 
 from __future__ import annotations
 
@@ -6,14 +6,22 @@ import argparse
 import logging
 import sys
 
-from kvserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig, parse_bytes
+from pathlib import Path
+
+from kvserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig, ServerConfig, parse_bytes
 from kvserve.sampling import InvalidRequestError, SamplingParams
 
 
-def add_engine_options(parser: argparse.ArgumentParser) -> None:
+def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = False) -> None:
     group = parser.add_argument_group("engine")
-    group.add_argument("--model", default=None,
-                       help="GGUF file, Hugging Face directory, or random:tiny (default: embedded SmolLM2-135M-Instruct)")
+    if repeat_model:
+        group.add_argument("--model", action="append", default=None, metavar="[NAME=]MODEL",
+                           help="a model to serve, repeatable: GGUF file, Hugging Face directory or random:tiny, "
+                                "optionally named (default: the embedded SmolLM2-135M-Instruct)")
+    else:
+        group.add_argument("--model", default=None,
+                           help="GGUF file, Hugging Face directory, or random:tiny "
+                                "(default: embedded SmolLM2-135M-Instruct)")
     group.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                        help="auto: bf16 on CUDA and on CPUs with AVX512-BF16, else fp32")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -75,6 +83,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+
+def parse_model_specs(specs: list[str] | None) -> dict[str, str | None]:
+    """['name=path', 'path', ...] → {name: model}; no specs → the embedded default model."""
+    if not specs:
+        return {DEFAULT_MODEL_NAME: None}
+    models: dict[str, str | None] = {}
+    for spec in specs:
+        name, sep, model = spec.partition("=")
+        if not sep:
+            model = spec
+            name = Path(spec.rstrip("/")).stem if not spec.startswith("random:") else spec.replace(":", "-")
+        if not name or not model:
+            raise ConfigError(f"--model {spec!r}: expected NAME=MODEL or MODEL")
+        if name in models:
+            raise ConfigError(f"--model: the name {name!r} is used twice")
+        models[name] = model
+    return models
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvserve.engine.async_engine import AsyncEngine
+    from kvserve.engine.engine import Engine
+    from kvserve.server.app import create_app
+
+    models = parse_model_specs(args.model)
+    base = engine_config_from_args(args)
+    server = ServerConfig(host=args.host, port=args.port, max_queued_requests=args.max_queued_requests,
+                          max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                          max_n=args.max_n)
+
+    def load() -> dict[str, AsyncEngine]:
+        return {name: AsyncEngine(Engine(base.replace(model=model))) for name, model in models.items()}
+
+    app = create_app(server, load)
+    uvicorn.run(app, host=server.host, port=server.port, log_level="info" if args.verbose else "warning",
+                timeout_graceful_shutdown=5)
+    return 0
+
+
 def cmd_bench_offline(args: argparse.Namespace) -> int:
     from kvserve.bench.offline import run_offline_bench
 
@@ -92,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(generate)
     add_sampling_options(generate)
     generate.set_defaults(func=cmd_generate)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    group = serve.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--max-queued-requests", type=int, default=256,
+                       help="requests allowed to wait beyond --max-num-seqs; more get 429 + Retry-After")
+    group.add_argument("--max-body-bytes", type=parse_bytes, default=4 << 20, help="413 past this (default 4MiB)")
+    group.add_argument("--max-prompt-tokens", type=int, default=None,
+                       help="400 past this many prompt tokens (default: the context less one)")
+    group.add_argument("--max-n", type=int, default=8, help="most choices (n) per request")
+    add_engine_options(serve, repeat_model=True)
+    serve.set_defaults(func=cmd_serve)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     offline = bench.add_parser("offline", help="seeded offline throughput workload")

@@ -154,3 +154,29 @@ def parse_bytes(text: str) -> int:
     if unit not in units or value <= 0:
         raise ConfigError(f"cannot read a size from {text!r}; use e.g. 512MiB, 2GiB or a byte count")
     return int(value * units[unit])
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP server limits. Every limit is a flag of `kvserve serve` (see README)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Requests allowed to wait beyond the --max-num-seqs that run; past it: 429 + Retry-After.
+    max_queued_requests: int = 256
+    max_body_bytes: int = 4 << 20          # 413 past this, before the body is parsed
+    max_prompt_tokens: int | None = None   # None: the model's context less one output token
+    max_n: int = 8                         # choices per request
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be in 1..65535, got {self.port}")
+        if self.max_queued_requests < 0:
+            raise ConfigError(f"--max-queued-requests must be 0 or more, got {self.max_queued_requests}")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"--max-body-bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ConfigError(f"--max-prompt-tokens must be positive, got {self.max_prompt_tokens}")
+        if self.max_n < 1:
+            raise ConfigError(f"--max-n must be at least 1, got {self.max_n}")

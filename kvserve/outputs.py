@@ -41,6 +41,7 @@ class RequestStats:
     num_cached_tokens: int        # prompt tokens whose KV came from the prefix cache
     num_output_tokens: int
     num_computed_tokens: int      # tokens this request actually ran through the model (recompute included)
+    queue_time_s: float | None = None   # arrival to first scheduling; None while still waiting
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ class Request:
         # Tokens this request ran through the model, recomputation included.
         self.num_tokens_run = 0
         self.num_preemptions = 0
+        self.first_scheduled_time: float | None = None   # monotonic, set at first admission
         # Chained hashes of this request's full blocks, filled lazily by the KV manager.
         self.block_hashes: list[bytes] = []
         self.status = RequestStatus.WAITING

@@ -176,8 +176,11 @@ class AsyncEngine:
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id, stream in list(self._streams.items()):
-            self.engine.abort(request_id)
             stream.fail(error)
+            try:
+                self.engine.abort(request_id)
+            except Exception:   # the engine is already broken; the stream has its error
+                log.exception("abort of %s failed", request_id)
         self._streams.clear()
 
 

@@ -127,8 +127,11 @@ class Engine:
 
     @staticmethod
     def _output(request: Request, text: str, token_ids: tuple[int, ...], logprobs, finish_reason) -> RequestOutput:
+        queue_time = None
+        if request.first_scheduled_time is not None:
+            queue_time = request.first_scheduled_time - request.arrival_time
         stats = RequestStats(request.num_prompt_tokens, request.num_cached_tokens or 0,
-                             request.num_output_tokens, request.num_tokens_run)
+                             request.num_output_tokens, request.num_tokens_run, queue_time)
         return RequestOutput(request.request_id, text, token_ids, logprobs, finish_reason, stats)
 
     def stats(self) -> SchedulerStats:

@@ -1,0 +1,1 @@
+"""The HTTP server: OpenAI-compatible API, SSE and WebSocket streaming, metrics."""

@@ -1,0 +1,205 @@
+"""create_app(...) → the ASGI app. All state lives on app.state; no module globals.
+
+Models load on a background thread after startup, so /health can answer "loading" (503) until
+they are ready; every model endpoint answers 503 until then too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvserve.config import ServerConfig
+from kvserve.engine.async_engine import AsyncEngine
+from kvserve.sampling import InvalidRequestError
+from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from kvserve.server.openai_api import Generation, OpenAIServing, ServedModel
+from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from kvserve.server.sse import sse_stream
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+ModelLoader = Callable[[], dict[str, AsyncEngine]]
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit, checked on Content-Length and while reading (chunked
+    bodies), before anything parses them."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            return await _send_error(send, self._too_large())
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise self._too_large()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except APIError as error:
+            await _send_error(send, error)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body exceeds {self.max_body_bytes} bytes (--max-body-bytes)",
+                        code="body_too_large")
+
+
+async def _send_error(send, error: APIError) -> None:
+    response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    await response({"type": "http"}, None, send)
+
+
+def create_app(config: ServerConfig, load_models: ModelLoader) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+
+        def load() -> None:
+            try:
+                engines = load_models()
+            except Exception as error:   # keep serving /health with the reason
+                log.exception("model loading failed")
+                loop.call_soon_threadsafe(setattr, app.state, "load_error", str(error))
+                return
+            loop.call_soon_threadsafe(_install, app, engines)
+
+        threading.Thread(target=load, name="kvserve-load", daemon=True).start()
+        yield
+        for served in app.state.models.values():
+            served.engine.shutdown()
+
+    app = FastAPI(title="kvserve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.config = config
+    app.state.models = {}
+    app.state.load_error = None
+    app.state.metrics = ServerMetrics(lambda: {n: m.engine.stats() for n, m in app.state.models.items()})
+    app.state.serving = None
+    _install_error_handlers(app)
+    _install_routes(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
+    return app
+
+
+def _install(app: FastAPI, engines: dict[str, AsyncEngine]) -> None:
+    app.state.models = {name: ServedModel(name, engine) for name, engine in engines.items()}
+    app.state.serving = OpenAIServing(app.state.models, app.state.config, app.state.metrics)
+    log.info("serving %s", ", ".join(engines))
+
+
+def serving(request: Request) -> OpenAIServing:
+    serving = request.app.state.serving
+    if serving is None:
+        raise APIError(503, "the model is still loading; retry shortly", type="service_unavailable",
+                       code="loading", headers={"Retry-After": "2"})
+    return serving
+
+
+def _install_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health(request: Request):
+        if request.app.state.load_error:
+            return JSONResponse({"status": "error", "error": request.app.state.load_error}, status_code=503)
+        if request.app.state.serving is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok", "models": list(request.app.state.models)}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        return serving(request).list_models()
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await respond(request, await serving(request).chat(body), body.stream)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await respond(request, await serving(request).completion(body), body.stream)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+
+async def respond(request: Request, generation: Generation, stream: bool):
+    if stream:
+        return StreamingResponse(sse_stream(generation), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    result = asyncio.ensure_future(generation.result())
+    disconnect = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({result, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        if not result.done():   # the client left: free the engine's work now
+            generation.close()
+            result.cancel()
+            return Response(status_code=499)
+        return JSONResponse(result.result())
+    finally:
+        disconnect.cancel()
+        generation.close()
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(InvalidRequestError)
+    async def invalid(request: Request, error: InvalidRequestError):
+        return JSONResponse(APIError(400, str(error), param=error.param).body(), status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(request: Request, error: RequestValidationError):
+        errors = error.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(APIError(400, "the request body is not valid JSON", code="invalid_json").body(),
+                                status_code=400)
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg", "invalid request body"))
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problems)"
+        return JSONResponse(APIError(422, message, param=param, code="invalid_body").body(), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(error.status_code, str(error.detail), type=kind).body(),
+                            status_code=error.status_code, headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):
+        log.exception("unexpected error")
+        return JSONResponse(APIError(500, "internal error", type="server_error").body(), status_code=500)

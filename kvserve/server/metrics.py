@@ -1,0 +1,76 @@
+"""Prometheus collectors, named after vLLM's where an equivalent exists (prefix `kvserve:`).
+
+Per-request observations (histograms, finish-reason and rejection counters) are recorded by the
+server as requests complete. Engine state (running/waiting requests, KV usage, prefix-cache and
+preemption counters) is read from each engine's latest stats at scrape time by a custom
+collector, so nothing has to be kept in sync. One registry per app: no module globals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvserve.sched.scheduler import SchedulerStats
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                   20.0, 40.0, 80.0, 160.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class EngineStatsCollector(Collector):
+    def __init__(self, sources: Callable[[], dict[str, SchedulerStats]]):
+        self._sources = sources
+
+    def collect(self) -> Iterable[Metric]:
+        running = GaugeMetricFamily("kvserve:num_requests_running", "Requests running on the engine", labels=["model_name"])
+        waiting = GaugeMetricFamily("kvserve:num_requests_waiting", "Requests waiting to be scheduled", labels=["model_name"])
+        usage = GaugeMetricFamily("kvserve:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)", labels=["model_name"])
+        blocks = GaugeMetricFamily("kvserve:kv_cache_blocks", "KV blocks by state", labels=["model_name", "state"])
+        queries = CounterMetricFamily("kvserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels=["model_name"])
+        hits = CounterMetricFamily("kvserve:prefix_cache_hits", "Prompt tokens served from the prefix cache", labels=["model_name"])
+        preemptions = CounterMetricFamily("kvserve:num_preemptions", "Requests preempted to free KV blocks", labels=["model_name"])
+        for name, stats in self._sources().items():
+            kv = stats.kv
+            running.add_metric([name], stats.num_running)
+            waiting.add_metric([name], stats.num_waiting)
+            usage.add_metric([name], kv.usage)
+            blocks.add_metric([name, "used"], kv.num_used_blocks)
+            blocks.add_metric([name, "cached"], kv.num_cached_blocks)
+            blocks.add_metric([name, "free"], kv.num_free_blocks)
+            queries.add_metric([name], kv.prefix_queried_tokens)
+            hits.add_metric([name], kv.prefix_hit_tokens)
+            preemptions.add_metric([name], stats.num_preemptions)
+        yield from (running, waiting, usage, blocks, queries, hits, preemptions)
+
+
+class ServerMetrics:
+    def __init__(self, engine_stats: Callable[[], dict[str, SchedulerStats]]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        labels = ["model_name"]
+        self.ttft = Histogram("kvserve:time_to_first_token_seconds", "Time to first token",
+                              labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.tbt = Histogram("kvserve:inter_token_latency_seconds", "Time between consecutive output tokens",
+                             labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("kvserve:request_queue_time_seconds", "Time waiting before first scheduled",
+                                    labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("kvserve:e2e_request_latency_seconds", "End-to-end request latency",
+                             labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Histogram("kvserve:request_prompt_tokens", "Prompt tokens per request",
+                                       labels, buckets=TOKEN_BUCKETS, registry=r)
+        self.generation_tokens = Histogram("kvserve:request_generation_tokens", "Generated tokens per request",
+                                           labels, buckets=TOKEN_BUCKETS, registry=r)
+        self.finished = Counter("kvserve:request_success", "Finished requests by finish reason",
+                                labels + ["finished_reason"], registry=r)
+        self.rejected = Counter("kvserve:requests_rejected", "Requests rejected before running, by reason",
+                                ["reason"], registry=r)
+        r.register(EngineStatsCollector(engine_stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,354 @@
+"""/v1/completions, /v1/chat/completions and /v1/models.
+
+A request body becomes a `Generation`: one engine stream per choice (n choices per prompt), the
+token accounting, and the timing that metrics need. The SSE endpoint, the WebSocket endpoint and
+the non-streaming endpoint all consume the same `Generation.chunks()` iterator of OpenAI chunk
+dicts, so a streamed answer and a non-streamed one are built from the same deltas.
+
+    body ──▶ validate (pydantic + limits) ──▶ admission (queue cap, 429) ──▶ chat template
+         ──▶ tokenize (in a worker thread) ──▶ prompt cap ──▶ AsyncEngine.add × choices
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from kvserve.config import ServerConfig
+from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from kvserve.outputs import RequestOutput, TokenLogprob
+from kvserve.sampling import InvalidRequestError, SamplingParams
+from kvserve.server.metrics import ServerMetrics
+from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+
+
+@dataclass
+class ServedModel:
+    name: str
+    engine: AsyncEngine
+    created: int = field(default_factory=lambda: int(time.time()))
+    in_flight: int = 0     # accepted choices not yet finished (admission control)
+
+    @property
+    def tokenizer(self):
+        return self.engine.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    @property
+    def capacity(self) -> int:
+        return self.engine.engine.config.scheduler.max_num_seqs
+
+
+@dataclass
+class _Choice:
+    index: int
+    prompt_index: int
+    stream: RequestStream
+    num_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reason: str | None = None
+
+
+class Generation:
+    """One accepted request: its choices' engine streams, consumed as OpenAI chunk dicts."""
+
+    def __init__(self, kind: str, model: ServedModel, streams: list[RequestStream], prompt_lengths: list[int],
+                 include_usage: bool, logprobs: int | None, metrics: ServerMetrics, received: float):
+        """`streams` holds n choices per prompt, prompt-major; `prompt_lengths` one entry per prompt."""
+        self.kind = kind
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model = model
+        n = len(streams) // len(prompt_lengths)
+        self.choices = [_Choice(i, i // n, s) for i, s in enumerate(streams)]
+        self.prompt_tokens = sum(prompt_lengths)
+        self.include_usage = include_usage
+        self.logprobs = logprobs
+        self.metrics = metrics
+        self.received = received
+        self._last_token_time = received
+        self._closed = False
+
+    # ---- consumption ----------------------------------------------------------------------
+    async def chunks(self) -> AsyncIterator[dict]:
+        """OpenAI chunk dicts: content deltas, one finishing chunk per choice, then usage (if asked)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._pump(choice, queue)) for choice in self.choices]
+        try:
+            if self.kind == "chat":
+                for choice in self.choices:
+                    yield self._chunk(choice.index, {"role": "assistant", "content": ""}, None, None)
+            remaining = len(self.choices)
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                choice, output = item
+                chunk = self._on_output(choice, output)
+                if chunk is not None:
+                    yield chunk
+                if output.finished:
+                    remaining -= 1
+            if self.include_usage:
+                yield self._usage_chunk()
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.close()
+
+    async def result(self) -> dict:
+        """The non-streaming response, built from the same deltas as the stream."""
+        collected: dict[int, list[dict]] = {c.index: [] for c in self.choices}
+        async for chunk in self.chunks():
+            for c in chunk["choices"]:
+                collected[c["index"]].append(c)
+        return self._response(collected)
+
+    def close(self) -> None:
+        """Abort unfinished choices and give back their admission slots (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for choice in self.choices:
+            choice.stream.abort()
+        self.model.in_flight -= len(self.choices)
+
+    async def _pump(self, choice: _Choice, queue: asyncio.Queue) -> None:
+        try:
+            async for output in choice.stream:
+                await queue.put((choice, output))
+        except EngineDeadError as error:
+            await queue.put(APIError(503, f"the engine failed: {error}", type="service_unavailable"))
+
+    # ---- shaping ----------------------------------------------------------------------------
+    def _on_output(self, choice: _Choice, output: RequestOutput) -> dict | None:
+        name = self.model.name
+        now = time.monotonic()
+        if output.token_ids:
+            if choice.num_tokens == 0:
+                self.metrics.ttft.labels(name).observe(now - self.received)
+            else:
+                self.metrics.tbt.labels(name).observe((now - self._last_token_time) / len(output.token_ids))
+            self._last_token_time = now
+        choice.num_tokens += len(output.token_ids)
+        choice.cached_tokens = output.stats.num_cached_tokens
+        finish = output.finish_reason.value if output.finish_reason else None
+        if finish == "abort":
+            finish = "stop" if choice.num_tokens else "abort"
+        logprobs = self._logprobs(output.logprobs) if self.logprobs is not None and output.logprobs else None
+        if output.finished:
+            choice.finish_reason = finish
+            self._observe_finished(output, finish)
+        if not output.text and not output.finished and logprobs is None:
+            return None
+        delta = {"content": output.text} if self.kind == "chat" else output.text
+        return self._chunk(choice.index, delta, finish, logprobs)
+
+    def _observe_finished(self, output: RequestOutput, finish: str) -> None:
+        name = self.model.name
+        self.metrics.finished.labels(name, finish).inc()
+        self.metrics.e2e.labels(name).observe(time.monotonic() - self.received)
+        self.metrics.prompt_tokens.labels(name).observe(output.stats.num_prompt_tokens)
+        self.metrics.generation_tokens.labels(name).observe(output.stats.num_output_tokens)
+        if output.stats.queue_time_s is not None:
+            self.metrics.queue_time.labels(name).observe(output.stats.queue_time_s)
+
+    def _chunk(self, index: int, delta, finish: str | None, logprobs) -> dict:
+        choice = {"index": index, "logprobs": logprobs, "finish_reason": finish}
+        if self.kind == "chat":
+            choice["delta"] = delta
+            obj = "chat.completion.chunk"
+        else:
+            choice["text"] = delta
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model.name, "choices": [choice]}
+
+    def usage(self) -> dict:
+        """Prompt tokens count once per prompt (not per choice); so do cached ones (first choice's)."""
+        completion = sum(c.num_tokens for c in self.choices)
+        seen, cached = set(), 0
+        for c in self.choices:
+            if c.prompt_index not in seen:
+                seen.add(c.prompt_index)
+                cached += c.cached_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def _usage_chunk(self) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model.name,
+                "choices": [], "usage": self.usage()}
+
+    def _logprobs(self, entries: tuple[TokenLogprob, ...]) -> dict:
+        decode = self.model.tokenizer.decode
+
+        def token(token_id: int) -> str:
+            return decode([token_id], skip_special_tokens=False)
+
+        if self.kind == "chat":
+            return {"content": [
+                {"token": token(e.token_id), "logprob": e.logprob, "bytes": list(token(e.token_id).encode()),
+                 "top_logprobs": [{"token": token(t), "logprob": lp, "bytes": list(token(t).encode())}
+                                  for t, lp in e.top]}
+                for e in entries]}
+        return {"tokens": [token(e.token_id) for e in entries],
+                "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{token(t): lp for t, lp in e.top} for e in entries]}
+
+    def _response(self, collected: dict[int, list[dict]]) -> dict:
+        choices = []
+        for choice in self.choices:
+            parts = collected[choice.index]
+            logprobs = _join_logprobs([p["logprobs"] for p in parts if p.get("logprobs")], self.kind)
+            if self.kind == "chat":
+                text = "".join(p["delta"].get("content", "") for p in parts)
+                choices.append({"index": choice.index, "message": {"role": "assistant", "content": text},
+                                "logprobs": logprobs, "finish_reason": choice.finish_reason})
+            else:
+                text = "".join(p["text"] for p in parts)
+                choices.append({"index": choice.index, "text": text, "logprobs": logprobs,
+                                "finish_reason": choice.finish_reason})
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model.name,
+                "choices": choices, "usage": self.usage()}
+
+
+def _join_logprobs(parts: list[dict], kind: str) -> dict | None:
+    if not parts:
+        return None
+    if kind == "chat":
+        return {"content": [entry for p in parts for entry in p["content"]]}
+    return {key: [x for p in parts for x in p[key]] for key in ("tokens", "token_logprobs", "top_logprobs")}
+
+
+class OpenAIServing:
+    """Turns validated bodies into Generations, enforcing every server limit."""
+
+    def __init__(self, models: dict[str, ServedModel], config: ServerConfig, metrics: ServerMetrics):
+        self.models = models
+        self.config = config
+        self.metrics = metrics
+
+    def model(self, name: str | None) -> ServedModel:
+        if name is None:
+            return next(iter(self.models.values()))
+        if name not in self.models:
+            raise APIError(404, f"model {name!r} does not exist; available: {', '.join(self.models)}",
+                           type="not_found_error", param="model", code="model_not_found")
+        return self.models[name]
+
+    def list_models(self) -> dict:
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": m.created, "owned_by": "kvserve",
+             "max_model_len": m.max_model_len} for m in self.models.values()]}
+
+    async def chat(self, body: ChatCompletionRequest) -> Generation:
+        model = self.model(body.model)
+        if body.tools:
+            raise APIError(400, "tools are not supported by /v1/chat/completions yet", param="tools")
+        messages = [{"role": m.role, "content": m.text_content(), **({"name": m.name} if m.name else {})}
+                    for m in body.messages]
+        try:
+            prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as error:   # a template's raise_exception: the conversation is not acceptable
+            raise APIError(400, f"the chat template rejected the messages: {error}", param="messages") from error
+        return await self._start("chat", model, body, [prompt], body.requested_max_tokens, add_special=False)
+
+    async def completion(self, body: CompletionRequest) -> Generation:
+        model = self.model(body.model)
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        return await self._start("completion", model, body, body.prompts(), body.requested_max_tokens,
+                                 add_special=True)
+
+    async def _start(self, kind: str, model: ServedModel, body, prompts: list, max_tokens: int | None,
+                     add_special: bool) -> Generation:
+        received = time.monotonic()
+        self._check_fields(body)
+        num_choices = body.n * len(prompts)
+        self._admit(model, num_choices)
+        model.in_flight += num_choices
+        try:
+            token_lists = [await self._tokenize(model, p, add_special) for p in prompts]
+            params = [self._sampling_params(model, body, len(ids), max_tokens, i) for ids in token_lists
+                      for i in range(body.n)]
+            streams = []
+            try:
+                for ids, choice_params in zip([ids for ids in token_lists for _ in range(body.n)], params):
+                    streams.append(await model.engine.add(ids, choice_params, cache_salt=body.cache_salt,
+                                                          priority=body.priority))
+            except BaseException:
+                for stream in streams:
+                    stream.abort()
+                raise
+        except BaseException:
+            model.in_flight -= num_choices
+            raise
+        return Generation(kind, model, streams, [len(ids) for ids in token_lists], body.include_usage,
+                          body.num_logprobs, self.metrics, received)
+
+    def _check_fields(self, body) -> None:
+        if not 1 <= body.n <= self.config.max_n:
+            raise APIError(400, f"n must be between 1 and {self.config.max_n}, got {body.n}", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(body, name) not in (None, 0, 0.0):
+                raise APIError(400, f"{name} is not supported (only 0)", param=name)
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+
+    def _admit(self, model: ServedModel, num_choices: int) -> None:
+        limit = model.capacity + self.config.max_queued_requests
+        if model.in_flight + num_choices > limit:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise APIError(429, f"the server is at capacity ({model.in_flight} requests in flight, limit {limit}); "
+                           f"retry later", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(self.config.retry_after_s)})
+
+    async def _tokenize(self, model: ServedModel, prompt: str | list[int], add_special: bool) -> list[int]:
+        if isinstance(prompt, list):
+            ids = prompt
+        else:
+            if not prompt:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            # Byte-level tokenizers give at most one token per byte, so a prompt of fewer bytes than
+            # the cap cannot exceed it; a longer one is still bounded by --max-body-bytes.
+            ids = await asyncio.to_thread(model.tokenizer.encode, prompt, add_special)
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        cap = self.config.max_prompt_tokens or model.max_model_len - 1
+        cap = min(cap, model.max_model_len - 1)
+        if len(ids) > cap:
+            self.metrics.rejected.labels("prompt_too_long").inc()
+            raise APIError(400, f"the prompt has {len(ids)} tokens; at most {cap} are allowed "
+                           f"(context {model.max_model_len})", param="messages", code="context_length_exceeded")
+        return ids
+
+    def _sampling_params(self, model: ServedModel, body, num_prompt_tokens: int, max_tokens: int | None,
+                         choice: int) -> SamplingParams:
+        room = model.max_model_len - num_prompt_tokens
+        if max_tokens is None:
+            max_tokens = room
+        elif max_tokens < 1:
+            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        elif max_tokens > room:
+            raise APIError(400, f"max_tokens ({max_tokens}) plus the prompt ({num_prompt_tokens} tokens) exceeds "
+                           f"the context of {model.max_model_len} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        seed = body.seed + choice if body.seed is not None else None
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=body.top_k or 0, seed=seed, stop=tuple(body.stop_list),
+                stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+                logprobs=body.num_logprobs)
+        except InvalidRequestError as error:
+            raise APIError(400, str(error), param=error.param) from error
