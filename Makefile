@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 serve: install
-	$(VENV)/bin/kvserve generate "Write a haiku about caching."
+	$(VENV)/bin/kvserve serve
 
 test: install
 	$(PY) -m pytest -q
