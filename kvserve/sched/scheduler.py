@@ -47,14 +47,9 @@ class Scheduler:
 
     def abort(self, request_id: str) -> bool:
         """Finish a request now and free its blocks. False if it is unknown or already finished."""
-        request = self.requests.get(request_id)
-        if request is None:
+        if request_id not in self.requests:
             return False
-        if request.status == RequestStatus.RUNNING:
-            self.running.remove(request)
-        else:
-            self.waiting.remove(request)
-        self._finish(request, FinishReason.ABORT)
+        self.finish(request_id, FinishReason.ABORT)
         return True
 
     # ---- the step ----------------------------------------------------------------------------
@@ -149,7 +144,7 @@ class Scheduler:
     # ---- state changes -----------------------------------------------------------------------
     def finish(self, request_id: str, reason: FinishReason) -> None:
         """Finish a running or waiting request for a reason found outside the scheduler (a stop
-        string). Same as abort, with the reason recorded."""
+        string, an abort), freeing its blocks now."""
         request = self.requests[request_id]
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)

@@ -1,0 +1,39 @@
+"""The command line: generate streams text; bench offline ends with one JSON line; errors exit 2."""
+
+import json
+import subprocess
+import sys
+
+
+def kvserve(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvserve.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_generate_streams_to_the_terminal():
+    out = kvserve("generate", "hello", "--model", "random:tiny", "--dtype", "float32", "--max-tokens", "8",
+                  "--ignore-eos")
+    assert out.returncode == 0, out.stderr
+    assert "[length: " in out.stderr and "8 generated]" in out.stderr
+
+
+def test_bench_offline_ends_with_one_json_line():
+    out = kvserve("bench", "offline", "--model", "random:tiny", "--num-prompts", "6", "--prompt-len", "40",
+                  "--output-len", "8", "--num-kv-blocks", "64")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "offline" and result["num_prompts"] == 6
+    assert result["kvserve"]["output_tok_s"] > 0
+    # The same seed gives the same workload.
+    again = json.loads(kvserve("bench", "offline", "--model", "random:tiny", "--num-prompts", "6", "--prompt-len",
+                               "40", "--output-len", "8", "--num-kv-blocks", "64").stdout.strip().splitlines()[-1])
+    assert again["prompt_tokens"] == result["prompt_tokens"]
+
+
+def test_errors_exit_2_with_a_message():
+    out = kvserve("generate", "hi", "--model", "/nonexistent/model.gguf")
+    assert out.returncode == 2 and "kvserve: error:" in out.stderr and "/nonexistent/model.gguf" in out.stderr
+    out = kvserve("generate", "hi", "--model", "random:tiny", "--max-tokens", "0")
+    assert out.returncode == 2 and "max_tokens" in out.stderr
+    out = kvserve("generate", "hi", "--model", "random:tiny", "--num-kv-blocks", "4", "--kv-cache-memory", "1MiB")
+    assert out.returncode == 2 and "not both" in out.stderr
