@@ -43,7 +43,10 @@ _FINISHED_STATUS = {
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset(), *, cache_salt: str | None = None,
-                 priority: int = 0, arrival_time: float | None = None):
+                 priority: int = 0, arrival_time: float | None = None,
+                 checkpoints: tuple[tuple[int, float], ...] = ()):
+        """`checkpoints`: (num_prompt_tokens, ttl_s) pairs; once computed, each such prefix is
+        pinned in the KV pool for ttl_s, renewed by every hit."""
         assert prompt_token_ids, "the front end rejects empty prompts"
         self.request_id = request_id
         self.sampling_params = sampling_params
@@ -60,6 +63,10 @@ class Request:
         self.num_tokens_run = 0
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None   # monotonic, set at first admission
+        assert all(0 < n <= self.num_prompt_tokens for n, _ in checkpoints), checkpoints
+        self.checkpoints = tuple(sorted(checkpoints))
+        self.num_checkpoints_applied = 0
+        self.num_cache_write_tokens = 0    # prompt tokens this request pinned
         # Chained hashes of this request's full blocks, filled lazily by the KV manager.
         self.block_hashes: list[bytes] = []
         self.status = RequestStatus.WAITING

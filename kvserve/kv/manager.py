@@ -9,14 +9,18 @@ the block pool and the prefix cache in step:
 
 `match` finds cached blocks for a waiting request; `allocate_slots` makes room for the tokens a
 step will compute; `cache_full_blocks` publishes blocks once their KV is computed; `free` gives a
-request's blocks back.
+request's blocks back. `pin` keeps a computed prefix in the pool for a TTL that every hit renews
+(see pins.py); `expire_pins` lets lapsed ones go back to plain LRU caching.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvserve.kv.block_pool import BlockPool
+from kvserve.kv.pins import Pin, PinTable
 from kvserve.kv.prefix_cache import NoPrefixCache, PrefixCache, hash_block
 from kvserve.request import Request
 
@@ -29,6 +33,10 @@ class KVCacheStats:
     num_free_blocks: int      # unheld (cached ones included: they are reusable on demand)
     prefix_queried_tokens: int
     prefix_hit_tokens: int
+    num_pinned_blocks: int = 0
+    num_pins: int = 0
+    pins_expired: int = 0          # pins whose TTL ran out without a hit (since start)
+    pins_released_for_budget: int = 0
 
     @property
     def usage(self) -> float:
@@ -36,10 +44,17 @@ class KVCacheStats:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, *,
+                 pin_budget_fraction: float = 0.5, clock: Callable[[], float] = time.monotonic):
+        """`clock` (seconds) is injectable so TTL expiry is testable without sleeping."""
+        assert 0.0 <= pin_budget_fraction <= 1.0
         self.block_size = block_size
+        self.clock = clock
         self.prefix_cache: PrefixCache = PrefixCache() if enable_prefix_caching else NoPrefixCache()
         self.pool = BlockPool(num_blocks, on_evict=self.prefix_cache.evict)
+        self.pins = PinTable(int(num_blocks * pin_budget_fraction))
+        self._pins_expired = 0
+        self._pins_released_for_budget = 0
         self._block_ids: dict[str, list[int]] = {}
         self._num_published: dict[str, int] = {}   # leading blocks already offered to the cache
         self._queried_tokens = 0
@@ -56,7 +71,8 @@ class KVCacheManager:
     def stats(self) -> KVCacheStats:
         num_free = self.pool.num_free_blocks
         return KVCacheStats(self.num_blocks, self.num_blocks - num_free, self.prefix_cache.num_cached_blocks,
-                            num_free, self._queried_tokens, self._hit_tokens)
+                            num_free, self._queried_tokens, self._hit_tokens, self.pins.num_pinned_blocks,
+                            len(self.pins), self._pins_expired, self._pins_released_for_budget)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -86,9 +102,10 @@ class KVCacheManager:
             if not held:
                 del self._block_ids[request.request_id]
             return False
-        if not held:   # admission: count the lookup once, when it takes effect
+        if not held:   # admission: count the lookup once, when it takes effect; hits renew pins
             self._queried_tokens += request.num_tokens
             self._hit_tokens += len(cached_block_ids) * self.block_size
+            self.pins.refresh(request.block_hashes[:len(cached_block_ids)], self.clock())
         self.pool.touch(cached_block_ids)   # before allocating, so allocation cannot evict them
         held.extend(cached_block_ids)
         if num_needed > 0:
@@ -113,6 +130,48 @@ class KVCacheManager:
         self._num_published.pop(request.request_id, None)
         self.pool.free(reversed(block_ids), self.prefix_cache.is_cached)
 
+    def pin(self, request: Request, num_tokens: int, ttl_s: float) -> int:
+        """Pin the full blocks among the request's first `num_tokens` tokens for `ttl_s` seconds
+        (renewed by every hit). They must be computed. Returns the tokens newly pinned: 0 when
+        nothing fits in a whole block, when the prefix is already pinned (its TTL is renewed and
+        lengthened if asked), or when the pin budget cannot hold it (never an error)."""
+        num_blocks = min(num_tokens, request.num_computed_tokens) // self.block_size
+        if num_blocks == 0:
+            return 0
+        self._update_block_hashes(request)
+        key = request.block_hashes[num_blocks - 1]
+        now = self.clock()
+        existing = self.pins.get(key)
+        if existing is not None:
+            existing.ttl_s = max(existing.ttl_s, ttl_s)
+            self.pins.refresh([key], now)
+            return 0
+        block_ids = self.prefix_cache.match(request.block_hashes[:num_blocks])
+        if len(block_ids) < num_blocks:   # prefix caching off, or not published
+            return 0
+        self.pool.touch(block_ids)
+        self.pins.add(Pin(key, tuple(block_ids), ttl_s, now + ttl_s))
+        released = self.pins.pop_over_budget()
+        self._pins_released_for_budget += len(released)
+        for pin in released:
+            self._unpin(pin)
+        return 0 if self.pins.get(key) is None else num_blocks * self.block_size
+
+    def expire_pins(self) -> int:
+        """Release pins whose TTL ran out; their blocks stay cached, as plain LRU entries."""
+        expired = self.pins.pop_expired(self.clock())
+        self._pins_expired += len(expired)
+        for pin in expired:
+            self._unpin(pin)
+        return len(expired)
+
+    def release_all_pins(self) -> None:
+        for pin in self.pins.pop_all():
+            self._unpin(pin)
+
+    def _unpin(self, pin: Pin) -> None:
+        self.pool.free(reversed(pin.block_ids), self.prefix_cache.is_cached)
+
     # ---- internals --------------------------------------------------------------------------
     def _update_block_hashes(self, request: Request) -> None:
         hashes = request.block_hashes
@@ -130,9 +189,12 @@ class KVCacheManager:
             assert len(set(block_ids)) == len(block_ids), f"a block table repeats a block: {block_ids}"
             for block_id in block_ids:
                 expected[block_id] += 1
+        for block_id, num_pins in self.pins.holders().items():
+            expected[block_id] += num_pins
+            assert self.prefix_cache.is_cached(block_id), f"pinned block {block_id} is not cached"
         for block_id, count in enumerate(expected):
             actual = self.pool.ref_count(block_id)
-            assert actual == count, f"block {block_id}: ref count {actual}, held by {count} requests"
+            assert actual == count, f"block {block_id}: ref count {actual}, held by {count} requests and pins"
         free = self.pool.free_queue()
         assert len(set(free)) == len(free), "the free queue repeats a block"
         assert set(free) == {b for b, c in enumerate(expected) if c == 0}, "free queue != unheld blocks"

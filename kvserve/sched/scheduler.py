@@ -64,6 +64,7 @@ class Scheduler:
         freed and it waits to be recomputed). New requests are admitted only from what is left,
         and not at all in a step that had to preempt.
         """
+        self.kv.expire_pins()
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         budget, preempted = self._schedule_running(budget, chunks)
@@ -129,6 +130,7 @@ class Scheduler:
             request.num_computed_tokens += chunk.num_tokens
             request.num_tokens_run += chunk.num_tokens
             self.kv.cache_full_blocks(request)
+            self._apply_checkpoints(request)
             if not chunk.samples:
                 continue
             request.append_token(output.sampled_token_ids[chunk.request_id])
@@ -140,6 +142,15 @@ class Scheduler:
             deltas.append(TokenDelta(request.request_id, (request.all_token_ids[-1],),
                                      None if logprob is None else (logprob,), reason))
         return deltas
+
+    def _apply_checkpoints(self, request: Request) -> None:
+        """Pin each checkpointed prefix once its tokens are computed."""
+        while request.num_checkpoints_applied < len(request.checkpoints):
+            num_tokens, ttl_s = request.checkpoints[request.num_checkpoints_applied]
+            if num_tokens > request.num_computed_tokens:
+                return
+            request.num_cache_write_tokens += self.kv.pin(request, num_tokens, ttl_s)
+            request.num_checkpoints_applied += 1
 
     # ---- state changes -----------------------------------------------------------------------
     def finish(self, request_id: str, reason: FinishReason) -> None:
