@@ -23,8 +23,9 @@ from kvserve.engine.async_engine import AsyncEngine
 from kvserve.sampling import InvalidRequestError
 from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvserve.server.openai_api import Generation, OpenAIServing, ServedModel
-from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
 from kvserve.server.sse import sse_stream
+from kvserve.server.websocket import register_websocket
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,11 @@ ModelLoader = Callable[[], dict[str, AsyncEngine]]
 
 class BodyLimitMiddleware:
     """413 for bodies over the limit, checked on Content-Length and while reading (chunked
-    bodies), before anything parses them."""
+    bodies), before anything parses them.
+
+    The body is read here, whole, and replayed to the app as one message: an error raised from
+    inside the app's receive() would reach FastAPI's body parser, which answers every read error
+    with 400. Later receive() calls (http.disconnect) go straight through."""
 
     def __init__(self, app, max_body_bytes: int):
         self.app = app
@@ -46,21 +51,28 @@ class BodyLimitMiddleware:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             return await _send_error(send, self._too_large())
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
+        body = bytearray()
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise self._too_large()
-            return message
+            if message["type"] != "http.request":   # the client left while sending: pass that on
+                first = message
+                break
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                return await _send_error(send, self._too_large())
+            if not message.get("more_body", False):
+                first = {"type": "http.request", "body": bytes(body), "more_body": False}
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except APIError as error:
-            await _send_error(send, error)
+        async def replay_receive():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return first
+            return await receive()
+
+        await self.app(scope, replay_receive, send)
 
     def _too_large(self) -> APIError:
         return APIError(413, f"the request body exceeds {self.max_body_bytes} bytes (--max-body-bytes)",
@@ -99,6 +111,7 @@ def create_app(config: ServerConfig, load_models: ModelLoader) -> FastAPI:
     app.state.serving = None
     _install_error_handlers(app)
     _install_routes(app)
+    register_websocket(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
     return app
 
@@ -186,12 +199,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return JSONResponse(APIError(400, "the request body is not valid JSON", code="invalid_json").body(),
                                 status_code=400)
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg", "invalid request body"))
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problems)"
-        return JSONResponse(APIError(422, message, param=param, code="invalid_body").body(), status_code=422)
+        return JSONResponse(validation_error(errors).body(), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):

@@ -276,7 +276,8 @@ class OpenAIServing:
         self._admit(model, num_choices)
         model.in_flight += num_choices
         try:
-            token_lists = [await self._tokenize(model, p, add_special) for p in prompts]
+            param = "messages" if kind == "chat" else "prompt"
+            token_lists = [await self._tokenize(model, p, add_special, param) for p in prompts]
             params = [self._sampling_params(model, body, len(ids), max_tokens, i) for ids in token_lists
                       for i in range(body.n)]
             streams = []
@@ -311,12 +312,19 @@ class OpenAIServing:
                            f"retry later", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(self.config.retry_after_s)})
 
-    async def _tokenize(self, model: ServedModel, prompt: str | list[int], add_special: bool) -> list[int]:
+    async def _tokenize(self, model: ServedModel, prompt: str | list[int], add_special: bool,
+                        param: str) -> list[int]:
+        """`param` names the field the prompt came from ("messages" or "prompt") in errors."""
         if isinstance(prompt, list):
             ids = prompt
         else:
             if not prompt:
                 raise APIError(400, "the prompt is empty", param="prompt")
+            try:   # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer can encode
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise APIError(400, f"{param} contains text that is not valid Unicode "
+                               f"(a lone surrogate at character {error.start})", param=param) from None
             # Byte-level tokenizers give at most one token per byte, so a prompt of fewer bytes than
             # the cap cannot exceed it; a longer one is still bounded by --max-body-bytes.
             ids = await asyncio.to_thread(model.tokenizer.encode, prompt, add_special)
@@ -327,7 +335,7 @@ class OpenAIServing:
         if len(ids) > cap:
             self.metrics.rejected.labels("prompt_too_long").inc()
             raise APIError(400, f"the prompt has {len(ids)} tokens; at most {cap} are allowed "
-                           f"(context {model.max_model_len})", param="messages", code="context_length_exceeded")
+                           f"(context {model.max_model_len})", param=param, code="context_length_exceeded")
         return ids
 
     def _sampling_params(self, model: ServedModel, body, num_prompt_tokens: int, max_tokens: int | None,

@@ -13,9 +13,10 @@ Errors take OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from kvserve.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 
@@ -29,6 +30,19 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
+    """Pydantic errors → the 422 every transport answers: the first problem named with its
+    parameter path, the rest counted. FastAPI's leading "body" is dropped from the path, so HTTP
+    and WebSocket name a parameter the same way (`max_tokens`, `messages.0.role`)."""
+    first = errors[0] if errors else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg", "invalid request body"))
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problems)"
+    return APIError(422, message, param=param, code="invalid_body")
 
 
 Number = Annotated[float, Field(strict=False)]
@@ -101,16 +115,20 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: StrictInt | None = None
     tools: list[dict[str, Any]] | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> "ChatCompletionRequest":
-        if not self.messages:
+    @field_validator("messages")
+    @classmethod
+    def _not_empty(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not messages:   # a field validator, so the error's param is "messages"
             raise ValueError("messages must not be empty")
-        return self
+        return messages
 
     @property
     def num_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}",
+                           param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
