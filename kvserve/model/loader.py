@@ -27,6 +27,8 @@ Every failure raises `ModelLoadError` with a message naming the file, tensor or 
 
 from __future__ import annotations
 
+import functools
+
 import importlib.metadata
 import json
 from pathlib import Path
@@ -159,7 +161,18 @@ def load_model_config(path: Path) -> ModelConfig:
 
 
 def open_gguf(path: Path) -> GGUFReader:
-    """A reader over the memory-mapped file (parsing the metadata takes ~2 s for a 49k vocabulary)."""
+    """A reader over the memory-mapped file. Parsing the metadata takes ~2 s for a 49k vocabulary,
+    and config, weights and tokenizer each need it, so readers are reused while the file is
+    unchanged (keyed by path, size and modification time)."""
+    try:
+        stat = Path(path).stat()
+    except OSError as error:
+        raise ModelLoadError(f"cannot read GGUF file {path}: {error}") from error
+    return _open_gguf_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_gguf_cached(path: str, size: int, mtime_ns: int) -> GGUFReader:
     try:
         return GGUFReader(path)
     except Exception as error:  # the reader raises ValueError/struct.error/... on corrupt files
