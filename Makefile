@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install serve test test-fast clean
+.PHONY: install browser serve test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -20,7 +20,14 @@ $(VENV)/.installed: pyproject.toml
 serve: install
 	$(VENV)/bin/kvserve serve
 
-test: install
+# Debian's Chromium for the front-page browser test (Playwright drives it; it never downloads one).
+# Installed only when missing and when running as root with apt; otherwise that test is skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium is not installed: the front-page browser test will be skipped"
+
+test: install browser
 	$(PY) -m pytest -q
 
 test-fast: install
