@@ -13,6 +13,8 @@ BPE tokenizer from those, with the split rules llama.cpp uses for that name (lla
 
 from __future__ import annotations
 
+import bisect
+
 import datetime
 import json
 from collections.abc import Sequence
@@ -43,6 +45,12 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def encode_with_boundaries(self, text: str, char_positions: Sequence[int],
+                               add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
+        """encode(text), plus for each character position the number of leading tokens that end at
+        or before it (a token straddling the position is not counted)."""
+        ...
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None) -> str: ...
@@ -179,6 +187,18 @@ class HFTokenizer:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
+    def encode_with_boundaries(self, text: str, char_positions: Sequence[int],
+                               add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
+        if self._use_post_processor:
+            encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            ids, ends, extra = encoding.ids, [end for _, end in encoding.offsets], 0
+        else:
+            encoding = self._tokenizer.encode(text, add_special_tokens=False)
+            ids, ends = encoding.ids, [end for _, end in encoding.offsets]
+            extra = 1 if add_special_tokens and self._add_bos else 0
+            ids = self.encode(text, add_special_tokens) if add_special_tokens else ids
+        return ids, [extra + bisect.bisect_right(_running_max(ends), p) for p in char_positions]
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None) -> str:
         if self.chat_template is None:
@@ -190,6 +210,15 @@ class HFTokenizer:
 
     def _token_text(self, token_id: int | None) -> str | None:
         return None if token_id is None else self._tokenizer.id_to_token(token_id)
+
+
+def _running_max(values: Sequence[int]) -> list[int]:
+    """Token end offsets made non-decreasing, so a prefix count is one bisection."""
+    out, top = [], 0
+    for v in values:
+        top = max(top, v)
+        out.append(top)
+    return out
 
 
 def load_tokenizer(path: Path) -> HFTokenizer:
@@ -422,6 +451,11 @@ class ByteTokenizer:
                 pieces.append(self.SPECIAL_TEXT[token_id])
         pieces.append(run.decode("utf-8", errors="replace"))
         return "".join(pieces)
+
+    def encode_with_boundaries(self, text: str, char_positions: Sequence[int],
+                               add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
+        extra = 1 if add_special_tokens else 0
+        return self.encode(text, add_special_tokens), [extra + len(text[:p].encode("utf-8")) for p in char_positions]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None) -> str:

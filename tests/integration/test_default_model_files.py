@@ -196,3 +196,19 @@ def test_our_weights_predict_paris(our_config_and_weights, ours):
     with torch.no_grad():
         logits = llama(ids).logits[0, -1]
     assert ours.decode([int(logits.argmax())]) == " Paris"
+
+
+def test_boundaries_match_encoding_the_prefix():
+    """Checkpoint positions: the tokens before a character position in a rendered chat are the
+    tokens of that prefix, when the position ends a content block."""
+    from kvserve.model.loader import resolve_model_path
+    from kvserve.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model_path(None))
+    text = tokenizer.apply_chat_template([{"role": "system", "content": "You are careful. " * 20},
+                                          {"role": "user", "content": "Summarise: " + "data " * 30}])
+    positions = [i for i in range(len(text)) if text.startswith("<|im_end|>", i)]
+    ids, counts = tokenizer.encode_with_boundaries(text, positions, add_special_tokens=False)
+    assert ids == tokenizer.encode(text, add_special_tokens=False)
+    for position, count in zip(positions, counts):
+        assert ids[:count] == tokenizer.encode(text[:position], add_special_tokens=False)

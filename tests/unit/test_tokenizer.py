@@ -163,3 +163,10 @@ def test_hf_tokenizer_special_token_in_text_is_one_id():
     # The template sees eos_token as the tokenizer's own string.
     tokenizer = _tiny_hf_tokenizer(chat_template="{{ eos_token }}")
     assert tokenizer.apply_chat_template([]) == "<|im_end|>"
+
+
+def test_byte_tokenizer_boundaries_count_bytes_before_each_position():
+    from kvserve.model.tokenizer import ByteTokenizer
+
+    ids, counts = ByteTokenizer().encode_with_boundaries("héllo", [0, 2, 5], add_special_tokens=True)
+    assert ids == ByteTokenizer().encode("héllo") and counts == [1, 4, 7]
