@@ -96,7 +96,11 @@ def create_app(config: ServerConfig, load_models: ModelLoader) -> FastAPI:
                 log.exception("model loading failed")
                 loop.call_soon_threadsafe(setattr, app.state, "load_error", str(error))
                 return
-            loop.call_soon_threadsafe(_install, app, engines)
+            try:
+                loop.call_soon_threadsafe(_install, app, engines)
+            except RuntimeError:   # the app shut down while the models loaded
+                for engine in engines.values():
+                    engine.shutdown()
 
         threading.Thread(target=load, name="kvserve-load", daemon=True).start()
         yield
