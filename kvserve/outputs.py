@@ -42,6 +42,7 @@ class RequestStats:
     num_output_tokens: int
     num_computed_tokens: int      # tokens this request actually ran through the model (recompute included)
     queue_time_s: float | None = None   # arrival to first scheduling; None while still waiting
+    num_cache_write_tokens: int = 0     # prompt tokens this request pinned through its checkpoints
 
 
 @dataclass(frozen=True)

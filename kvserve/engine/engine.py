@@ -64,7 +64,8 @@ class Engine:
         return self.scheduler.max_model_len
 
     def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                     *, cache_salt: str | None = None, priority: int = 0) -> Request:
+                     *, cache_salt: str | None = None, priority: int = 0,
+                     checkpoints: tuple[tuple[int, float], ...] = ()) -> Request:
         """Tokenize and validate. Touches no engine state, so any thread may call it."""
         if isinstance(prompt, str):
             if not prompt:
@@ -82,7 +83,8 @@ class Engine:
                 f"the prompt has {len(token_ids)} tokens; this model's context allows at most "
                 f"{self.max_model_len - 1} prompt tokens (--max-model-len {self.max_model_len})", "prompt")
         request_id = request_id or f"req-{next(self._ids)}"
-        return Request(request_id, token_ids, params, self.eos_token_ids, cache_salt=cache_salt, priority=priority)
+        return Request(request_id, token_ids, params, self.eos_token_ids, cache_salt=cache_salt, priority=priority,
+                       checkpoints=checkpoints)
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -131,7 +133,8 @@ class Engine:
         if request.first_scheduled_time is not None:
             queue_time = request.first_scheduled_time - request.arrival_time
         stats = RequestStats(request.num_prompt_tokens, request.num_cached_tokens or 0,
-                             request.num_output_tokens, request.num_tokens_run, queue_time)
+                             request.num_output_tokens, request.num_tokens_run, queue_time,
+                             request.num_cache_write_tokens)
         return RequestOutput(request.request_id, text, token_ids, logprobs, finish_reason, stats)
 
     def stats(self) -> SchedulerStats:
