@@ -116,6 +116,8 @@ class Generation:
             return
         self._closed = True
         for choice in self.choices:
+            if choice.finish_reason is None:   # cut short (client gone, engine failed): nobody reads its last delta
+                self.metrics.finished.labels(self.model.name, "abort").inc()
             choice.stream.abort()
         self.model.in_flight -= len(self.choices)
 
@@ -139,8 +141,6 @@ class Generation:
         choice.num_tokens += len(output.token_ids)
         choice.cached_tokens = output.stats.num_cached_tokens
         finish = output.finish_reason.value if output.finish_reason else None
-        if finish == "abort":
-            finish = "stop" if choice.num_tokens else "abort"
         logprobs = self._logprobs(output.logprobs) if self.logprobs is not None and output.logprobs else None
         if output.finished:
             choice.finish_reason = finish
@@ -325,8 +325,7 @@ class OpenAIServing:
             except UnicodeEncodeError as error:
                 raise APIError(400, f"{param} contains text that is not valid Unicode "
                                f"(a lone surrogate at character {error.start})", param=param) from None
-            # Byte-level tokenizers give at most one token per byte, so a prompt of fewer bytes than
-            # the cap cannot exceed it; a longer one is still bounded by --max-body-bytes.
+            # Tokenizing is bounded by --max-body-bytes and runs off the event loop.
             ids = await asyncio.to_thread(model.tokenizer.encode, prompt, add_special)
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
