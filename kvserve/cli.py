@@ -115,7 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     base = engine_config_from_args(args)
     server = ServerConfig(host=args.host, port=args.port, max_queued_requests=args.max_queued_requests,
                           max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                          max_n=args.max_n)
+                          max_n=args.max_n, cache_min_tokens=args.cache_min_tokens)
 
     def load() -> dict[str, AsyncEngine]:
         return {name: AsyncEngine(Engine(base.replace(model=model))) for name, model in models.items()}
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-prompt-tokens", type=int, default=None,
                        help="400 past this many prompt tokens (default: the context less one)")
     group.add_argument("--max-n", type=int, default=8, help="most choices (n) per request")
+    group.add_argument("--cache-min-tokens", type=int, default=1024,
+                       help="a cache checkpoint's prefix shorter than this pins nothing")
     add_engine_options(serve, repeat_model=True)
     serve.set_defaults(func=cmd_serve)
 

@@ -167,6 +167,7 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20          # 413 past this, before the body is parsed
     max_prompt_tokens: int | None = None   # None: the model's context less one output token
     max_n: int = 8                         # choices per request
+    cache_min_tokens: int = 1024           # a checkpoint's prefix shorter than this pins nothing
     retry_after_s: int = 1
 
     def __post_init__(self) -> None:
@@ -180,3 +181,5 @@ class ServerConfig:
             raise ConfigError(f"--max-prompt-tokens must be positive, got {self.max_prompt_tokens}")
         if self.max_n < 1:
             raise ConfigError(f"--max-n must be at least 1, got {self.max_n}")
+        if self.cache_min_tokens < 0:
+            raise ConfigError(f"--cache-min-tokens must be 0 or more, got {self.cache_min_tokens}")

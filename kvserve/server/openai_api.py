@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from kvserve.config import ServerConfig
@@ -22,6 +22,7 @@ from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStr
 from kvserve.outputs import RequestOutput, TokenLogprob
 from kvserve.sampling import InvalidRequestError, SamplingParams
 from kvserve.server.metrics import ServerMetrics
+from kvserve.server.checkpoints import collect_marks, render_with_marks
 from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
 
@@ -52,6 +53,7 @@ class _Choice:
     stream: RequestStream
     num_tokens: int = 0
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
     finish_reason: str | None = None
 
 
@@ -140,6 +142,7 @@ class Generation:
             self._last_token_time = now
         choice.num_tokens += len(output.token_ids)
         choice.cached_tokens = output.stats.num_cached_tokens
+        choice.cache_write_tokens = output.stats.num_cache_write_tokens
         finish = output.finish_reason.value if output.finish_reason else None
         logprobs = self._logprobs(output.logprobs) if self.logprobs is not None and output.logprobs else None
         if output.finished:
@@ -172,14 +175,16 @@ class Generation:
     def usage(self) -> dict:
         """Prompt tokens count once per prompt (not per choice); so do cached ones (first choice's)."""
         completion = sum(c.num_tokens for c in self.choices)
-        seen, cached = set(), 0
+        seen, cached, written = set(), 0, 0
         for c in self.choices:
             if c.prompt_index not in seen:
                 seen.add(c.prompt_index)
                 cached += c.cached_tokens
+                written += c.cache_write_tokens
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+                "prompt_tokens_details": {"cached_tokens": cached},
+                "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
 
     def _usage_chunk(self) -> dict:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
@@ -253,13 +258,16 @@ class OpenAIServing:
         model = self.model(body.model)
         if body.tools:
             raise APIError(400, "tools are not supported by /v1/chat/completions yet", param="tools")
-        messages = [{"role": m.role, "content": m.text_content(), **({"name": m.name} if m.name else {})}
-                    for m in body.messages]
+        marks = collect_marks(body.messages)
         try:
-            prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            prompt, positions = render_with_marks(model.tokenizer, body.messages, marks)
+        except APIError:
+            raise
         except Exception as error:   # a template's raise_exception: the conversation is not acceptable
             raise APIError(400, f"the chat template rejected the messages: {error}", param="messages") from error
-        return await self._start("chat", model, body, [prompt], body.requested_max_tokens, add_special=False)
+        checkpoints = [(position, mark.ttl_s) for position, mark in zip(positions, marks)]
+        return await self._start("chat", model, body, [prompt], body.requested_max_tokens, add_special=False,
+                                 checkpoints=checkpoints)
 
     async def completion(self, body: CompletionRequest) -> Generation:
         model = self.model(body.model)
@@ -269,7 +277,8 @@ class OpenAIServing:
                                  add_special=True)
 
     async def _start(self, kind: str, model: ServedModel, body, prompts: list, max_tokens: int | None,
-                     add_special: bool) -> Generation:
+                     add_special: bool, checkpoints: list[tuple[int, float]] = ()) -> Generation:
+        """`checkpoints`: (character position, ttl_s) in prompts[0] (chat has one prompt)."""
         received = time.monotonic()
         self._check_fields(body)
         num_choices = body.n * len(prompts)
@@ -277,14 +286,20 @@ class OpenAIServing:
         model.in_flight += num_choices
         try:
             param = "messages" if kind == "chat" else "prompt"
-            token_lists = [await self._tokenize(model, p, add_special, param) for p in prompts]
+            token_lists, pins = [], []
+            for i, prompt in enumerate(prompts):
+                ids, prompt_pins = await self._tokenize(model, prompt, add_special, param,
+                                                        checkpoints if i == 0 else ())
+                token_lists.append(ids)
+                pins.append(prompt_pins)
             params = [self._sampling_params(model, body, len(ids), max_tokens, i) for ids in token_lists
                       for i in range(body.n)]
             streams = []
             try:
-                for ids, choice_params in zip([ids for ids in token_lists for _ in range(body.n)], params):
+                per_choice = [(ids, p) for ids, p in zip(token_lists, pins) for _ in range(body.n)]
+                for (ids, prompt_pins), choice_params in zip(per_choice, params):
                     streams.append(await model.engine.add(ids, choice_params, cache_salt=body.cache_salt,
-                                                          priority=body.priority))
+                                                          priority=body.priority, checkpoints=prompt_pins))
             except BaseException:
                 for stream in streams:
                     stream.abort()
@@ -313,8 +328,12 @@ class OpenAIServing:
                            headers={"Retry-After": str(self.config.retry_after_s)})
 
     async def _tokenize(self, model: ServedModel, prompt: str | list[int], add_special: bool,
-                        param: str) -> list[int]:
-        """`param` names the field the prompt came from ("messages" or "prompt") in errors."""
+                        param: str, checkpoints: Sequence[tuple[int, float]] = ()
+                        ) -> tuple[list[int], tuple[tuple[int, float], ...]]:
+        """Token ids, and the checkpoints as (num_tokens, ttl_s) pins. A checkpoint whose prefix is
+        shorter than --cache-min-tokens pins nothing (the request still succeeds). `param` names
+        the field the prompt came from ("messages" or "prompt") in errors."""
+        counts: list[int] = []
         if isinstance(prompt, list):
             ids = prompt
         else:
@@ -326,7 +345,8 @@ class OpenAIServing:
                 raise APIError(400, f"{param} contains text that is not valid Unicode "
                                f"(a lone surrogate at character {error.start})", param=param) from None
             # Tokenizing is bounded by --max-body-bytes and runs off the event loop.
-            ids = await asyncio.to_thread(model.tokenizer.encode, prompt, add_special)
+            ids, counts = await asyncio.to_thread(model.tokenizer.encode_with_boundaries, prompt,
+                                                  [position for position, _ in checkpoints], add_special)
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         cap = self.config.max_prompt_tokens or model.max_model_len - 1
@@ -335,7 +355,9 @@ class OpenAIServing:
             self.metrics.rejected.labels("prompt_too_long").inc()
             raise APIError(400, f"the prompt has {len(ids)} tokens; at most {cap} are allowed "
                            f"(context {model.max_model_len})", param=param, code="context_length_exceeded")
-        return ids
+        pins = tuple((n, ttl_s) for n, (_, ttl_s) in zip(counts, checkpoints)
+                     if n >= self.config.cache_min_tokens)
+        return ids, pins
 
     def _sampling_params(self, model: ServedModel, body, num_prompt_tokens: int, max_tokens: int | None,
                          choice: int) -> SamplingParams:

@@ -99,6 +99,7 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    cache_control: dict[str, Any] | None = None   # only to reject it here with a clear 400
 
     def text_content(self) -> str:
         if self.content is None:

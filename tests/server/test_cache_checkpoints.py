@@ -1,0 +1,84 @@
+"""cache_control checkpoints through the OpenAI chat API: write then read, accounting, 400s."""
+
+import httpx
+import openai
+import pytest
+
+from kvserve.config import ServerConfig
+
+from helpers import MODEL, ServerThread
+
+SYSTEM = "You are a meticulous assistant. Answer briefly and precisely. " * 4   # ~250 bytes = tokens
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread(ServerConfig(cache_min_tokens=32)) as server:
+        yield server
+
+
+def chat(server, system_part: dict, question: str, **extra):
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+    return client.chat.completions.create(
+        model=MODEL, max_tokens=4, temperature=0,
+        messages=[{"role": "system", "content": [system_part]}, {"role": "user", "content": question}],
+        **extra)
+
+
+def test_first_call_writes_second_reads_the_checkpointed_prefix(server):
+    part = {"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}
+    salt = {"extra_body": {"cache_salt": "checkpoint-test"}}
+    first = chat(server, part, "What is two plus two?", **salt).model_dump()["usage"]
+    assert first["cache_creation_input_tokens"] > 0 and first["cache_read_input_tokens"] == 0
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    written = first["cache_creation_input_tokens"]
+    # ByteTokenizer: "system: " + SYSTEM are the tokens before the mark; whole 16-token blocks only.
+    prefix_tokens = len(("system: " + SYSTEM).encode())
+    assert written == prefix_tokens // 16 * 16
+    second = chat(server, part, "And three plus three?", **salt).model_dump()["usage"]
+    assert second["cache_read_input_tokens"] == written and second["cache_creation_input_tokens"] == 0
+    assert second["prompt_tokens_details"]["cached_tokens"] == written
+    assert server.engine().stats().kv.num_pins >= 1
+
+
+def test_streaming_reports_the_same_accounting(server):
+    part = {"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+    salt = {"extra_body": {"cache_salt": "stream-test"}}
+    whole = chat(server, part, "Hi", **salt).model_dump()["usage"]
+    chunks = list(chat(server, part, "Hello there", stream=True, stream_options={"include_usage": True}, **salt))
+    streamed = chunks[-1].model_dump()["usage"]
+    assert whole["cache_creation_input_tokens"] > 0
+    assert streamed["cache_read_input_tokens"] == whole["cache_creation_input_tokens"]
+    assert streamed["cache_creation_input_tokens"] == 0
+
+
+def test_below_the_minimum_succeeds_and_pins_nothing(server):
+    part = {"type": "text", "text": "Short.", "cache_control": {"type": "ephemeral"}}
+    usage = chat(server, part, "Hello").model_dump()["usage"]
+    assert usage["cache_creation_input_tokens"] == 0
+
+
+def bad(server, messages) -> httpx.Response:
+    return httpx.post(f"{server.base_url}/v1/chat/completions", timeout=30,
+                      json={"model": MODEL, "max_tokens": 2, "messages": messages})
+
+
+def marked(text: str, ttl: str | None = None, kind: str = "ephemeral") -> dict:
+    control = {"type": kind} | ({"ttl": ttl} if ttl else {})
+    return {"type": "text", "text": text, "cache_control": control}
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": [marked(f"part {i}") for i in range(5)]}], "at most 4"),
+    ([{"role": "system", "content": [marked("a", "5m")]}, {"role": "user", "content": [marked("b", "1h")]}],
+     "longer ttl"),
+    ([{"role": "user", "content": [marked("a", "10m")]}], "ttl must be one of"),
+    ([{"role": "user", "content": [marked("a", kind="persistent")]}], "must be 'ephemeral'"),
+    ([{"role": "user", "content": "hi", "cache_control": {"type": "ephemeral"}}], "content block"),
+])
+def test_invalid_checkpoints_get_clear_400s(server, messages, message):
+    response = bad(server, messages)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["code"] in ("too_many_checkpoints", "invalid_cache_control")
+    assert bad(server, [{"role": "user", "content": "still fine"}]).status_code == 200
