@@ -233,6 +233,13 @@ def _join_logprobs(parts: list[dict], kind: str) -> dict | None:
     return {key: [x for p in parts for x in p[key]] for key in ("tokens", "token_logprobs", "top_logprobs")}
 
 
+def cache_namespace(tenant: str | None, cache_salt: str | None) -> str | None:
+    """The extra key of a request's first block: its tenant, narrowed by its own cache_salt."""
+    if tenant is None and cache_salt is None:
+        return None
+    return f"{tenant or ''}\x00{cache_salt or ''}"
+
+
 class OpenAIServing:
     """Turns validated bodies into Generations, enforcing every server limit."""
 
@@ -254,7 +261,8 @@ class OpenAIServing:
             {"id": m.name, "object": "model", "created": m.created, "owned_by": "kvserve",
              "max_model_len": m.max_model_len} for m in self.models.values()]}
 
-    async def chat(self, body: ChatCompletionRequest) -> Generation:
+    async def chat(self, body: ChatCompletionRequest, tenant: str | None = None) -> Generation:
+        """`tenant` (from the API key) namespaces the prefix cache: tenants never share KV."""
         model = self.model(body.model)
         if body.tools:
             raise APIError(400, "tools are not supported by /v1/chat/completions yet", param="tools")
@@ -267,17 +275,18 @@ class OpenAIServing:
             raise APIError(400, f"the chat template rejected the messages: {error}", param="messages") from error
         checkpoints = [(position, mark.ttl_s) for position, mark in zip(positions, marks)]
         return await self._start("chat", model, body, [prompt], body.requested_max_tokens, add_special=False,
-                                 checkpoints=checkpoints)
+                                 checkpoints=checkpoints, tenant=tenant)
 
-    async def completion(self, body: CompletionRequest) -> Generation:
+    async def completion(self, body: CompletionRequest, tenant: str | None = None) -> Generation:
         model = self.model(body.model)
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
         return await self._start("completion", model, body, body.prompts(), body.requested_max_tokens,
-                                 add_special=True)
+                                 add_special=True, tenant=tenant)
 
     async def _start(self, kind: str, model: ServedModel, body, prompts: list, max_tokens: int | None,
-                     add_special: bool, checkpoints: list[tuple[int, float]] = ()) -> Generation:
+                     add_special: bool, checkpoints: list[tuple[int, float]] = (),
+                     tenant: str | None = None) -> Generation:
         """`checkpoints`: (character position, ttl_s) in prompts[0] (chat has one prompt)."""
         received = time.monotonic()
         self._check_fields(body)
@@ -298,7 +307,8 @@ class OpenAIServing:
             try:
                 per_choice = [(ids, p) for ids, p in zip(token_lists, pins) for _ in range(body.n)]
                 for (ids, prompt_pins), choice_params in zip(per_choice, params):
-                    streams.append(await model.engine.add(ids, choice_params, cache_salt=body.cache_salt,
+                    streams.append(await model.engine.add(ids, choice_params,
+                                                          cache_salt=cache_namespace(tenant, body.cache_salt),
                                                           priority=body.priority, checkpoints=prompt_pins))
             except BaseException:
                 for stream in streams:
