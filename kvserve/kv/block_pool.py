@@ -61,6 +61,11 @@ class BlockPool:
                 del self._free[block_id]
             self._ref_counts[block_id] += 1
 
+    def demote(self, block_id: int) -> None:
+        """A free block lost its cached content: it moves to the front, to be reused first."""
+        assert self._ref_counts[block_id] == 0, f"block {block_id} is held"
+        self._free.move_to_end(block_id, last=False)
+
     def free(self, block_ids: Iterable[int], is_cached: Callable[[int], bool]) -> None:
         """Drop one holder from each block, in the given order; unheld blocks join the free queue."""
         for block_id in block_ids:

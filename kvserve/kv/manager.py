@@ -37,6 +37,8 @@ class KVCacheStats:
     num_pins: int = 0
     pins_expired: int = 0          # pins whose TTL ran out without a hit (since start)
     pins_released_for_budget: int = 0
+    blocks_evicted_lru: int = 0    # cached blocks reused for new content (since start)
+    blocks_evicted_flush: int = 0  # cached blocks dropped by an explicit flush (since start)
 
     @property
     def usage(self) -> float:
@@ -51,10 +53,12 @@ class KVCacheManager:
         self.block_size = block_size
         self.clock = clock
         self.prefix_cache: PrefixCache = PrefixCache() if enable_prefix_caching else NoPrefixCache()
-        self.pool = BlockPool(num_blocks, on_evict=self.prefix_cache.evict)
+        self.pool = BlockPool(num_blocks, on_evict=self._on_reuse)
         self.pins = PinTable(int(num_blocks * pin_budget_fraction))
         self._pins_expired = 0
         self._pins_released_for_budget = 0
+        self._evicted_lru = 0
+        self._evicted_flush = 0
         self._block_ids: dict[str, list[int]] = {}
         self._num_published: dict[str, int] = {}   # leading blocks already offered to the cache
         self._queried_tokens = 0
@@ -72,7 +76,8 @@ class KVCacheManager:
         num_free = self.pool.num_free_blocks
         return KVCacheStats(self.num_blocks, self.num_blocks - num_free, self.prefix_cache.num_cached_blocks,
                             num_free, self._queried_tokens, self._hit_tokens, self.pins.num_pinned_blocks,
-                            len(self.pins), self._pins_expired, self._pins_released_for_budget)
+                            len(self.pins), self._pins_expired, self._pins_released_for_budget,
+                            self._evicted_lru, self._evicted_flush)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -168,6 +173,30 @@ class KVCacheManager:
     def release_all_pins(self) -> None:
         for pin in self.pins.pop_all():
             self._unpin(pin)
+
+    def pinned_prefixes(self) -> list[dict]:
+        """Pins as {hash, num_tokens, ttl_s, ttl_left_s}; the hash names the prefix, never its text."""
+        now = self.clock()
+        return [{"hash": pin.key.hex()[:16], "num_tokens": pin.num_blocks * self.block_size, "ttl_s": pin.ttl_s,
+                 "ttl_left_s": round(max(0.0, pin.expires_at - now), 3)} for pin in self.pins]
+
+    def flush(self, include_pinned: bool = False) -> int:
+        """Drop every cached block nobody holds (after releasing all pins, if asked). Blocks in
+        use keep their entries: they are live KV. Returns the blocks dropped."""
+        if include_pinned:
+            self.release_all_pins()
+        dropped = 0
+        for block_id in self.prefix_cache.cached_block_ids():
+            if self.pool.ref_count(block_id) == 0:
+                self.prefix_cache.evict(block_id)
+                self.pool.demote(block_id)
+                dropped += 1
+        self._evicted_flush += dropped
+        return dropped
+
+    def _on_reuse(self, block_id: int) -> None:
+        if self.prefix_cache.evict(block_id):
+            self._evicted_lru += 1
 
     def _unpin(self, pin: Pin) -> None:
         self.pool.free(reversed(pin.block_ids), self.prefix_cache.is_cached)

@@ -58,10 +58,16 @@ class PrefixCache:
         self._block_by_hash[block_hash] = block_id
         self._hash_by_block[block_id] = block_hash
 
-    def evict(self, block_id: int) -> None:
+    def evict(self, block_id: int) -> bool:
+        """Forget what `block_id` holds. True if it held a cached prefix block."""
         block_hash = self._hash_by_block.pop(block_id, None)
-        if block_hash is not None:
-            del self._block_by_hash[block_hash]
+        if block_hash is None:
+            return False
+        del self._block_by_hash[block_hash]
+        return True
+
+    def cached_block_ids(self) -> list[int]:
+        return list(self._hash_by_block)
 
     def is_cached(self, block_id: int) -> bool:
         return block_id in self._hash_by_block

@@ -170,3 +170,28 @@ def test_pins_keep_ref_counts_exact(events, num_blocks, fraction):
     kv.release_all_pins()
     kv.check_integrity()
     assert kv.pool.num_free_blocks == kv.num_blocks
+
+
+def test_flush_drops_unpinned_cache_and_all_drops_pins_too():
+    clock = Clock()
+    core = make_core(clock=clock)
+    run(core, ask("pinned", [1]))
+    run(core, Request("plain", list(range(600, 640)), SamplingParams(max_tokens=1)))
+    kv = core.scheduler.kv
+    [pin] = kv.pinned_prefixes()
+    assert pin["num_tokens"] == 24 and pin["ttl_left_s"] == 300.0 and len(pin["hash"]) == 16
+    dropped = kv.flush()
+    assert dropped > 0 and kv.stats().blocks_evicted_flush == dropped
+    kv.check_integrity()
+    assert run(core, ask("again", [2], checkpoint=None)).num_cached_tokens == 24     # the pin survived
+    assert run(core, Request("plain2", list(range(600, 640)), SamplingParams(max_tokens=1))).num_cached_tokens == 0
+    kv.flush(include_pinned=True)
+    kv.check_integrity()
+    assert kv.stats().num_pins == 0
+    assert run(core, ask("gone", [3], checkpoint=None)).num_cached_tokens == 0
+
+
+def test_lru_evictions_are_counted():
+    core = make_core(num_blocks=16)
+    flood(core, 4 * 16 * BS, tag=3)
+    assert core.scheduler.kv.stats().blocks_evicted_lru > 0
