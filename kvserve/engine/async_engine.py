@@ -18,7 +18,8 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from kvserve.engine.engine import Engine
 from kvserve.outputs import RequestOutput
@@ -26,6 +27,18 @@ from kvserve.sampling import FinishReason, InvalidRequestError, SamplingParams
 from kvserve.sched.scheduler import SchedulerStats
 
 log = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
+
+
+def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class EngineDeadError(RuntimeError):
@@ -125,6 +138,14 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """Run fn(engine) on the engine thread between steps (engine state is not thread-safe)."""
+        if self._stop.is_set():
+            raise EngineDeadError("the engine is shut down")
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(("call", (fn, future)))
+        return await future
+
     def stats(self) -> SchedulerStats:
         """Counters as of the last step (updated by the engine thread)."""
         return self._stats
@@ -145,7 +166,16 @@ class AsyncEngine:
             except Exception as error:  # keep serving: fail what was in flight, then go on
                 log.exception("engine step failed; failing %d in-flight requests", len(self._streams))
                 self._fail_all(error)
-        self._fail_all(EngineDeadError("the engine was shut down"))
+        dead = EngineDeadError("the engine was shut down")
+        self._fail_all(dead)
+        while True:   # answer calls still queued, so no awaiting caller hangs
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "call":
+                _, future = arg
+                future.get_loop().call_soon_threadsafe(_settle, future, None, dead)
 
     def _apply_commands(self, block: bool) -> None:
         try:
@@ -160,10 +190,21 @@ class AsyncEngine:
                 output = self.engine.abort(arg)
                 if output is not None:
                     self._deliver([output])
+            elif kind == "call":
+                self._call(*arg)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _call(self, fn: Callable[[Engine], object], future: asyncio.Future) -> None:
+        loop = future.get_loop()
+        try:
+            result = fn(self.engine)
+        except Exception as error:
+            loop.call_soon_threadsafe(_settle, future, None, error)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
