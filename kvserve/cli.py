@@ -120,7 +120,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def load() -> dict[str, AsyncEngine]:
         return {name: AsyncEngine(Engine(base.replace(model=model))) for name, model in models.items()}
 
-    app = create_app(server, load)
+    from kvserve.server.auth import ApiKeys
+
+    api_keys = ApiKeys.load(args.api_keys) if args.api_keys else None
+    app = create_app(server, load, api_keys)
     uvicorn.run(app, host=server.host, port=server.port, log_level="info" if args.verbose else "warning",
                 timeout_graceful_shutdown=5)
     return 0
@@ -154,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-prompt-tokens", type=int, default=None,
                        help="400 past this many prompt tokens (default: the context less one)")
     group.add_argument("--max-n", type=int, default=8, help="most choices (n) per request")
+    group.add_argument("--api-keys", default=None, metavar="FILE",
+                       help='JSON {"<key>": {"tenant": "<name>", "admin": false}}; then every request needs a key')
     group.add_argument("--cache-min-tokens", type=int, default=1024,
                        help="a cache checkpoint's prefix shorter than this pins nothing")
     add_engine_options(serve, repeat_model=True)

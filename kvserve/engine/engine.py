@@ -140,5 +140,27 @@ class Engine:
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
 
+    def cache_report(self) -> dict:
+        """The KV cache as `GET /v1/cache` shows it (call on the engine thread)."""
+        kv = self.scheduler.kv
+        stats = kv.stats()
+        block_bytes = sum(k.nbytes + v.nbytes for k, v in self.core.runner.kv_caches) // stats.num_blocks
+        hit_rate = stats.prefix_hit_tokens / stats.prefix_queried_tokens if stats.prefix_queried_tokens else 0.0
+        return {
+            "block_size": kv.block_size, "num_blocks": stats.num_blocks,
+            "blocks": {"used": stats.num_used_blocks, "cached": stats.num_cached_blocks,
+                       "pinned": stats.num_pinned_blocks, "free": stats.num_free_blocks},
+            "bytes": {"device": {"capacity": block_bytes * stats.num_blocks,
+                                 "used": block_bytes * stats.num_used_blocks,
+                                 "cached": block_bytes * stats.num_cached_blocks}},
+            "prefix_cache": {"queried_tokens": stats.prefix_queried_tokens, "hit_tokens": stats.prefix_hit_tokens,
+                             "hit_rate": round(hit_rate, 4)},
+            "pins": kv.pinned_prefixes(),
+        }
+
+    def flush_cache(self, include_pinned: bool = False) -> int:
+        """Drop cached KV nobody is using (and pins too, if asked). Returns the blocks dropped."""
+        return self.scheduler.kv.flush(include_pinned)
+
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvserve.config import ServerConfig
 from kvserve.engine.async_engine import AsyncEngine
 from kvserve.sampling import InvalidRequestError
+from kvserve.server.auth import ApiKeys, Principal, authenticate, require_admin
 from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvserve.server.openai_api import Generation, OpenAIServing, ServedModel
 from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
@@ -84,7 +85,8 @@ async def _send_error(send, error: APIError) -> None:
     await response({"type": "http"}, None, send)
 
 
-def create_app(config: ServerConfig, load_models: ModelLoader) -> FastAPI:
+def create_app(config: ServerConfig, load_models: ModelLoader, api_keys: ApiKeys | None = None) -> FastAPI:
+    """`api_keys` None: no authentication, one shared cache namespace."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
@@ -109,6 +111,7 @@ def create_app(config: ServerConfig, load_models: ModelLoader) -> FastAPI:
 
     app = FastAPI(title="kvserve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.config = config
+    app.state.api_keys = api_keys
     app.state.models = {}
     app.state.load_error = None
     app.state.metrics = ServerMetrics(lambda: {n: m.engine.stats() for n, m in app.state.models.items()})
@@ -124,6 +127,11 @@ def _install(app: FastAPI, engines: dict[str, AsyncEngine]) -> None:
     app.state.models = {name: ServedModel(name, engine) for name, engine in engines.items()}
     app.state.serving = OpenAIServing(app.state.models, app.state.config, app.state.metrics)
     log.info("serving %s", ", ".join(engines))
+
+
+def principal(request: Request) -> Principal:
+    """Who is asking (a FastAPI dependency): 401 without a valid key when keys are configured."""
+    return authenticate(request.app.state.api_keys, request.headers)
 
 
 def serving(request: Request) -> OpenAIServing:
@@ -144,7 +152,7 @@ def _install_routes(app: FastAPI) -> None:
         return {"status": "ok", "models": list(request.app.state.models)}
 
     @app.get("/v1/models")
-    async def models(request: Request):
+    async def models(request: Request, _: Principal = Depends(principal)):
         return serving(request).list_models()
 
     @app.get("/metrics")
@@ -152,12 +160,28 @@ def _install_routes(app: FastAPI) -> None:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await respond(request, await serving(request).chat(body), body.stream)
+    async def chat_completions(body: ChatCompletionRequest, request: Request, who: Principal = Depends(principal)):
+        return await respond(request, await serving(request).chat(body, who.tenant), body.stream)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        return await respond(request, await serving(request).completion(body), body.stream)
+    async def completions(body: CompletionRequest, request: Request, who: Principal = Depends(principal)):
+        return await respond(request, await serving(request).completion(body, who.tenant), body.stream)
+
+    @app.get("/v1/cache")
+    async def cache_stats(request: Request, who: Principal = Depends(principal)):
+        """Per model: blocks used/cached/pinned/free, bytes per tier, hit rate, and the pinned
+        prefixes (hash and length only, never text) with their TTL left. Admin only."""
+        require_admin(who)
+        models = serving(request).models
+        return {"models": {name: await m.engine.call(lambda e: e.cache_report()) for name, m in models.items()}}
+
+    @app.delete("/v1/cache")
+    async def cache_flush(request: Request, all: bool = False, who: Principal = Depends(principal)):
+        """Flush the unpinned cache, or everything (pins included) with ?all=true. Admin only."""
+        require_admin(who)
+        models = serving(request).models
+        dropped = {name: await m.engine.call(lambda e: e.flush_cache(all)) for name, m in models.items()}
+        return {"flushed_blocks": dropped, "pins_released": all}
 
     @app.get("/", response_class=HTMLResponse)
     async def index():

@@ -33,6 +33,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 from kvserve.engine.async_engine import EngineDeadError
 from kvserve.sampling import InvalidRequestError
 from kvserve.server.openai_api import Generation, OpenAIServing
+from kvserve.server.auth import authenticate
 from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ def register_websocket(app: FastAPI) -> None:
 
         1. Connect to `ws://HOST/v1/ws`. A browser page must be served from the same origin (the
            `Origin` header, when sent, must name the `Host`); otherwise the handshake gets 403.
+           With --api-keys, present a key (Authorization: Bearer, or `?api_key=` for browsers);
+           without a valid one the handshake gets 403. Requests run as the key's tenant.
         2. Send request frames (JSON text), as many as you like without waiting:
              {"type": "request", "id": "<client id>", "endpoint": "chat" | "completions",
               "body": <a /v1/chat/completions or /v1/completions body>}
@@ -90,8 +93,13 @@ def register_websocket(app: FastAPI) -> None:
         if not _same_origin(websocket):
             await websocket.close(code=1008)   # before accept: the handshake is answered 403
             return
+        try:
+            who = authenticate(websocket.app.state.api_keys, websocket.headers, websocket.query_params)
+        except APIError:
+            await websocket.close(code=1008)
+            return
         await websocket.accept()
-        await Session(websocket).run()
+        await Session(websocket, who.tenant).run()
 
 
 def _same_origin(websocket: WebSocket) -> bool:
@@ -107,8 +115,9 @@ def _same_origin(websocket: WebSocket) -> bool:
 class Session:
     """One socket: reads frames, runs one task per request in flight, serialises every send."""
 
-    def __init__(self, websocket: WebSocket):
+    def __init__(self, websocket: WebSocket, tenant: str | None = None):
         self.websocket = websocket
+        self.tenant = tenant
         self.max_frame_bytes = websocket.app.state.config.max_body_bytes
         self.tasks: dict[str, asyncio.Task] = {}      # request id → its task, while in flight
         self.started: set[str] = set()                # ids whose task has begun running
@@ -220,7 +229,8 @@ class Session:
             if request_id in self.cancelled:   # cancelled before this task first ran
                 raise asyncio.CancelledError
             serving = self._serving()
-            generation = await (serving.chat(body) if endpoint == "chat" else serving.completion(body))
+            start = serving.chat if endpoint == "chat" else serving.completion
+            generation = await start(body, self.tenant)
             async with contextlib.aclosing(generation.chunks()) as chunks:
                 async for chunk in chunks:
                     for choice in chunk["choices"]:

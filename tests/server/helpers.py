@@ -100,10 +100,10 @@ class ServerThread:
     can talk HTTP to it and still read `app.state` (engines, admission counters)."""
 
     def __init__(self, server_config: ServerConfig | None = None,
-                 engines: Callable[[], dict[str, AsyncEngine]] | None = None, **engine_options):
+                 engines: Callable[[], dict[str, AsyncEngine]] | None = None, api_keys=None, **engine_options):
         self.config = server_config or ServerConfig()
         load = engines or (lambda: {MODEL: AsyncEngine(make_engine(**engine_options))})
-        self.app = create_app(self.config, load)
+        self.app = create_app(self.config, load, api_keys)
         self._socket = socket.socket()
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind(("127.0.0.1", 0))
