@@ -35,6 +35,12 @@ class EngineStatsCollector(Collector):
         queries = CounterMetricFamily("kvserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels=["model_name"])
         hits = CounterMetricFamily("kvserve:prefix_cache_hits", "Prompt tokens served from the prefix cache", labels=["model_name"])
         preemptions = CounterMetricFamily("kvserve:num_preemptions", "Requests preempted to free KV blocks", labels=["model_name"])
+        pinned = GaugeMetricFamily("kvserve:prompt_cache_pinned_blocks", "KV blocks held by cache checkpoints", labels=["model_name"])
+        expired = CounterMetricFamily("kvserve:prompt_cache_ttl_expiries", "Checkpoint pins whose TTL ran out without a hit", labels=["model_name"])
+        budget = CounterMetricFamily("kvserve:prompt_cache_pin_budget_releases",
+                                     "Checkpoint pins released early to keep within the pin budget", labels=["model_name"])
+        evicted = CounterMetricFamily("kvserve:prompt_cache_evictions", "Cached KV blocks dropped, by reason and tier",
+                                      labels=["model_name", "reason", "tier"])
         for name, stats in self._sources().items():
             kv = stats.kv
             running.add_metric([name], stats.num_running)
@@ -46,7 +52,12 @@ class EngineStatsCollector(Collector):
             queries.add_metric([name], kv.prefix_queried_tokens)
             hits.add_metric([name], kv.prefix_hit_tokens)
             preemptions.add_metric([name], stats.num_preemptions)
-        yield from (running, waiting, usage, blocks, queries, hits, preemptions)
+            pinned.add_metric([name], kv.num_pinned_blocks)
+            expired.add_metric([name], kv.pins_expired)
+            evicted.add_metric([name, "lru", "device"], kv.blocks_evicted_lru)
+            evicted.add_metric([name, "flush", "device"], kv.blocks_evicted_flush)
+            budget.add_metric([name], kv.pins_released_for_budget)
+        yield from (running, waiting, usage, blocks, queries, hits, preemptions, pinned, expired, budget, evicted)
 
 
 class ServerMetrics:
@@ -68,6 +79,10 @@ class ServerMetrics:
                                            labels, buckets=TOKEN_BUCKETS, registry=r)
         self.finished = Counter("kvserve:request_success", "Finished requests by finish reason",
                                 labels + ["finished_reason"], registry=r)
+        self.cache_read_tokens = Counter("kvserve:prompt_cache_read_tokens", "Prompt tokens read from the KV cache",
+                                         labels, registry=r)
+        self.cache_write_tokens = Counter("kvserve:prompt_cache_write_tokens",
+                                          "Prompt tokens written and pinned by cache checkpoints", labels, registry=r)
         self.rejected = Counter("kvserve:requests_rejected", "Requests rejected before running, by reason",
                                 ["reason"], registry=r)
         r.register(EngineStatsCollector(engine_stats))

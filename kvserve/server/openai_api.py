@@ -159,6 +159,8 @@ class Generation:
         self.metrics.e2e.labels(name).observe(time.monotonic() - self.received)
         self.metrics.prompt_tokens.labels(name).observe(output.stats.num_prompt_tokens)
         self.metrics.generation_tokens.labels(name).observe(output.stats.num_output_tokens)
+        self.metrics.cache_read_tokens.labels(name).inc(output.stats.num_cached_tokens)
+        self.metrics.cache_write_tokens.labels(name).inc(output.stats.num_cache_write_tokens)
         if output.stats.queue_time_s is not None:
             self.metrics.queue_time.labels(name).observe(output.stats.queue_time_s)
 

@@ -82,3 +82,25 @@ def test_invalid_checkpoints_get_clear_400s(server, messages, message):
     error = response.json()["error"]
     assert message in error["message"] and error["code"] in ("too_many_checkpoints", "invalid_cache_control")
     assert bad(server, [{"role": "user", "content": "still fine"}]).status_code == 200
+
+
+def test_cache_metrics_move(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples() -> dict:
+        text = httpx.get(f"{server.base_url}/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    key = lambda name, **labels: (name, tuple(sorted({"model_name": MODEL, **labels}.items())))  # noqa: E731
+    before = samples()
+    part = {"type": "text", "text": "metrics " + SYSTEM, "cache_control": {"type": "ephemeral"}}
+    chat(server, part, "one")
+    chat(server, part, "two")
+    after = samples()
+    written = after[key("kvserve:prompt_cache_write_tokens_total")] - before.get(key("kvserve:prompt_cache_write_tokens_total"), 0)
+    read = after[key("kvserve:prompt_cache_read_tokens_total")] - before.get(key("kvserve:prompt_cache_read_tokens_total"), 0)
+    assert written > 0 and read >= written
+    assert after[key("kvserve:prompt_cache_pinned_blocks")] > 0
+    assert key("kvserve:prompt_cache_ttl_expiries_total") in after
+    assert key("kvserve:prompt_cache_evictions_total", reason="lru", tier="device") in after
