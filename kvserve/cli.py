@@ -31,6 +31,10 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
     group.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                        help="KV pool size in bytes, e.g. 512MiB or 2GiB (default 1GiB)")
     group.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+    group.add_argument("--kv-host-memory", type=parse_bytes, default=0,
+                       help="host-memory tier for blocks evicted from the KV pool, e.g. 2GiB (default: none)")
+    group.add_argument("--pin-budget", type=float, default=0.5,
+                       help="share of the KV pool that cache checkpoints may pin (oldest released first)")
     group.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
     group.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
     group.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
@@ -40,7 +44,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
-                          memory_bytes=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching),
+                          memory_bytes=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
+                          host_memory_bytes=args.kv_host_memory, pin_budget_fraction=args.pin_budget),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len),
     )

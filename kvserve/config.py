@@ -72,6 +72,8 @@ class CacheConfig:
     num_blocks: int | None = None
     memory_bytes: int | None = None
     enable_prefix_caching: bool = True
+    host_memory_bytes: int = 0          # --kv-host-memory: the host tier for evicted blocks (0: none)
+    pin_budget_fraction: float = 0.5    # --pin-budget: share of the pool cache checkpoints may hold
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -82,6 +84,10 @@ class CacheConfig:
             raise ConfigError(f"--num-kv-blocks must be at least 1, got {self.num_blocks}")
         if self.memory_bytes is not None and self.memory_bytes <= 0:
             raise ConfigError(f"--kv-cache-memory must be positive, got {self.memory_bytes}")
+        if self.host_memory_bytes < 0:
+            raise ConfigError(f"--kv-host-memory must be 0 or more, got {self.host_memory_bytes}")
+        if not 0.0 <= self.pin_budget_fraction <= 1.0:
+            raise ConfigError(f"--pin-budget must be between 0 and 1, got {self.pin_budget_fraction}")
 
 
 DEFAULT_KV_MEMORY_BYTES = 1 << 30  # 1 GiB when neither --num-kv-blocks nor --kv-cache-memory is given

@@ -46,7 +46,9 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, self.device)   # resolved once, here
         runner = ModelRunner(checkpoint.config, checkpoint.weights, config.cache, self.dtype, self.device, config.seed)
         del checkpoint
-        kv = KVCacheManager(runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        kv = KVCacheManager(runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
+                            pin_budget_fraction=config.cache.pin_budget_fraction,
+                            num_host_blocks=runner.num_host_blocks)
         context = self.model_config.max_position_embeddings
         max_model_len = min(config.scheduler.max_model_len or context, context)
         self.core = EngineCore(Scheduler(config.scheduler, kv, max_model_len), runner)
@@ -152,7 +154,11 @@ class Engine:
                        "pinned": stats.num_pinned_blocks, "free": stats.num_free_blocks},
             "bytes": {"device": {"capacity": block_bytes * stats.num_blocks,
                                  "used": block_bytes * stats.num_used_blocks,
-                                 "cached": block_bytes * stats.num_cached_blocks}},
+                                 "cached": block_bytes * stats.num_cached_blocks},
+                      "host": {"capacity": block_bytes * stats.num_host_slots,
+                               "used": block_bytes * stats.num_host_blocks}},
+            "host_tier": {"slots": stats.num_host_slots, "blocks": stats.num_host_blocks,
+                          "hit_blocks": stats.host_hit_blocks, "evicted_blocks": stats.blocks_evicted_host},
             "prefix_cache": {"queried_tokens": stats.prefix_queried_tokens, "hit_tokens": stats.prefix_hit_tokens,
                              "hit_rate": round(hit_rate, 4)},
             "pins": kv.pinned_prefixes(),

@@ -20,9 +20,34 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvserve.kv.block_pool import BlockPool
+from kvserve.kv.host_tier import HostTier, NoHostTier
 from kvserve.kv.pins import Pin, PinTable
 from kvserve.kv.prefix_cache import NoPrefixCache, PrefixCache, hash_block
 from kvserve.request import Request
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    """A waiting request's cached prefix: blocks still in the main pool, then blocks that
+    continue it from the host tier (copied back into fresh blocks when admitted)."""
+
+    device_block_ids: list[int]
+    host_hashes: list[bytes]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.device_block_ids) + len(self.host_hashes)
+
+
+NO_HIT = CacheHit([], [])
+
+
+@dataclass(frozen=True)
+class SwapPlan:
+    """Copies the runner makes before a step's forward pass, swap-outs first."""
+
+    swap_out: tuple[tuple[int, int], ...] = ()   # (device block, host slot)
+    swap_in: tuple[tuple[int, int], ...] = ()    # (host slot, device block)
 
 
 @dataclass(frozen=True)
@@ -39,6 +64,10 @@ class KVCacheStats:
     pins_released_for_budget: int = 0
     blocks_evicted_lru: int = 0    # cached blocks reused for new content (since start)
     blocks_evicted_flush: int = 0  # cached blocks dropped by an explicit flush (since start)
+    num_host_slots: int = 0
+    num_host_blocks: int = 0       # blocks held in the host tier now
+    host_hit_blocks: int = 0       # blocks copied back from the host tier (since start)
+    blocks_evicted_host: int = 0   # host-tier entries dropped to make room (since start)
 
     @property
     def usage(self) -> float:
@@ -47,7 +76,8 @@ class KVCacheStats:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, *,
-                 pin_budget_fraction: float = 0.5, clock: Callable[[], float] = time.monotonic):
+                 pin_budget_fraction: float = 0.5, clock: Callable[[], float] = time.monotonic,
+                 num_host_blocks: int = 0):
         """`clock` (seconds) is injectable so TTL expiry is testable without sleeping."""
         assert 0.0 <= pin_budget_fraction <= 1.0
         self.block_size = block_size
@@ -59,6 +89,10 @@ class KVCacheManager:
         self._pins_released_for_budget = 0
         self._evicted_lru = 0
         self._evicted_flush = 0
+        self.host = HostTier(num_host_blocks) if num_host_blocks and enable_prefix_caching else NoHostTier()
+        self._swap_out: list[tuple[int, int]] = []
+        self._swap_in: list[tuple[int, int]] = []
+        self._host_hits = 0
         self._block_ids: dict[str, list[int]] = {}
         self._num_published: dict[str, int] = {}   # leading blocks already offered to the cache
         self._queried_tokens = 0
@@ -77,29 +111,33 @@ class KVCacheManager:
         return KVCacheStats(self.num_blocks, self.num_blocks - num_free, self.prefix_cache.num_cached_blocks,
                             num_free, self._queried_tokens, self._hit_tokens, self.pins.num_pinned_blocks,
                             len(self.pins), self._pins_expired, self._pins_released_for_budget,
-                            self._evicted_lru, self._evicted_flush)
+                            self._evicted_lru, self._evicted_flush, self.host.num_slots, len(self.host),
+                            self._host_hits, self.host.num_evicted)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     # ---- verbs -------------------------------------------------------------------------------
-    def match(self, request: Request) -> list[int]:
-        """Cached blocks covering the longest cached prefix of `request`.
+    def match(self, request: Request) -> CacheHit:
+        """The longest cached prefix of `request`: main-pool blocks, then host-tier ones.
 
         At least one token is always left to compute: the model must run on the last token to
         produce logits for the next one.
         """
         self._update_block_hashes(request)
-        max_blocks = (request.num_tokens - 1) // self.block_size
-        return self.prefix_cache.match(request.block_hashes[:max_blocks])
+        hashes = request.block_hashes[:(request.num_tokens - 1) // self.block_size]
+        device = self.prefix_cache.match(hashes)
+        rest = hashes[len(device):]
+        return CacheHit(device, rest[:len(self.host.match(rest))])
 
-    def allocate_slots(self, request: Request, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
+    def allocate_slots(self, request: Request, num_new_tokens: int, hit: CacheHit = NO_HIT) -> bool:
         """Make room for `num_new_tokens` more tokens after the request's computed (and newly
         matched cached) tokens. All or nothing: returns False, changing nothing, when the pool
-        cannot supply the blocks."""
+        cannot supply the blocks. Host-tier hits get fresh blocks and a swap-in."""
         held = self._block_ids.setdefault(request.request_id, [])
-        assert not (held and cached_block_ids), "cached blocks are matched only at admission"
-        num_tokens = request.num_computed_tokens + len(cached_block_ids) * self.block_size + num_new_tokens
+        cached_block_ids = hit.device_block_ids
+        assert not (held and hit.num_blocks), "cached blocks are matched only at admission"
+        num_tokens = request.num_computed_tokens + hit.num_blocks * self.block_size + num_new_tokens
         num_needed = self.blocks_for(num_tokens) - len(held) - len(cached_block_ids)
         # Matched blocks that sit in the free queue are about to leave it.
         num_matched_free = sum(1 for b in cached_block_ids if self.pool.ref_count(b) == 0)
@@ -109,13 +147,26 @@ class KVCacheManager:
             return False
         if not held:   # admission: count the lookup once, when it takes effect; hits renew pins
             self._queried_tokens += request.num_tokens
-            self._hit_tokens += len(cached_block_ids) * self.block_size
-            self.pins.refresh(request.block_hashes[:len(cached_block_ids)], self.clock())
+            self._hit_tokens += hit.num_blocks * self.block_size
+            self.pins.refresh(request.block_hashes[:hit.num_blocks], self.clock())
         self.pool.touch(cached_block_ids)   # before allocating, so allocation cannot evict them
         held.extend(cached_block_ids)
+        host_slots = [self.host.take(h) for h in hit.host_hashes]   # protected before any swap-out
         if num_needed > 0:
             held.extend(self.pool.allocate(num_needed))
+        for i, (slot, block_hash) in enumerate(zip(host_slots, hit.host_hashes), start=len(cached_block_ids)):
+            self._swap_in.append((slot, held[i]))
+            self.prefix_cache.insert(held[i], block_hash)   # valid once swapped in, before the forward pass
+        self._host_hits += len(host_slots)
         return True
+
+    def take_swaps(self) -> SwapPlan:
+        """The copies this step needs, handed to the runner once per schedule."""
+        plan = SwapPlan(tuple(self._swap_out), tuple(self._swap_in))
+        self._swap_out.clear()
+        self._swap_in.clear()
+        self.host.end_step()
+        return plan
 
     def cache_full_blocks(self, request: Request) -> None:
         """Publish every block whose tokens are all computed now."""
@@ -192,11 +243,18 @@ class KVCacheManager:
                 self.pool.demote(block_id)
                 dropped += 1
         self._evicted_flush += dropped
+        self.host.clear()
         return dropped
 
     def _on_reuse(self, block_id: int) -> None:
-        if self.prefix_cache.evict(block_id):
-            self._evicted_lru += 1
+        """The pool reuses a free block: a cached one moves to the host tier, if there is one."""
+        block_hash = self.prefix_cache.hash_of(block_id)
+        if block_hash is None or not self.prefix_cache.evict(block_id):
+            return
+        self._evicted_lru += 1
+        slot = self.host.store(block_hash)
+        if slot is not None:
+            self._swap_out.append((block_id, slot))
 
     def _unpin(self, pin: Pin) -> None:
         self.pool.free(reversed(pin.block_ids), self.prefix_cache.is_cached)

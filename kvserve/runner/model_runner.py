@@ -15,6 +15,7 @@ from kvserve.model.llama import LlamaForCausalLM
 from kvserve.runner.inputs import prepare_inputs
 from kvserve.runner.sampler import Sampler
 from kvserve.sampling import SamplingParams
+from kvserve.kv.manager import SwapPlan
 from kvserve.sched.plan import EMPTY_MODEL_OUTPUT, ModelOutput, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,13 @@ class ModelRunner:
         shape = (self.num_blocks, cache.block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                           for _ in range(config.num_layers)]
+        # The host tier: a separate bounded store in host memory (pinned on CUDA for fast copies).
+        self.num_host_blocks = cache.host_memory_bytes // kv_bytes_per_block(config, cache.block_size, dtype)
+        host_shape = (self.num_host_blocks, *shape[1:])
+        pin = device.type == "cuda"
+        self.host_caches = [(torch.zeros(host_shape, dtype=dtype, pin_memory=pin),
+                             torch.zeros(host_shape, dtype=dtype, pin_memory=pin))
+                            for _ in range(config.num_layers)] if self.num_host_blocks else []
         self.sampler = Sampler(seed)
         self._generators: dict[str, torch.Generator] = {}
         log.info("model on %s in %s; KV cache %d blocks of %d tokens", device, dtype, self.num_blocks, self.block_size)
@@ -90,7 +98,8 @@ class ModelRunner:
     def execute(self, plan: SchedulerOutput) -> ModelOutput:
         for request_id in plan.finished_request_ids:
             self._generators.pop(request_id, None)
-        if plan.is_empty:
+        self._swap(plan.swaps)
+        if not plan.chunks:
             return EMPTY_MODEL_OUTPUT
         inputs = prepare_inputs(plan, self.block_size, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
@@ -102,6 +111,20 @@ class ModelRunner:
         ids = inputs.sampling_request_ids
         return ModelOutput(dict(zip(ids, sampled.token_ids)),
                            {rid: lp for rid, lp in zip(ids, sampled.logprobs) if lp is not None})
+
+    def _swap(self, swaps: SwapPlan) -> None:
+        """Copy evicted blocks out to the host tier, then hits back in (in that order: a block
+        may be evicted and refilled in one step)."""
+        if swaps.swap_out:
+            blocks, slots = (torch.tensor(x) for x in zip(*swaps.swap_out))
+            for (k, v), (hk, hv) in zip(self.kv_caches, self.host_caches):
+                hk[slots] = k[blocks.to(k.device)].to("cpu")
+                hv[slots] = v[blocks.to(v.device)].to("cpu")
+        if swaps.swap_in:
+            slots, blocks = (torch.tensor(x) for x in zip(*swaps.swap_in))
+            for (k, v), (hk, hv) in zip(self.kv_caches, self.host_caches):
+                k[blocks.to(k.device)] = hk[slots].to(k.device, non_blocking=True)
+                v[blocks.to(v.device)] = hv[slots].to(v.device, non_blocking=True)
 
     def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
         if params.seed is None or params.greedy:

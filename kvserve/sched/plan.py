@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvserve.kv.manager import SwapPlan
 from kvserve.outputs import TokenLogprob
 from kvserve.sampling import SamplingParams
 
@@ -42,6 +43,8 @@ class SchedulerOutput:
     chunks: tuple[ScheduledChunk, ...]
     # Requests that ended since the previous plan: the runner drops their per-request state.
     finished_request_ids: frozenset[str] = frozenset()
+    # KV copies between the main pool and the host tier, made before the forward pass.
+    swaps: SwapPlan = SwapPlan()
 
     @property
     def num_batched_tokens(self) -> int:
@@ -49,7 +52,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.chunks
+        return not self.chunks and not self.swaps.swap_out and not self.swaps.swap_in
 
 
 @dataclass(frozen=True)

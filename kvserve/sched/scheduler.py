@@ -71,7 +71,7 @@ class Scheduler:
         if not preempted:
             self._admit_waiting(budget, chunks)
         finished, self._finished_ids = frozenset(self._finished_ids), set()
-        return SchedulerOutput(tuple(chunks), finished)
+        return SchedulerOutput(tuple(chunks), finished, self.kv.take_swaps())
 
     def _schedule_running(self, budget: int, chunks: list[ScheduledChunk]) -> tuple[int, bool]:
         preempted = False
@@ -94,10 +94,10 @@ class Scheduler:
     def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
-            cached_block_ids = self.kv.match(request)
-            num_cached = len(cached_block_ids) * self.kv.block_size
+            hit = self.kv.match(request)
+            num_cached = hit.num_blocks * self.kv.block_size
             num_new = min(request.num_tokens - num_cached, budget)
-            if not self.kv.allocate_slots(request, num_new, cached_block_ids):
+            if not self.kv.allocate_slots(request, num_new, hit):
                 return
             self.waiting.pop()
             request.num_computed_tokens = num_cached

@@ -22,9 +22,15 @@ class FakeRunner:
     def __init__(self, num_blocks: int, block_size: int):
         self.block_size = block_size
         self.slots: list[int | None] = [None] * (num_blocks * block_size)
+        self.host: dict[int, list[int | None]] = {}     # host slot -> one block's tokens
         self.num_tokens_run = 0
 
     def execute(self, plan: SchedulerOutput) -> ModelOutput:
+        bs = self.block_size
+        for block, slot in plan.swaps.swap_out:
+            self.host[slot] = self.slots[block * bs:(block + 1) * bs]
+        for slot, block in plan.swaps.swap_in:
+            self.slots[block * bs:(block + 1) * bs] = self.host[slot]
         sampled = {}
         for chunk in plan.chunks:
             for offset, token in enumerate(chunk.token_ids):

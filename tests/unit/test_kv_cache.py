@@ -63,16 +63,16 @@ def test_prefix_cache_match_stops_at_first_miss():
 def test_manager_second_request_reuses_shared_prefix():
     kv = KVCacheManager(num_blocks=16, block_size=BS)
     a = make_request("a", list(range(10)))          # 2 full blocks + 2 tokens
-    assert kv.match(a) == []
+    assert kv.match(a).num_blocks == 0
     assert kv.allocate_slots(a, 10)
     a.num_computed_tokens = 10
     kv.cache_full_blocks(a)
     b = make_request("b", list(range(8)) + [99, 98, 97])
     hit = kv.match(b)
-    assert hit == kv.block_ids("a")[:2]
+    assert hit.device_block_ids == kv.block_ids("a")[:2] and not hit.host_hashes
     assert kv.allocate_slots(b, 3, hit)
     assert kv.block_ids("b")[:2] == kv.block_ids("a")[:2]
-    assert kv.pool.ref_count(hit[0]) == 2
+    assert kv.pool.ref_count(hit.device_block_ids[0]) == 2
     kv.check_integrity()
     kv.free(a)
     kv.free(b)
@@ -89,7 +89,7 @@ def test_manager_never_matches_the_whole_prompt():
     kv.free(a)
     same = make_request("b", list(range(8)))
     # 8 tokens = 2 full blocks, but the last token must be recomputed: only 1 block matches.
-    assert len(kv.match(same)) == 1
+    assert kv.match(same).num_blocks == 1
 
 
 def test_salt_isolates_namespaces():
@@ -98,9 +98,9 @@ def test_salt_isolates_namespaces():
     kv.allocate_slots(a, 9)
     a.num_computed_tokens = 9
     kv.cache_full_blocks(a)
-    assert kv.match(make_request("b", list(range(9)), salt="y")) == []
-    assert kv.match(make_request("c", list(range(9)))) == []
-    assert len(kv.match(make_request("d", list(range(9)), salt="x"))) == 2
+    assert kv.match(make_request("b", list(range(9)), salt="y")).num_blocks == 0
+    assert kv.match(make_request("c", list(range(9)))).num_blocks == 0
+    assert kv.match(make_request("d", list(range(9)), salt="x")).num_blocks == 2
 
 
 def test_allocation_is_all_or_nothing():

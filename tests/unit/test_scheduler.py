@@ -15,8 +15,8 @@ from fake_runner import FakeRunner, reference_output
 import pytest
 
 
-def make_core(num_blocks=64, block_size=4, budget=32, max_seqs=8, prefix=True, max_model_len=4096):
-    kv = KVCacheManager(num_blocks, block_size, prefix)
+def make_core(num_blocks=64, block_size=4, budget=32, max_seqs=8, prefix=True, max_model_len=4096, host_blocks=0):
+    kv = KVCacheManager(num_blocks, block_size, prefix, num_host_blocks=host_blocks)
     scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), kv, max_model_len)
     return EngineCore(scheduler, FakeRunner(num_blocks, block_size))
 
@@ -130,13 +130,16 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops, num_blocks=st.integers(4, 24), block_size=st.sampled_from([1, 2, 4, 8]),
-       budget=st.integers(1, 40), prefix=st.booleans())
-def test_random_arrivals_aborts_and_preemptions_keep_invariants(ops, num_blocks, block_size, budget, prefix):
+       budget=st.integers(1, 40), prefix=st.booleans(), host_blocks=st.sampled_from([0, 0, 2, 8, 32]))
+def test_random_arrivals_aborts_and_preemptions_keep_invariants(ops, num_blocks, block_size, budget, prefix,
+                                                                host_blocks):
     """Whatever happens, no block leaks, ref counts stay exact, and every completed request's
-    output equals running it alone."""
-    core = make_core(num_blocks=num_blocks, block_size=block_size, budget=budget, max_seqs=6, prefix=prefix)
+    output equals running it alone (the fake runner reads every context back through the block
+    tables, so a wrong prefix hit or host-tier copy would change the output)."""
+    core = make_core(num_blocks=num_blocks, block_size=block_size, budget=budget, max_seqs=6, prefix=prefix,
+                     host_blocks=host_blocks)
     bases = [[1, 2, 3, 4, 5, 6, 7, 8] * 5, [9, 8, 7] * 14, [5] * 40, list(range(40))]
     added, outputs = [], {}
     for op in ops:
@@ -173,3 +176,23 @@ def test_random_arrivals_aborts_and_preemptions_keep_invariants(ops, num_blocks,
             continue
         expected = reference_output(prompt, min(max_tokens, max_len - len(prompt)))
         assert outputs[rid] == expected, rid
+
+
+def test_prefix_evicted_to_the_host_tier_comes_back_on_a_hit():
+    core = make_core(num_blocks=16, block_size=4, budget=64, host_blocks=128)
+    shared = list(range(1, 41))                                   # 10 blocks
+    core.scheduler.add_request(request("first", shared + [7], 2))
+    run_all(core)
+    for i in range(6):                                            # unrelated prompts push it out of the pool
+        core.scheduler.add_request(request(f"flood{i}", [100 + i] * 40, 1))
+        run_all(core)
+    kv = core.scheduler.kv
+    assert kv.match(request("probe", shared + [9], 1)).device_block_ids == []
+    before = core.runner.num_tokens_run
+    second = request("second", shared + [9], 3)
+    core.scheduler.add_request(second)
+    out = run_all(core)["second"]
+    assert second.num_cached_tokens == 40                        # the read count includes the host blocks
+    assert core.runner.num_tokens_run - before == 1 + 2           # only the suffix and the decodes ran
+    assert out == reference_output(shared + [9], 3)
+    assert kv.stats().host_hit_blocks == 10
