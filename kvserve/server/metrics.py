@@ -41,7 +41,8 @@ class EngineStatsCollector(Collector):
                                      "Checkpoint pins released early to keep within the pin budget", labels=["model_name"])
         evicted = CounterMetricFamily("kvserve:prompt_cache_evictions", "Cached KV blocks dropped, by reason and tier",
                                       labels=["model_name", "reason", "tier"])
-        for name, stats in self._sources().items():
+        sources = self._sources()
+        for name, stats in sources.items():
             kv = stats.kv
             running.add_metric([name], stats.num_running)
             waiting.add_metric([name], stats.num_waiting)
@@ -56,8 +57,14 @@ class EngineStatsCollector(Collector):
             expired.add_metric([name], kv.pins_expired)
             evicted.add_metric([name, "lru", "device"], kv.blocks_evicted_lru)
             evicted.add_metric([name, "flush", "device"], kv.blocks_evicted_flush)
+            evicted.add_metric([name, "lru", "host"], kv.blocks_evicted_host)
             budget.add_metric([name], kv.pins_released_for_budget)
-        yield from (running, waiting, usage, blocks, queries, hits, preemptions, pinned, expired, budget, evicted)
+        host = CounterMetricFamily("kvserve:prompt_cache_host_hits", "KV blocks copied back from the host tier",
+                                   labels=["model_name"])
+        for name, stats in sources.items():
+            host.add_metric([name], stats.kv.host_hit_blocks)
+        yield from (running, waiting, usage, blocks, queries, hits, preemptions, pinned, expired, budget, evicted,
+                    host)
 
 
 class ServerMetrics:
