@@ -1,4 +1,4 @@
-"""kvserve command line: serve | generate | bench offline."""
+"""kvserve command line: serve | generate | bench offline | bench cache."""
 
 from __future__ import annotations
 
@@ -140,6 +140,12 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
     return run_offline_bench(args, engine_config_from_args(args))
 
 
+def cmd_bench_cache(args: argparse.Namespace) -> int:
+    from kvserve.bench.cache import run_cache_bench
+
+    return run_cache_bench(args, engine_config_from_args(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -176,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_offline_options(offline)
     add_engine_options(offline)
     offline.set_defaults(func=cmd_bench_offline)
+
+    cache = bench.add_parser("cache", help="time to first token of a prompt-cache hit vs a miss")
+    from kvserve.bench.cache import add_cache_options
+
+    add_cache_options(cache)
+    add_engine_options(cache)
+    cache.set_defaults(func=cmd_bench_cache)
     return parser
 
 

@@ -37,3 +37,12 @@ def test_errors_exit_2_with_a_message():
     assert out.returncode == 2 and "max_tokens" in out.stderr
     out = kvserve("generate", "hi", "--model", "random:tiny", "--num-kv-blocks", "4", "--kv-cache-memory", "1MiB")
     assert out.returncode == 2 and "not both" in out.stderr
+
+
+def test_bench_cache_reports_hit_and_miss():
+    out = kvserve("bench", "cache", "--model", "random:tiny", "--prefix-len", "200", "--rounds", "2",
+                  "--num-kv-blocks", "128")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "cache" and result["cached_tokens_on_hit"] == 192   # whole 16-token blocks
+    assert result["ttft_hit_ms"] > 0 and result["ttft_miss_ms"] > 0
