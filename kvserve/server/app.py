@@ -22,10 +22,12 @@ from kvserve.config import ServerConfig
 from kvserve.engine.async_engine import AsyncEngine
 from kvserve.sampling import InvalidRequestError
 from kvserve.server.auth import ApiKeys, Principal, authenticate, require_admin
+from kvserve.server.bedrock import register_bedrock
 from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvserve.server.openai_api import Generation, OpenAIServing, ServedModel
 from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
 from kvserve.server.sse import sse_stream
+from kvserve.server.anthropic_api import register_anthropic
 from kvserve.server.websocket import register_websocket
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,8 @@ def create_app(config: ServerConfig, load_models: ModelLoader, api_keys: ApiKeys
     _install_error_handlers(app)
     _install_routes(app)
     register_websocket(app)
+    register_anthropic(app)
+    register_bedrock(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
     return app
 

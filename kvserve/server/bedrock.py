@@ -1,0 +1,470 @@
+"""Amazon Bedrock Runtime's Converse and ConverseStream, so that boto3's `bedrock-runtime` client
+works unchanged against kvserve (`endpoint_url=<server>`, any region, any credentials).
+
+    POST /model/{modelId}/converse          → JSON
+    POST /model/{modelId}/converse-stream   → application/vnd.amazon.eventstream (eventstream.py)
+
+The shapes follow botocore's service model (botocore/data/bedrock-runtime/*/service-2.json).
+A Converse body is translated into the OpenAI-shaped `ChatCompletionRequest` and served by the
+same `OpenAIServing.chat` as /v1/chat/completions, so limits, checkpoint rules and accounting
+are shared:
+
+    toolConfig.tools [{toolSpec}, {toolSpec}, {cachePoint}] ─┐  one system message, tools first:
+    system           [{text}, {cachePoint: {ttl: "1h"}}]    ─┴▶ [header, tool₁, tool₂ + cc, text + cc 1h]
+    messages[i]      [{text}, {cachePoint}, {text}]         ──▶ [text + cc 5m, text]
+                                                 (cc = cache_control: {"type": "ephemeral", "ttl": ...})
+
+A cachePoint marks the end of the content block before it (in the same list), so it becomes
+`cache_control: {"type": "ephemeral", "ttl": <ttl, default 5m>}` on that block; the shared
+validation then applies (at most 4, ttl 5m/1h, 1h never after 5m). Tool specs are rendered as
+text (tool calls are not produced); other content blocks (images, documents, toolUse, ...) are
+a ValidationException.
+
+Usage (Bedrock's convention, see the user guide's prompt-caching page): `inputTokens` counts the
+prompt tokens neither read from nor written to the cache, so
+    inputTokens + cacheReadInputTokens + cacheWriteInputTokens = every prompt token
+and `totalTokens` = every prompt token + `outputTokens`. (The engine counts a checkpoint's whole
+prefix as written, so nested checkpoints, or a pin over blocks that were already cached, can
+count a token twice; inputTokens is then clamped at 0 and totalTokens stays the true count.)
+`cacheDetails` lists written tokens per TTL, 1h before 5m, empty when nothing was written. The
+engine reports one write total, not one per TTL: when every checkpoint shares a TTL the split is
+exact; with mixed TTLs the total is split in proportion to each TTL's checkpoint prefixes, in
+characters (each checkpoint's prefix counts toward its own TTL, as the engine counts writes).
+
+Errors take Bedrock's shape: status, `x-amzn-ErrorType: <Name>` and `{"message": ...}`, which
+botocore raises as `client.exceptions.<Name>`:
+
+    400 ValidationException          bad body, values, checkpoints (the shared 400/413/422 answers)
+    403 AccessDeniedException        (when API keys are checked)
+    404 ResourceNotFoundException    unknown modelId
+    429 ThrottlingException          queue full (botocore retries it)
+    429 ModelNotReadyException       the model is still loading (botocore retries it)
+    503 ServiceUnavailableException  the engine stopped
+    500 InternalServerException      anything unexpected
+Once a stream has begun, an error is an exception message in the stream (`:exception-type`
+validationException / throttlingException / serviceUnavailableException /
+internalServerException), which botocore raises as EventStreamError while iterating.
+
+A client that disconnects aborts the request: the Generation is closed in a `finally`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from kvserve.engine.async_engine import EngineDeadError
+from kvserve.sampling import InvalidRequestError
+from kvserve.server import eventstream
+from kvserve.server.checkpoints import TTLS
+from kvserve.server.openai_api import Generation, OpenAIServing
+from kvserve.server.protocol import APIError, ChatCompletionRequest, validation_error
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = "5m"
+TTL_ORDER = ("1h", "5m")        # cacheDetails order: longest TTL first
+ROLES = ("user", "assistant")
+TOOLS_HEADER = "You can use the following tools.\n"   # the system prompt's first line when tools are given
+
+
+# ---- SigV4 ------------------------------------------------------------------------------------
+def sigv4_access_key_id(headers: Mapping[str, str]) -> str | None:
+    """The access key id of a SigV4-signed request, or None when it is not SigV4-signed:
+        Authorization: AWS4-HMAC-SHA256 Credential=<key id>/<date>/<region>/<service>/aws4_request,
+                       SignedHeaders=..., Signature=...
+    The signature is not verified here."""
+    value = headers.get("authorization") or headers.get("Authorization")
+    if not value:
+        return None
+    scheme, _, params = value.strip().partition(" ")
+    if scheme != "AWS4-HMAC-SHA256":
+        return None
+    for param in params.split(","):
+        name, _, credential = param.strip().partition("=")
+        if name == "Credential":
+            scope = credential.split("/")
+            if len(scope) == 5 and all(scope) and scope[4] == "aws4_request":
+                return scope[0]
+            return None
+    return None
+
+
+# ---- errors -----------------------------------------------------------------------------------
+def error_name(error: APIError) -> tuple[int, str]:
+    """An APIError (the shared validation's answer) → Bedrock's status and error type."""
+    if error.status in (400, 413, 422):
+        return 400, "ValidationException"
+    if error.status in (401, 403):
+        return 403, "AccessDeniedException"
+    if error.status == 404:
+        return 404, "ResourceNotFoundException"
+    if error.status == 429:
+        return 429, "ThrottlingException"
+    if error.status == 503 and error.code == "loading":
+        return 429, "ModelNotReadyException"
+    if error.status == 503:
+        return 503, "ServiceUnavailableException"
+    if 400 <= error.status < 500:
+        return 400, "ValidationException"
+    return 500, "InternalServerException"
+
+
+def error_response(error: APIError, request_id: str) -> JSONResponse:
+    status, name = error_name(error)
+    headers = {**error.headers, "x-amzn-ErrorType": name, "x-amzn-RequestId": request_id}
+    return JSONResponse({"message": error.message}, status_code=status, headers=headers)
+
+
+def stream_exception(error: APIError) -> bytes:
+    """An error after the stream began, as the ConverseStream union member that names it."""
+    _, name = error_name(error)
+    member = {"ValidationException": "validationException", "ThrottlingException": "throttlingException",
+              "ServiceUnavailableException": "serviceUnavailableException"}.get(name, "internalServerException")
+    return eventstream.exception(member, error.message)
+
+
+def _invalid(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def _as_api_error(error: Exception) -> APIError:
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, InvalidRequestError):
+        return APIError(400, str(error), param=error.param)
+    if isinstance(error, EngineDeadError):
+        return APIError(503, f"the engine failed: {error}", type="service_unavailable")
+    log.error("bedrock request failed", exc_info=error)
+    return APIError(500, "internal error", type="server_error")
+
+
+# ---- request translation ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Checkpoint:
+    """A cachePoint as placed in the prompt: characters of content text up to it, and its TTL."""
+
+    num_chars: int
+    ttl: str
+
+
+@dataclass(frozen=True)
+class Converse:
+    """A translated Converse body: the chat request, and what the response needs to know."""
+
+    chat: ChatCompletionRequest
+    checkpoints: tuple[Checkpoint, ...]
+    max_tokens_given: bool
+    stop_sequences_given: bool
+
+
+class _Parts:
+    """Content blocks → OpenAI text parts, in prompt order; a cachePoint marks the part before it."""
+
+    def __init__(self) -> None:
+        self.num_chars = 0
+        self.checkpoints: list[Checkpoint] = []
+
+    def convert(self, blocks: Any, field: str, text_of: Callable[[str, Any, str], str]) -> list[dict]:
+        if not isinstance(blocks, list):
+            raise _invalid(f"{field} must be a list of content blocks", field)
+        parts: list[dict] = []
+        for i, block in enumerate(blocks):
+            where = f"{field}.{i}"
+            kind = _member(block, where)
+            if kind == "cachePoint":
+                if not parts or "cache_control" in parts[-1]:
+                    raise _invalid(f"{where}: a cachePoint must follow a content block in the same list", where)
+                parts[-1]["cache_control"], ttl = _cache_control(block[kind], f"{where}.cachePoint")
+                self.checkpoints.append(Checkpoint(self.num_chars, ttl))
+                continue
+            text = text_of(kind, block[kind], where)
+            parts.append({"type": "text", "text": text})
+            self.num_chars += len(text)
+        return parts
+
+
+def _member(block: Any, where: str) -> str:
+    """The one member set in a union block ({"text": ...}, {"cachePoint": ...}, ...)."""
+    if not isinstance(block, dict) or len(block) != 1:
+        raise _invalid(f"{where} must be an object with exactly one member (e.g. text or cachePoint)", where)
+    return next(iter(block))
+
+
+def _cache_control(point: Any, where: str) -> tuple[dict, str]:
+    """A cachePoint → cache_control for the shared checkpoint validation, and its ttl."""
+    if not isinstance(point, dict):
+        raise _invalid(f"{where} must be an object", where)
+    unknown = set(point) - {"type", "ttl"}
+    if unknown:
+        raise _invalid(f"{where}: unknown fields {', '.join(sorted(unknown))}", where)
+    if point.get("type") != "default":
+        raise _invalid(f"{where}.type must be 'default', got {point.get('type')!r}", f"{where}.type")
+    ttl = point.get("ttl", DEFAULT_TTL)
+    if not isinstance(ttl, str) or ttl not in TTLS:   # also checked by the shared rules; here to name the field
+        raise _invalid(f"{where}.ttl must be one of {', '.join(TTLS)}, got {ttl!r}", f"{where}.ttl")
+    return {"type": "ephemeral", "ttl": ttl}, ttl
+
+
+def _text(kind: str, value: Any, where: str) -> str:
+    if kind != "text":
+        raise _invalid(f"{where}: {kind} content blocks are not supported; only text and cachePoint", where)
+    if not isinstance(value, str):
+        raise _invalid(f"{where}.text must be a string", f"{where}.text")
+    return value
+
+
+def _tool_text(kind: str, value: Any, where: str) -> str:
+    """A toolSpec as a line of the system prompt: its name, description and input JSON schema."""
+    if kind != "toolSpec":
+        raise _invalid(f"{where}: {kind} tools are not supported; only toolSpec and cachePoint", where)
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise _invalid(f"{where}.toolSpec needs a name", f"{where}.toolSpec")
+    schema = value.get("inputSchema")
+    spec = {"name": value["name"], "description": value.get("description", ""),
+            "input_schema": schema.get("json", {}) if isinstance(schema, dict) else {}}
+    return "Tool: " + json.dumps(spec, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+def to_chat_request(model_id: str, body: Any) -> Converse:
+    """A Converse/ConverseStream body → the shared chat request (APIError 400 when malformed).
+    `additionalModelRequestFields`, `toolChoice` and other fields are ignored."""
+    if not isinstance(body, dict):
+        raise _invalid("the request body must be a JSON object")
+    parts = _Parts()
+    system: list[dict] = []
+    tool_config = body.get("toolConfig")
+    if tool_config is not None:
+        if not isinstance(tool_config, dict):
+            raise _invalid("toolConfig must be an object", "toolConfig")
+        if not tool_config.get("tools"):
+            raise _invalid("toolConfig.tools must be a non-empty list", "toolConfig.tools")
+        parts.num_chars += len(TOOLS_HEADER)
+        system += [{"type": "text", "text": TOOLS_HEADER}]
+        system += parts.convert(tool_config["tools"], "toolConfig.tools", _tool_text)
+    if body.get("system") is not None:
+        system += parts.convert(body["system"], "system", _text)
+    messages = [{"role": "system", "content": system}] if system else []
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise _invalid("messages must be a non-empty list", "messages")
+    for i, message in enumerate(raw_messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise _invalid(f"messages.{i}.role must be one of {', '.join(ROLES)}", f"messages.{i}.role")
+        content = parts.convert(message.get("content"), f"messages.{i}.content", _text)
+        messages.append({"role": message["role"], "content": content})
+    config = body.get("inferenceConfig") or {}
+    if not isinstance(config, dict):
+        raise _invalid("inferenceConfig must be an object", "inferenceConfig")
+    fields = {"maxTokens": "max_tokens", "temperature": "temperature", "topP": "top_p", "stopSequences": "stop"}
+    sampling = {fields[name]: value for name, value in config.items() if name in fields and value is not None}
+    try:
+        chat = ChatCompletionRequest.model_validate({"model": model_id, "messages": messages, **sampling})
+    except ValidationError as error:
+        raise validation_error(error.errors()) from None
+    return Converse(chat, tuple(parts.checkpoints), "max_tokens" in sampling, bool(sampling.get("stop")))
+
+
+# ---- response shaping ---------------------------------------------------------------------------
+def bedrock_usage(usage: Mapping[str, Any], checkpoints: tuple[Checkpoint, ...]) -> dict:
+    """Generation.usage() → Bedrock's TokenUsage (conventions in the module docstring)."""
+    prompt, output = usage["prompt_tokens"], usage["completion_tokens"]
+    read, written = usage["cache_read_input_tokens"], usage["cache_creation_input_tokens"]
+    return {"inputTokens": max(0, prompt - read - written), "outputTokens": output, "totalTokens": prompt + output,
+            "cacheReadInputTokens": read, "cacheWriteInputTokens": written,
+            "cacheDetails": cache_details(written, checkpoints)}
+
+
+def cache_details(written: int, checkpoints: tuple[Checkpoint, ...]) -> list[dict]:
+    """Written tokens per TTL, 1h first; exact for one TTL, split by prefix characters for mixed TTLs."""
+    if written <= 0 or not checkpoints:
+        return []
+    weights = {ttl: sum(max(c.num_chars, 1) for c in checkpoints if c.ttl == ttl) for ttl in TTL_ORDER}
+    ttls = [ttl for ttl in TTL_ORDER if weights[ttl]]
+    total = sum(weights.values())
+    details, left = [], written
+    for k, ttl in enumerate(ttls):
+        share = left if k == len(ttls) - 1 else round(written * weights[ttl] / total)
+        left -= share
+        if share:
+            details.append({"ttl": ttl, "inputTokens": share})
+    return details
+
+
+def stop_reason(finish_reason: str | None, ended_with_eos: bool, converse: Converse) -> str:
+    """The engine's finish reason → Bedrock's stopReason. "stop" is an end token or a stop
+    string; only the last token tells them apart. "length" without maxTokens is the context."""
+    if finish_reason == "length":
+        return "max_tokens" if converse.max_tokens_given else "model_context_window_exceeded"
+    if finish_reason == "stop" and converse.stop_sequences_given and not ended_with_eos:
+        return "stop_sequence"
+    return "end_turn"
+
+
+class _LastToken:
+    """Wraps a choice's RequestStream to remember the last token id it delivered (so that an end
+    token can be told from a stop string); everything else goes to the stream."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.token_id: int | None = None
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        output = await self._stream.__anext__()
+        if output.token_ids:
+            self.token_id = output.token_ids[-1]
+        return output
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+class _Reply:
+    """One Generation answered in Bedrock's shapes."""
+
+    def __init__(self, generation: Generation, converse: Converse, started: float):
+        self.generation = generation
+        self.converse = converse
+        self.started = started
+        choice = generation.choices[0]   # a Converse request has one choice
+        self._last = choice.stream = _LastToken(choice.stream)
+        self._eos = generation.model.engine.engine.eos_token_ids
+
+    @property
+    def stop_reason(self) -> str:
+        return stop_reason(self.generation.choices[0].finish_reason, self._last.token_id in self._eos, self.converse)
+
+    def usage(self) -> dict:
+        return bedrock_usage(self.generation.usage(), self.converse.checkpoints)
+
+    def metrics(self) -> dict:
+        return {"latencyMs": int((time.monotonic() - self.started) * 1000)}
+
+    async def response(self) -> dict:
+        result = await self.generation.result()
+        text = result["choices"][0]["message"]["content"]
+        return {"output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+                "stopReason": self.stop_reason, "usage": self.usage(), "metrics": self.metrics()}
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """The ConverseStream events; an error midway ends the stream with an exception message."""
+        try:
+            yield eventstream.event("messageStart", {"role": "assistant"})
+            async with contextlib.aclosing(self.generation.chunks()) as chunks:
+                async for chunk in chunks:
+                    for choice in chunk["choices"]:
+                        text = choice["delta"].get("content")
+                        if text:
+                            yield eventstream.event("contentBlockDelta",
+                                                    {"delta": {"text": text}, "contentBlockIndex": 0})
+            yield eventstream.event("contentBlockStop", {"contentBlockIndex": 0})
+            yield eventstream.event("messageStop", {"stopReason": self.stop_reason})
+            yield eventstream.event("metadata", {"usage": self.usage(), "metrics": self.metrics()})
+        except Exception as error:   # the engine failed midway: tell the client in-band
+            yield stream_exception(_as_api_error(error))
+        finally:   # also on disconnect: StreamingResponse cancels this generator
+            self.generation.close()
+
+
+# ---- routes -----------------------------------------------------------------------------------
+def register_bedrock(app: FastAPI) -> None:
+    @app.post("/model/{model_id:path}/converse")
+    async def converse(model_id: str, request: Request) -> Response:
+        request_id = str(uuid.uuid4())
+        try:
+            reply = await _start(request, model_id)
+        except Exception as error:
+            return error_response(_as_api_error(error), request_id)
+        return await _respond(request, reply, request_id)
+
+    @app.post("/model/{model_id:path}/converse-stream")
+    async def converse_stream(model_id: str, request: Request) -> Response:
+        request_id = str(uuid.uuid4())
+        try:
+            reply = await _start(request, model_id)
+        except Exception as error:
+            return error_response(_as_api_error(error), request_id)
+        return _EventStreamResponse(reply, request_id)
+
+
+class _EventStreamResponse(StreamingResponse):
+    """The ConverseStream response. Its Generation is closed however the response ends, even
+    when the client leaves before the first event (the event generator never starts then)."""
+
+    def __init__(self, reply: _Reply, request_id: str):
+        super().__init__(reply.events(), media_type=eventstream.CONTENT_TYPE,
+                         headers={"x-amzn-RequestId": request_id, "Cache-Control": "no-cache",
+                                  "X-Accel-Buffering": "no"})
+        self.reply = reply
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.reply.generation.close()
+
+
+async def _start(request: Request, model_id: str) -> _Reply:
+    started = time.monotonic()
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        raise _invalid("the request body is not valid JSON") from None
+    converse = to_chat_request(model_id, body)
+    serving = _serving(request)
+    # The tenant namespaces the prefix cache. None for now: a later dependency maps the SigV4
+    # access key id (sigv4_access_key_id(request.headers)) to a tenant and fills this in.
+    tenant: str | None = None
+    generation = await serving.chat(converse.chat, tenant=tenant)
+    try:
+        return _Reply(generation, converse, started)
+    except BaseException:
+        generation.close()
+        raise
+
+
+def _serving(request: Request) -> OpenAIServing:
+    serving = request.app.state.serving
+    if serving is None:
+        raise APIError(503, "the model is still loading; retry shortly", type="service_unavailable",
+                       code="loading", headers={"Retry-After": "2"})
+    return serving
+
+
+async def _respond(request: Request, reply: _Reply, request_id: str) -> Response:
+    """The Converse response, or 499 (engine work aborted) if the client leaves first."""
+    result = asyncio.ensure_future(reply.response())
+    disconnect = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({result, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        if not result.done():
+            reply.generation.close()
+            result.cancel()
+            return Response(status_code=499)
+        try:
+            body = result.result()
+        except Exception as error:
+            return error_response(_as_api_error(error), request_id)
+        return JSONResponse(body, headers={"x-amzn-RequestId": request_id})
+    finally:
+        disconnect.cancel()
+        reply.generation.close()
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
