@@ -42,7 +42,8 @@ class RequestStats:
     num_output_tokens: int
     num_computed_tokens: int      # tokens this request actually ran through the model (recompute included)
     queue_time_s: float | None = None   # arrival to first scheduling; None while still waiting
-    num_cache_write_tokens: int = 0     # prompt tokens this request pinned through its checkpoints
+    num_cache_write_tokens: int = 0     # prompt tokens this request wrote and pinned (not read ones)
+    cache_writes_by_ttl: tuple[tuple[float, int], ...] = ()   # (ttl_s, tokens), longest TTL first
 
 
 @dataclass(frozen=True)

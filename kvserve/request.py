@@ -66,7 +66,10 @@ class Request:
         assert all(0 < n <= self.num_prompt_tokens for n, _ in checkpoints), checkpoints
         self.checkpoints = tuple(sorted(checkpoints))
         self.num_checkpoints_applied = 0
-        self.num_cache_write_tokens = 0    # prompt tokens this request pinned
+        # Prompt tokens this request wrote to the cache and pinned, per TTL: only tokens it
+        # neither read from the cache nor counted for an earlier checkpoint.
+        self.cache_writes: dict[float, int] = {}
+        self.cache_write_end = 0           # tokens covered by this request's reads and counted writes
         # Chained hashes of this request's full blocks, filled lazily by the KV manager.
         self.block_hashes: list[bytes] = []
         self.status = RequestStatus.WAITING
@@ -93,6 +96,17 @@ class Request:
     def num_pending_tokens(self) -> int:
         """Tokens whose KV is not computed yet (the prompt chunk still to run, or the last sample)."""
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def num_cache_write_tokens(self) -> int:
+        return sum(self.cache_writes.values())
+
+    def record_cache_write(self, pinned_end: int, ttl_s: float) -> None:
+        """A checkpoint pinned the first `pinned_end` tokens (0: nothing new was pinned)."""
+        covered = max(self.cache_write_end, self.num_cached_tokens or 0)
+        if pinned_end > covered:
+            self.cache_writes[ttl_s] = self.cache_writes.get(ttl_s, 0) + pinned_end - covered
+            self.cache_write_end = pinned_end
 
     @property
     def is_finished(self) -> bool:

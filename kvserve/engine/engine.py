@@ -136,7 +136,8 @@ class Engine:
             queue_time = request.first_scheduled_time - request.arrival_time
         stats = RequestStats(request.num_prompt_tokens, request.num_cached_tokens or 0,
                              request.num_output_tokens, request.num_tokens_run, queue_time,
-                             request.num_cache_write_tokens)
+                             request.num_cache_write_tokens,
+                             tuple(sorted(request.cache_writes.items(), reverse=True)))
         return RequestOutput(request.request_id, text, token_ids, logprobs, finish_reason, stats)
 
     def stats(self) -> SchedulerStats:

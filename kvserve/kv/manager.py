@@ -188,7 +188,8 @@ class KVCacheManager:
 
     def pin(self, request: Request, num_tokens: int, ttl_s: float) -> int:
         """Pin the full blocks among the request's first `num_tokens` tokens for `ttl_s` seconds
-        (renewed by every hit). They must be computed. Returns the tokens newly pinned: 0 when
+        (renewed by every hit). They must be computed. Returns the length of the prefix newly
+        pinned (whole blocks from token 0): 0 when
         nothing fits in a whole block, when the prefix is already pinned (its TTL is renewed and
         lengthened if asked), or when the pin budget cannot hold it (never an error)."""
         num_blocks = min(num_tokens, request.num_computed_tokens) // self.block_size

@@ -149,7 +149,7 @@ class Scheduler:
             num_tokens, ttl_s = request.checkpoints[request.num_checkpoints_applied]
             if num_tokens > request.num_computed_tokens:
                 return
-            request.num_cache_write_tokens += self.kv.pin(request, num_tokens, ttl_s)
+            request.record_cache_write(self.kv.pin(request, num_tokens, ttl_s), ttl_s)
             request.num_checkpoints_applied += 1
 
     # ---- state changes -----------------------------------------------------------------------

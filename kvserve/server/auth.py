@@ -81,11 +81,16 @@ def presented_key(headers: Mapping[str, str], query: Mapping[str, str] | None = 
 
 
 def sigv4_access_key_id(authorization: str) -> str | None:
-    """'AWS4-HMAC-SHA256 Credential=AKID/20260101/us-east-1/bedrock/aws4_request, ...' → 'AKID'."""
-    for field in authorization.removeprefix("AWS4-HMAC-SHA256").split(","):
+    """'AWS4-HMAC-SHA256 Credential=AKID/20260101/us-east-1/bedrock/aws4_request, ...' → 'AKID';
+    None unless it is a SigV4 header with a well-formed credential scope."""
+    scheme, _, params = authorization.strip().partition(" ")
+    if scheme != "AWS4-HMAC-SHA256":
+        return None
+    for field in params.split(","):
         name, _, value = field.strip().partition("=")
-        if name == "Credential" and value:
-            return value.split("/", 1)[0] or None
+        if name == "Credential":
+            scope = value.split("/")
+            return scope[0] if len(scope) == 5 and all(scope) and scope[4] == "aws4_request" else None
     return None
 
 

@@ -23,13 +23,10 @@ a ValidationException.
 Usage (Bedrock's convention, see the user guide's prompt-caching page): `inputTokens` counts the
 prompt tokens neither read from nor written to the cache, so
     inputTokens + cacheReadInputTokens + cacheWriteInputTokens = every prompt token
-and `totalTokens` = every prompt token + `outputTokens`. (The engine counts a checkpoint's whole
-prefix as written, so nested checkpoints, or a pin over blocks that were already cached, can
-count a token twice; inputTokens is then clamped at 0 and totalTokens stays the true count.)
-`cacheDetails` lists written tokens per TTL, 1h before 5m, empty when nothing was written. The
-engine reports one write total, not one per TTL: when every checkpoint shares a TTL the split is
-exact; with mixed TTLs the total is split in proportion to each TTL's checkpoint prefixes, in
-characters (each checkpoint's prefix counts toward its own TTL, as the engine counts writes).
+and `totalTokens` = every prompt token + `outputTokens`. The engine counts each written token
+once, for the first checkpoint that covers it, and never a token it read from the cache.
+`cacheDetails` lists written tokens per TTL (exact, from the engine), 1h before 5m, empty when
+nothing was written.
 
 Errors take Bedrock's shape: status, `x-amzn-ErrorType: <Name>` and `{"message": ...}`, which
 botocore raises as `client.exceptions.<Name>`:
@@ -69,6 +66,7 @@ from kvserve.sampling import InvalidRequestError
 from kvserve.server import eventstream
 from kvserve.server.checkpoints import TTLS
 from kvserve.server.openai_api import Generation, OpenAIServing
+from kvserve.server.auth import authenticate
 from kvserve.server.protocol import APIError, ChatCompletionRequest, validation_error
 
 log = logging.getLogger(__name__)
@@ -77,28 +75,6 @@ DEFAULT_TTL = "5m"
 TTL_ORDER = ("1h", "5m")        # cacheDetails order: longest TTL first
 ROLES = ("user", "assistant")
 TOOLS_HEADER = "You can use the following tools.\n"   # the system prompt's first line when tools are given
-
-
-# ---- SigV4 ------------------------------------------------------------------------------------
-def sigv4_access_key_id(headers: Mapping[str, str]) -> str | None:
-    """The access key id of a SigV4-signed request, or None when it is not SigV4-signed:
-        Authorization: AWS4-HMAC-SHA256 Credential=<key id>/<date>/<region>/<service>/aws4_request,
-                       SignedHeaders=..., Signature=...
-    The signature is not verified here."""
-    value = headers.get("authorization") or headers.get("Authorization")
-    if not value:
-        return None
-    scheme, _, params = value.strip().partition(" ")
-    if scheme != "AWS4-HMAC-SHA256":
-        return None
-    for param in params.split(","):
-        name, _, credential = param.strip().partition("=")
-        if name == "Credential":
-            scope = credential.split("/")
-            if len(scope) == 5 and all(scope) and scope[4] == "aws4_request":
-                return scope[0]
-            return None
-    return None
 
 
 # ---- errors -----------------------------------------------------------------------------------
@@ -152,47 +128,29 @@ def _as_api_error(error: Exception) -> APIError:
 
 # ---- request translation ------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Checkpoint:
-    """A cachePoint as placed in the prompt: characters of content text up to it, and its TTL."""
-
-    num_chars: int
-    ttl: str
-
-
-@dataclass(frozen=True)
 class Converse:
     """A translated Converse body: the chat request, and what the response needs to know."""
 
     chat: ChatCompletionRequest
-    checkpoints: tuple[Checkpoint, ...]
     max_tokens_given: bool
     stop_sequences_given: bool
 
 
-class _Parts:
+def _convert(blocks: Any, field: str, text_of: Callable[[str, Any, str], str]) -> list[dict]:
     """Content blocks → OpenAI text parts, in prompt order; a cachePoint marks the part before it."""
-
-    def __init__(self) -> None:
-        self.num_chars = 0
-        self.checkpoints: list[Checkpoint] = []
-
-    def convert(self, blocks: Any, field: str, text_of: Callable[[str, Any, str], str]) -> list[dict]:
-        if not isinstance(blocks, list):
-            raise _invalid(f"{field} must be a list of content blocks", field)
-        parts: list[dict] = []
-        for i, block in enumerate(blocks):
-            where = f"{field}.{i}"
-            kind = _member(block, where)
-            if kind == "cachePoint":
-                if not parts or "cache_control" in parts[-1]:
-                    raise _invalid(f"{where}: a cachePoint must follow a content block in the same list", where)
-                parts[-1]["cache_control"], ttl = _cache_control(block[kind], f"{where}.cachePoint")
-                self.checkpoints.append(Checkpoint(self.num_chars, ttl))
-                continue
-            text = text_of(kind, block[kind], where)
-            parts.append({"type": "text", "text": text})
-            self.num_chars += len(text)
-        return parts
+    if not isinstance(blocks, list):
+        raise _invalid(f"{field} must be a list of content blocks", field)
+    parts: list[dict] = []
+    for i, block in enumerate(blocks):
+        where = f"{field}.{i}"
+        kind = _member(block, where)
+        if kind == "cachePoint":
+            if not parts or "cache_control" in parts[-1]:
+                raise _invalid(f"{where}: a cachePoint must follow a content block in the same list", where)
+            parts[-1]["cache_control"] = _cache_control(block[kind], f"{where}.cachePoint")
+            continue
+        parts.append({"type": "text", "text": text_of(kind, block[kind], where)})
+    return parts
 
 
 def _member(block: Any, where: str) -> str:
@@ -202,8 +160,8 @@ def _member(block: Any, where: str) -> str:
     return next(iter(block))
 
 
-def _cache_control(point: Any, where: str) -> tuple[dict, str]:
-    """A cachePoint → cache_control for the shared checkpoint validation, and its ttl."""
+def _cache_control(point: Any, where: str) -> dict:
+    """A cachePoint → cache_control for the shared checkpoint validation."""
     if not isinstance(point, dict):
         raise _invalid(f"{where} must be an object", where)
     unknown = set(point) - {"type", "ttl"}
@@ -214,7 +172,7 @@ def _cache_control(point: Any, where: str) -> tuple[dict, str]:
     ttl = point.get("ttl", DEFAULT_TTL)
     if not isinstance(ttl, str) or ttl not in TTLS:   # also checked by the shared rules; here to name the field
         raise _invalid(f"{where}.ttl must be one of {', '.join(TTLS)}, got {ttl!r}", f"{where}.ttl")
-    return {"type": "ephemeral", "ttl": ttl}, ttl
+    return {"type": "ephemeral", "ttl": ttl}
 
 
 def _text(kind: str, value: Any, where: str) -> str:
@@ -242,7 +200,6 @@ def to_chat_request(model_id: str, body: Any) -> Converse:
     `additionalModelRequestFields`, `toolChoice` and other fields are ignored."""
     if not isinstance(body, dict):
         raise _invalid("the request body must be a JSON object")
-    parts = _Parts()
     system: list[dict] = []
     tool_config = body.get("toolConfig")
     if tool_config is not None:
@@ -250,11 +207,10 @@ def to_chat_request(model_id: str, body: Any) -> Converse:
             raise _invalid("toolConfig must be an object", "toolConfig")
         if not tool_config.get("tools"):
             raise _invalid("toolConfig.tools must be a non-empty list", "toolConfig.tools")
-        parts.num_chars += len(TOOLS_HEADER)
         system += [{"type": "text", "text": TOOLS_HEADER}]
-        system += parts.convert(tool_config["tools"], "toolConfig.tools", _tool_text)
+        system += _convert(tool_config["tools"], "toolConfig.tools", _tool_text)
     if body.get("system") is not None:
-        system += parts.convert(body["system"], "system", _text)
+        system += _convert(body["system"], "system", _text)
     messages = [{"role": "system", "content": system}] if system else []
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
@@ -262,7 +218,7 @@ def to_chat_request(model_id: str, body: Any) -> Converse:
     for i, message in enumerate(raw_messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise _invalid(f"messages.{i}.role must be one of {', '.join(ROLES)}", f"messages.{i}.role")
-        content = parts.convert(message.get("content"), f"messages.{i}.content", _text)
+        content = _convert(message.get("content"), f"messages.{i}.content", _text)
         messages.append({"role": message["role"], "content": content})
     config = body.get("inferenceConfig") or {}
     if not isinstance(config, dict):
@@ -273,33 +229,23 @@ def to_chat_request(model_id: str, body: Any) -> Converse:
         chat = ChatCompletionRequest.model_validate({"model": model_id, "messages": messages, **sampling})
     except ValidationError as error:
         raise validation_error(error.errors()) from None
-    return Converse(chat, tuple(parts.checkpoints), "max_tokens" in sampling, bool(sampling.get("stop")))
+    return Converse(chat, "max_tokens" in sampling, bool(sampling.get("stop")))
 
 
 # ---- response shaping ---------------------------------------------------------------------------
-def bedrock_usage(usage: Mapping[str, Any], checkpoints: tuple[Checkpoint, ...]) -> dict:
+def bedrock_usage(usage: Mapping[str, Any]) -> dict:
     """Generation.usage() → Bedrock's TokenUsage (conventions in the module docstring)."""
     prompt, output = usage["prompt_tokens"], usage["completion_tokens"]
     read, written = usage["cache_read_input_tokens"], usage["cache_creation_input_tokens"]
     return {"inputTokens": max(0, prompt - read - written), "outputTokens": output, "totalTokens": prompt + output,
             "cacheReadInputTokens": read, "cacheWriteInputTokens": written,
-            "cacheDetails": cache_details(written, checkpoints)}
+            "cacheDetails": cache_details(usage["cache_creation"])}
 
 
-def cache_details(written: int, checkpoints: tuple[Checkpoint, ...]) -> list[dict]:
-    """Written tokens per TTL, 1h first; exact for one TTL, split by prefix characters for mixed TTLs."""
-    if written <= 0 or not checkpoints:
-        return []
-    weights = {ttl: sum(max(c.num_chars, 1) for c in checkpoints if c.ttl == ttl) for ttl in TTL_ORDER}
-    ttls = [ttl for ttl in TTL_ORDER if weights[ttl]]
-    total = sum(weights.values())
-    details, left = [], written
-    for k, ttl in enumerate(ttls):
-        share = left if k == len(ttls) - 1 else round(written * weights[ttl] / total)
-        left -= share
-        if share:
-            details.append({"ttl": ttl, "inputTokens": share})
-    return details
+def cache_details(by_ttl: Mapping[str, int]) -> list[dict]:
+    """Written tokens per TTL, 1h first, from the engine's exact per-TTL counts."""
+    tokens = {"1h": by_ttl["ephemeral_1h_input_tokens"], "5m": by_ttl["ephemeral_5m_input_tokens"]}
+    return [{"ttl": ttl, "inputTokens": tokens[ttl]} for ttl in TTL_ORDER if tokens[ttl]]
 
 
 def stop_reason(finish_reason: str | None, ended_with_eos: bool, converse: Converse) -> str:
@@ -349,7 +295,7 @@ class _Reply:
         return stop_reason(self.generation.choices[0].finish_reason, self._last.token_id in self._eos, self.converse)
 
     def usage(self) -> dict:
-        return bedrock_usage(self.generation.usage(), self.converse.checkpoints)
+        return bedrock_usage(self.generation.usage())
 
     def metrics(self) -> dict:
         return {"latencyMs": int((time.monotonic() - self.started) * 1000)}
@@ -426,9 +372,8 @@ async def _start(request: Request, model_id: str) -> _Reply:
         raise _invalid("the request body is not valid JSON") from None
     converse = to_chat_request(model_id, body)
     serving = _serving(request)
-    # The tenant namespaces the prefix cache. None for now: a later dependency maps the SigV4
-    # access key id (sigv4_access_key_id(request.headers)) to a tenant and fills this in.
-    tenant: str | None = None
+    # The SigV4 access key id is the API key (auth.py); its tenant namespaces the prefix cache.
+    tenant = authenticate(request.app.state.api_keys, request.headers).tenant
     generation = await serving.chat(converse.chat, tenant=tenant)
     try:
         return _Reply(generation, converse, started)

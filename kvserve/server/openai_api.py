@@ -54,6 +54,7 @@ class _Choice:
     num_tokens: int = 0
     cached_tokens: int = 0
     cache_write_tokens: int = 0
+    cache_writes_by_ttl: tuple[tuple[float, int], ...] = ()
     finish_reason: str | None = None
 
 
@@ -143,6 +144,7 @@ class Generation:
         choice.num_tokens += len(output.token_ids)
         choice.cached_tokens = output.stats.num_cached_tokens
         choice.cache_write_tokens = output.stats.num_cache_write_tokens
+        choice.cache_writes_by_ttl = output.stats.cache_writes_by_ttl
         finish = output.finish_reason.value if output.finish_reason else None
         logprobs = self._logprobs(output.logprobs) if self.logprobs is not None and output.logprobs else None
         if output.finished:
@@ -177,16 +179,21 @@ class Generation:
     def usage(self) -> dict:
         """Prompt tokens count once per prompt (not per choice); so do cached ones (first choice's)."""
         completion = sum(c.num_tokens for c in self.choices)
-        seen, cached, written = set(), 0, 0
+        seen, cached, written, by_ttl = set(), 0, 0, {300.0: 0, 3600.0: 0}
         for c in self.choices:
             if c.prompt_index not in seen:
                 seen.add(c.prompt_index)
                 cached += c.cached_tokens
                 written += c.cache_write_tokens
+                for ttl_s, tokens in c.cache_writes_by_ttl:
+                    by_ttl[ttl_s] = by_ttl.get(ttl_s, 0) + tokens
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion,
                 "prompt_tokens_details": {"cached_tokens": cached},
-                "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
+                "cache_read_input_tokens": cached, "cache_creation_input_tokens": written,
+                # Anthropic's breakdown of the written tokens by checkpoint TTL
+                "cache_creation": {"ephemeral_5m_input_tokens": by_ttl[300.0],
+                                   "ephemeral_1h_input_tokens": by_ttl[3600.0]}}
 
     def _usage_chunk(self) -> dict:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"

@@ -2,6 +2,8 @@
 
 import json
 
+import botocore.config
+
 import httpx
 import openai
 import pytest
@@ -104,3 +106,23 @@ def test_key_parsing_and_loading(tmp_path):
         (tmp_path / "bad.json").write_text(bad)
         with pytest.raises(ConfigError):
             ApiKeys.load(tmp_path / "bad.json")
+
+
+def test_bedrock_maps_the_sigv4_access_key_id_to_a_tenant(server):
+    import boto3
+    import botocore.exceptions
+
+    def bedrock(key: str):
+        return boto3.client("bedrock-runtime", endpoint_url=server.base_url, region_name="us-east-1",
+                            aws_access_key_id=key, aws_secret_access_key="unused",
+                            config=botocore.config.Config(retries={"max_attempts": 1}))
+
+    messages = [{"role": "user", "content": [{"text": "bedrock " + PROMPT}]}]
+    with pytest.raises(botocore.exceptions.ClientError) as denied:
+        bedrock("AKIDUNKNOWN").converse(modelId=MODEL, messages=messages, inferenceConfig={"maxTokens": 1})
+    assert denied.value.response["Error"]["Code"] == "AccessDeniedException"
+    first = bedrock("sk-a").converse(modelId=MODEL, messages=messages, inferenceConfig={"maxTokens": 1})
+    again = bedrock("sk-a").converse(modelId=MODEL, messages=messages, inferenceConfig={"maxTokens": 1})
+    other = bedrock("sk-b").converse(modelId=MODEL, messages=messages, inferenceConfig={"maxTokens": 1})
+    assert first["usage"]["cacheReadInputTokens"] == 0 and again["usage"]["cacheReadInputTokens"] > 250
+    assert other["usage"]["cacheReadInputTokens"] == 0

@@ -120,7 +120,8 @@ def test_nested_checkpoints_write_each_prefix():
     request = Request("a", SYSTEM + list(range(200, 216)) + [1], SamplingParams(max_tokens=1, ignore_eos=True),
                       checkpoints=((24, 3600.0), (40, 300.0)))
     run(core, request)
-    assert request.num_cache_write_tokens == 24 + 40
+    assert request.num_cache_write_tokens == 40              # each token written once
+    assert request.cache_writes == {3600.0: 24, 300.0: 16}
     assert core.scheduler.kv.stats().num_pinned_blocks == 10
 
 
@@ -195,3 +196,14 @@ def test_lru_evictions_are_counted():
     core = make_core(num_blocks=16)
     flood(core, 4 * 16 * BS, tag=3)
     assert core.scheduler.kv.stats().blocks_evicted_lru > 0
+
+
+def test_pinning_a_prefix_read_from_the_automatic_cache_writes_only_what_is_new():
+    core = make_core()
+    run(core, Request("warm", SYSTEM + list(range(200, 216)) + [1], SamplingParams(max_tokens=1)))
+    request = run(core, Request("pin", SYSTEM + list(range(200, 216)) + [2], SamplingParams(max_tokens=1),
+                                checkpoints=((24, 300.0),)))
+    assert request.num_cached_tokens == 40 and request.num_cache_write_tokens == 0
+    extend = run(core, Request("extend", SYSTEM + list(range(200, 216)) + list(range(300, 316)) + [3],
+                               SamplingParams(max_tokens=1), checkpoints=((56, 300.0),)))
+    assert extend.num_cached_tokens == 40 and extend.num_cache_write_tokens == 16
