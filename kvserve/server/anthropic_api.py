@@ -12,7 +12,7 @@ admission, checkpoints); only the wire shapes differ:
 Translation:
     system (string or text blocks)  → one system message; each block a content part keeping its cache_control
     tools                           → text in that system message, before the system blocks (Anthropic's
-                                      cache order: tools, system, messages): "Tools available:" and one JSON
+                                      cache order: tools, system, messages): a header and one JSON
                                       line per tool; a tool's cache_control marks the end of its line. The
                                       model cannot call tools: answers are text, never `tool_use`.
     messages[].content              → content parts, cache_control kept (validated by server/checkpoints.py)
@@ -75,6 +75,7 @@ from kvserve.outputs import RequestOutput
 from kvserve.sampling import InvalidRequestError
 from kvserve.server.auth import authenticate
 from kvserve.server.openai_api import Generation, OpenAIServing
+from kvserve.server.tools import TOOLS_HEADER, tool_line
 from kvserve.server.protocol import (APIError, ChatCompletionRequest, ChatMessage, ContentPart, Number,
                                      validation_error)
 from kvserve.server.sse import sse_frames
@@ -126,8 +127,8 @@ class Tool(_Body):
     input_schema: dict[str, Any] | None = None
     cache_control: dict[str, Any] | None = None
 
-    def describe(self) -> dict[str, Any]:
-        return self.model_dump(include={"name", "description", "input_schema"}, exclude_none=True)
+    def line(self) -> str:
+        return tool_line(self.name, self.description or "", self.input_schema or {})
 
 
 class MessagesRequest(_Body):
@@ -148,9 +149,6 @@ class MessagesRequest(_Body):
     @classmethod
     def _blocks(cls, system: Any) -> Any:
         return [] if system == "" else _as_blocks(system)
-
-
-TOOLS_HEADER = "Tools available:\n"
 
 
 def to_chat_request(body: MessagesRequest) -> ChatCompletionRequest:
@@ -174,8 +172,8 @@ def _system_parts(body: MessagesRequest) -> list[ContentPart]:
     parts = []
     if body.tools:
         parts.append(ContentPart(type="text", text=TOOLS_HEADER))
-        parts += [ContentPart(type="text", text=json.dumps(tool.describe(), ensure_ascii=False) + "\n",
-                              cache_control=tool.cache_control) for tool in body.tools]
+        parts += [ContentPart(type="text", text=tool.line(), cache_control=tool.cache_control)
+                  for tool in body.tools]
         if body.system:
             parts.append(ContentPart(type="text", text="\n"))
     parts += [_part(block) for block in body.system or ()]

@@ -67,6 +67,7 @@ from kvserve.server import eventstream
 from kvserve.server.checkpoints import TTLS
 from kvserve.server.openai_api import Generation, OpenAIServing
 from kvserve.server.auth import authenticate
+from kvserve.server.tools import TOOLS_HEADER, tool_line
 from kvserve.server.protocol import APIError, ChatCompletionRequest, validation_error
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL = "5m"
 TTL_ORDER = ("1h", "5m")        # cacheDetails order: longest TTL first
 ROLES = ("user", "assistant")
-TOOLS_HEADER = "You can use the following tools.\n"   # the system prompt's first line when tools are given
 
 
 # ---- errors -----------------------------------------------------------------------------------
@@ -190,9 +190,7 @@ def _tool_text(kind: str, value: Any, where: str) -> str:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         raise _invalid(f"{where}.toolSpec needs a name", f"{where}.toolSpec")
     schema = value.get("inputSchema")
-    spec = {"name": value["name"], "description": value.get("description", ""),
-            "input_schema": schema.get("json", {}) if isinstance(schema, dict) else {}}
-    return "Tool: " + json.dumps(spec, ensure_ascii=False, sort_keys=True) + "\n"
+    return tool_line(value["name"], value.get("description", ""), schema.get("json", {}) if isinstance(schema, dict) else {})
 
 
 def to_chat_request(model_id: str, body: Any) -> Converse:

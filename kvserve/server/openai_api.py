@@ -23,7 +23,8 @@ from kvserve.outputs import RequestOutput, TokenLogprob
 from kvserve.sampling import InvalidRequestError, SamplingParams
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.checkpoints import collect_marks, render_with_marks
-from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from kvserve.server.protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, ContentPart
+from kvserve.server.tools import TOOLS_HEADER, tool_line
 
 
 @dataclass
@@ -242,6 +243,27 @@ def _join_logprobs(parts: list[dict], kind: str) -> dict | None:
     return {key: [x for p in parts for x in p[key]] for key in ("tokens", "token_logprobs", "top_logprobs")}
 
 
+def with_tools(messages: list[ChatMessage], tools: list[dict] | None) -> list[ChatMessage]:
+    """OpenAI function tools as text at the start of the system prompt (see tools.py); a tool's
+    `cache_control` marks the end of its line. Tool calls are not produced."""
+    if not tools:
+        return messages
+    parts = [ContentPart(type="text", text=TOOLS_HEADER)]
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if tool.get("type") != "function" or not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise APIError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
+                           param=f"tools.{i}")
+        line = tool_line(function["name"], str(function.get("description", "")), function.get("parameters") or {})
+        parts.append(ContentPart(type="text", text=line, cache_control=tool.get("cache_control")))
+    if messages[0].role == "system":
+        system = messages[0].content if isinstance(messages[0].content, list) else \
+            [ContentPart(type="text", text=messages[0].text_content())]
+        return [ChatMessage(role="system", content=parts + [ContentPart(type="text", text="\n")] + system),
+                *messages[1:]]
+    return [ChatMessage(role="system", content=parts), *messages]
+
+
 def cache_namespace(tenant: str | None, cache_salt: str | None) -> str | None:
     """The extra key of a request's first block: its tenant, narrowed by its own cache_salt."""
     if tenant is None and cache_salt is None:
@@ -273,11 +295,10 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, tenant: str | None = None) -> Generation:
         """`tenant` (from the API key) namespaces the prefix cache: tenants never share KV."""
         model = self.model(body.model)
-        if body.tools:
-            raise APIError(400, "tools are not supported by /v1/chat/completions yet", param="tools")
-        marks = collect_marks(body.messages)
+        messages = with_tools(body.messages, body.tools)
+        marks = collect_marks(messages)
         try:
-            prompt, positions = render_with_marks(model.tokenizer, body.messages, marks)
+            prompt, positions = render_with_marks(model.tokenizer, messages, marks)
         except APIError:
             raise
         except Exception as error:   # a template's raise_exception: the conversation is not acceptable

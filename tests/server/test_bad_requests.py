@@ -98,7 +98,7 @@ CASES = [
     Case("frequency-penalty", chat(frequency_penalty=0.5), 400, param="frequency_penalty"),
     Case("stream-options-without-stream", chat(stream_options={"include_usage": True}), 400,
          param="stream_options"),
-    Case("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, param="tools"),
+    Case("tools", chat(tools=[{"type": "code_interpreter"}]), 400, param="tools.0"),
     Case("echo", completion(echo=True), 400, param="echo", path=COMPLETIONS),
     Case("lone-surrogate-chat", json.dumps(chat(messages=[{"role": "user", "content": "a\ud800b"}])).encode(),
          400, param="messages"),

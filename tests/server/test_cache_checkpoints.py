@@ -104,3 +104,22 @@ def test_cache_metrics_move(server):
     assert after[key("kvserve:prompt_cache_pinned_blocks")] > 0
     assert key("kvserve:prompt_cache_ttl_expiries_total") in after
     assert key("kvserve:prompt_cache_evictions_total", reason="lru", tier="device") in after
+
+
+def test_a_checkpoint_on_a_tool_definition_pins_the_tools(server):
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+    tools = [{"type": "function", "function": {"name": f"tool_{i}", "description": "Looks things up. " * 4,
+                                               "parameters": {"type": "object", "properties": {}}}}
+             for i in range(3)]
+    tools[-1]["cache_control"] = {"type": "ephemeral"}
+
+    def ask(question: str) -> dict:
+        return client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, tools=tools,
+                                              messages=[{"role": "user", "content": question}]).model_dump()["usage"]
+
+    first, second = ask("Which tool?"), ask("And now?")
+    assert first["cache_creation_input_tokens"] > 200 and first["cache_read_input_tokens"] == 0
+    # The read covers the pinned tools, plus any further whole block both prompts share after it
+    # (here the template's "user: " turn header), which automatic prefix caching finds as well.
+    assert 0 <= second["cache_read_input_tokens"] - first["cache_creation_input_tokens"] <= 16
+    assert second["cache_creation_input_tokens"] == 0

@@ -1,0 +1,21 @@
+"""Tool definitions as prompt text, the one rendering every API shares.
+
+kvserve does not produce tool calls; a request's tools are shown to the model as text at the start
+of the system prompt (Anthropic's cache order: tools, system, messages), so a checkpoint on a tool
+(cache_control / cachePoint) marks the end of that tool's line:
+
+    You can use the following tools.
+    Tool: {"description": "...", "input_schema": {...}, "name": "get_weather"}
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+TOOLS_HEADER = "You can use the following tools.\n"
+
+
+def tool_line(name: str, description: str, input_schema: dict[str, Any]) -> str:
+    spec = {"name": name, "description": description, "input_schema": input_schema}
+    return "Tool: " + json.dumps(spec, ensure_ascii=False, sort_keys=True) + "\n"
