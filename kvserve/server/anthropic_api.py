@@ -70,13 +70,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
-from kvserve.engine.async_engine import EngineDeadError, RequestStream
+from kvserve.engine.async_engine import RequestStream
 from kvserve.outputs import RequestOutput
-from kvserve.sampling import InvalidRequestError
 from kvserve.server.auth import authenticate
 from kvserve.server.openai_api import Generation, OpenAIServing
 from kvserve.server.tools import TOOLS_HEADER, tool_line
-from kvserve.server.protocol import (APIError, ChatCompletionRequest, ChatMessage, ContentPart, Number,
+from kvserve.server.protocol import (APIError, as_api_error, ChatCompletionRequest, ChatMessage, ContentPart, Number,
                                      validation_error)
 from kvserve.server.sse import sse_frames
 
@@ -333,14 +332,7 @@ def error_response(error: APIError) -> JSONResponse:
 
 
 def _as_api_error(error: Exception) -> APIError:
-    if isinstance(error, APIError):
-        return error
-    if isinstance(error, InvalidRequestError):
-        return APIError(400, str(error), param=error.param)
-    if isinstance(error, EngineDeadError):
-        return APIError(503, f"the engine failed: {error}", type="service_unavailable")
-    log.exception("unexpected error in /v1/messages", exc_info=error)
-    return APIError(500, "internal error", type="server_error")
+    return as_api_error(error, "/v1/messages")
 
 
 # ---- the endpoint -------------------------------------------------------------------------------

@@ -61,14 +61,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from kvserve.engine.async_engine import EngineDeadError
-from kvserve.sampling import InvalidRequestError
 from kvserve.server import eventstream
 from kvserve.server.checkpoints import TTLS
 from kvserve.server.openai_api import Generation, OpenAIServing
 from kvserve.server.auth import authenticate
 from kvserve.server.tools import TOOLS_HEADER, tool_line
-from kvserve.server.protocol import APIError, ChatCompletionRequest, validation_error
+from kvserve.server.protocol import as_api_error, APIError, ChatCompletionRequest, validation_error
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +114,7 @@ def _invalid(message: str, param: str | None = None) -> APIError:
 
 
 def _as_api_error(error: Exception) -> APIError:
-    if isinstance(error, APIError):
-        return error
-    if isinstance(error, InvalidRequestError):
-        return APIError(400, str(error), param=error.param)
-    if isinstance(error, EngineDeadError):
-        return APIError(503, f"the engine failed: {error}", type="service_unavailable")
-    log.error("bedrock request failed", exc_info=error)
-    return APIError(500, "internal error", type="server_error")
+    return as_api_error(error, "bedrock")
 
 
 # ---- request translation ------------------------------------------------------------------------

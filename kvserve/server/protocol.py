@@ -13,6 +13,8 @@ Errors take OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
 from __future__ import annotations
 
+import logging
+
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -162,3 +164,18 @@ class CompletionRequest(SamplingFields):
 
 
 LIMITS_DOC = {"max_stop_strings": MAX_STOP_STRINGS, "max_top_logprobs": MAX_TOP_LOGPROBS}
+
+
+def as_api_error(error: Exception, where: str) -> APIError:
+    """Any failure of a request → the APIError to answer with (unexpected ones are logged, 500)."""
+    from kvserve.engine.async_engine import EngineDeadError
+    from kvserve.sampling import InvalidRequestError
+
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, InvalidRequestError):
+        return APIError(400, str(error), param=error.param)
+    if isinstance(error, EngineDeadError):
+        return APIError(503, f"the engine failed: {error}", type="service_unavailable")
+    logging.getLogger(__name__).error("unexpected error in %s", where, exc_info=error)
+    return APIError(500, "internal error", type="server_error")

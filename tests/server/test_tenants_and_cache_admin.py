@@ -2,8 +2,6 @@
 
 import json
 
-import botocore.config
-
 import httpx
 import openai
 import pytest
@@ -111,11 +109,12 @@ def test_key_parsing_and_loading(tmp_path):
 def test_bedrock_maps_the_sigv4_access_key_id_to_a_tenant(server):
     import boto3
     import botocore.exceptions
+    from botocore.config import Config
 
     def bedrock(key: str):
         return boto3.client("bedrock-runtime", endpoint_url=server.base_url, region_name="us-east-1",
                             aws_access_key_id=key, aws_secret_access_key="unused",
-                            config=botocore.config.Config(retries={"max_attempts": 1}))
+                            config=Config(retries={"max_attempts": 1}))
 
     messages = [{"role": "user", "content": [{"text": "bedrock " + PROMPT}]}]
     with pytest.raises(botocore.exceptions.ClientError) as denied:
