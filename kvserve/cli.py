@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -33,6 +34,12 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
     group.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
     group.add_argument("--kv-host-memory", type=parse_bytes, default=0,
                        help="host-memory tier for blocks evicted from the KV pool, e.g. 2GiB (default: none)")
+    group.add_argument("--kv-disk-dir", default=None, metavar="DIR",
+                       help="disk tier for blocks evicted from the host tier, one file per block; needs "
+                            "--kv-host-memory; its *.kvblock files are deleted at start; serving several "
+                            "models uses DIR/NAME for each (default: none)")
+    group.add_argument("--kv-disk-blocks", type=int, default=4096, metavar="N",
+                       help="most blocks the disk tier keeps, least recently used dropped first (default 4096)")
     group.add_argument("--pin-budget", type=float, default=0.5,
                        help="share of the KV pool that cache checkpoints may pin (oldest released first)")
     group.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
@@ -45,7 +52,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                           memory_bytes=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-                          host_memory_bytes=args.kv_host_memory, pin_budget_fraction=args.pin_budget),
+                          host_memory_bytes=args.kv_host_memory, disk_dir=args.kv_disk_dir,
+                          disk_num_blocks=args.kv_disk_blocks, pin_budget_fraction=args.pin_budget),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len),
     )
@@ -109,6 +117,15 @@ def parse_model_specs(specs: list[str] | None) -> dict[str, str | None]:
     return models
 
 
+def model_engine_config(base: EngineConfig, name: str, model: str | None, num_models: int) -> EngineConfig:
+    """One served model's config. Block hashes do not name the model, so with several models
+    each one's disk tier gets its own subdirectory, DIR/NAME."""
+    config = base.replace(model=model)
+    if num_models > 1 and base.cache.disk_dir is not None:
+        config = config.replace(cache=dataclasses.replace(base.cache, disk_dir=str(Path(base.cache.disk_dir) / name)))
+    return config
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -123,7 +140,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_n=args.max_n, cache_min_tokens=args.cache_min_tokens)
 
     def load() -> dict[str, AsyncEngine]:
-        return {name: AsyncEngine(Engine(base.replace(model=model))) for name, model in models.items()}
+        return {name: AsyncEngine(Engine(model_engine_config(base, name, model, len(models))))
+                for name, model in models.items()}
 
     from kvserve.server.auth import ApiKeys
 

@@ -73,6 +73,8 @@ class CacheConfig:
     memory_bytes: int | None = None
     enable_prefix_caching: bool = True
     host_memory_bytes: int = 0          # --kv-host-memory: the host tier for evicted blocks (0: none)
+    disk_dir: str | None = None         # --kv-disk-dir: the disk tier below the host tier (None: none)
+    disk_num_blocks: int = 4096         # --kv-disk-blocks: files the disk tier keeps at most (LRU)
     pin_budget_fraction: float = 0.5    # --pin-budget: share of the pool cache checkpoints may hold
 
     def __post_init__(self) -> None:
@@ -86,6 +88,11 @@ class CacheConfig:
             raise ConfigError(f"--kv-cache-memory must be positive, got {self.memory_bytes}")
         if self.host_memory_bytes < 0:
             raise ConfigError(f"--kv-host-memory must be 0 or more, got {self.host_memory_bytes}")
+        if self.disk_dir is not None and not self.host_memory_bytes:
+            raise ConfigError("--kv-disk-dir needs a host tier: the disk tier holds what the host tier evicts; "
+                              "give --kv-host-memory too (e.g. --kv-host-memory 2GiB)")
+        if self.disk_num_blocks < 1:
+            raise ConfigError(f"--kv-disk-blocks must be at least 1, got {self.disk_num_blocks}")
         if not 0.0 <= self.pin_budget_fraction <= 1.0:
             raise ConfigError(f"--pin-budget must be between 0 and 1, got {self.pin_budget_fraction}")
 

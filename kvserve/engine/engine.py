@@ -48,7 +48,7 @@ class Engine:
         del checkpoint
         kv = KVCacheManager(runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
                             pin_budget_fraction=config.cache.pin_budget_fraction,
-                            num_host_blocks=runner.num_host_blocks)
+                            num_host_blocks=runner.num_host_blocks, num_disk_blocks=runner.num_disk_blocks)
         context = self.model_config.max_position_embeddings
         max_model_len = min(config.scheduler.max_model_len or context, context)
         self.core = EngineCore(Scheduler(config.scheduler, kv, max_model_len), runner)
@@ -157,9 +157,13 @@ class Engine:
                                  "used": block_bytes * stats.num_used_blocks,
                                  "cached": block_bytes * stats.num_cached_blocks},
                       "host": {"capacity": block_bytes * stats.num_host_slots,
-                               "used": block_bytes * stats.num_host_blocks}},
+                               "used": block_bytes * stats.num_host_blocks},
+                      "disk": {"capacity": block_bytes * stats.disk_capacity_blocks,
+                               "used": block_bytes * stats.num_disk_blocks}},
             "host_tier": {"slots": stats.num_host_slots, "blocks": stats.num_host_blocks,
                           "hit_blocks": stats.host_hit_blocks, "evicted_blocks": stats.blocks_evicted_host},
+            "disk_tier": {"capacity_blocks": stats.disk_capacity_blocks, "blocks": stats.num_disk_blocks,
+                          "hit_blocks": stats.disk_hit_blocks, "evicted_blocks": stats.blocks_evicted_disk},
             "prefix_cache": {"queried_tokens": stats.prefix_queried_tokens, "hit_tokens": stats.prefix_hit_tokens,
                              "hit_rate": round(hit_rate, 4)},
             "pins": kv.pinned_prefixes(),

@@ -6,20 +6,28 @@ used first. The runner owns the host tensors and performs the copies the KV mana
     main pool evicts a cached block ──▶ store(hash) → slot     swap-out: device block → host slot
     a request's prefix continues in the host tier ──▶ slot     swap-in:  host slot → new device block
 
+    host tier full ──▶ the LRU entry goes to `on_evict(hash, slot)` (the disk tier, if any)
+
 Both copies of one step run before that step's forward pass, swap-outs first, so a block evicted
-and refilled in the same step is read before it is overwritten. A slot that a swap-in of the
-current step reads is protected from reuse until the step's copies are handed to the runner.
+and refilled in the same step is read before it is overwritten. A slot that a copy of the
+current step reads (swap-in) or writes (swap-out) is protected from reuse until the step's
+copies are handed to the runner: an evicted slot therefore still holds what it held before the
+step, which is what an `on_evict` copy (run first, see SwapPlan) reads. A step that evicts more
+blocks than the tier has unprotected slots drops the excess, so size the tier well above one
+step's worth of blocks (max_num_batched_tokens / block_size).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 
 class HostTier:
-    def __init__(self, num_slots: int):
+    def __init__(self, num_slots: int, on_evict: Callable[[bytes, int], None] = lambda block_hash, slot: None):
         assert num_slots > 0
         self.num_slots = num_slots
+        self._on_evict = on_evict
         self._slot_by_hash: OrderedDict[bytes, int] = OrderedDict()   # LRU first
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._protected: set[int] = set()
@@ -58,6 +66,7 @@ class HostTier:
             return None
         slot = self._free_slots.pop()
         self._slot_by_hash[block_hash] = slot
+        self._protected.add(slot)
         return slot
 
     def end_step(self) -> None:
@@ -74,6 +83,7 @@ class HostTier:
                 del self._slot_by_hash[block_hash]
                 self._free_slots.append(slot)
                 self.num_evicted += 1
+                self._on_evict(block_hash, slot)
                 return True
         return False
 

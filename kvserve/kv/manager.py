@@ -9,7 +9,9 @@ the block pool and the prefix cache in step:
 
 `match` finds cached blocks for a waiting request; `allocate_slots` makes room for the tokens a
 step will compute; `cache_full_blocks` publishes blocks once their KV is computed; `free` gives a
-request's blocks back. `pin` keeps a computed prefix in the pool for a TTL that every hit renews
+request's blocks back. Blocks evicted from the pool move down the tiers by hash and come back on a
+hit (see SwapPlan): pool ──▶ host tier (host_tier.py) ──▶ disk tier (disk_tier.py) ──▶ dropped.
+`pin` keeps a computed prefix in the pool for a TTL that every hit renews
 (see pins.py); `expire_pins` lets lapsed ones go back to plain LRU caching.
 """
 
@@ -17,9 +19,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvserve.kv.block_pool import BlockPool
+from kvserve.kv.disk_tier import DiskTier, NoDiskTier
 from kvserve.kv.host_tier import HostTier, NoHostTier
 from kvserve.kv.pins import Pin, PinTable
 from kvserve.kv.prefix_cache import NoPrefixCache, PrefixCache, hash_block
@@ -29,14 +32,16 @@ from kvserve.request import Request
 @dataclass(frozen=True)
 class CacheHit:
     """A waiting request's cached prefix: blocks still in the main pool, then blocks that
-    continue it from the host tier (copied back into fresh blocks when admitted)."""
+    continue it from the host tier, then from the disk tier (both copied back into fresh blocks
+    when admitted)."""
 
     device_block_ids: list[int]
     host_hashes: list[bytes]
+    disk_hashes: list[bytes] = field(default_factory=list)
 
     @property
     def num_blocks(self) -> int:
-        return len(self.device_block_ids) + len(self.host_hashes)
+        return len(self.device_block_ids) + len(self.host_hashes) + len(self.disk_hashes)
 
 
 NO_HIT = CacheHit([], [])
@@ -44,10 +49,29 @@ NO_HIT = CacheHit([], [])
 
 @dataclass(frozen=True)
 class SwapPlan:
-    """Copies the runner makes before a step's forward pass, swap-outs first."""
+    """Copies the runner makes before a step's forward pass, in this order:
 
-    swap_out: tuple[tuple[int, int], ...] = ()   # (device block, host slot)
-    swap_in: tuple[tuple[int, int], ...] = ()    # (host slot, device block)
+        1. disk_drop        remove files of entries the disk tier evicted (or flushed)
+        2. host_to_disk     write host slots the host tier evicted to files (before 3 reuses them)
+        3. swap_out         device blocks the pool evicted → host slots (before 4 reuses them)
+        4. swap_in, disk_to_device   hits → fresh device blocks
+        5. the forward pass overwrites the reused device blocks
+
+    Files are named by the block's chained hash in hex. Drops run before writes, so a hash
+    dropped and written again in one step ends up present; the books never write and drop
+    one hash in the same step (see disk_tier.py), nor reuse a host slot read or written by
+    another copy of the step (see host_tier.py).
+    """
+
+    swap_out: tuple[tuple[int, int], ...] = ()          # (device block, host slot)
+    swap_in: tuple[tuple[int, int], ...] = ()           # (host slot, device block)
+    host_to_disk: tuple[tuple[int, str], ...] = ()      # (host slot, hash hex)
+    disk_to_device: tuple[tuple[str, int], ...] = ()    # (hash hex, device block)
+    disk_drop: tuple[str, ...] = ()                     # hash hex
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.swap_out or self.swap_in or self.host_to_disk or self.disk_to_device or self.disk_drop)
 
 
 @dataclass(frozen=True)
@@ -68,6 +92,10 @@ class KVCacheStats:
     num_host_blocks: int = 0       # blocks held in the host tier now
     host_hit_blocks: int = 0       # blocks copied back from the host tier (since start)
     blocks_evicted_host: int = 0   # host-tier entries dropped to make room (since start)
+    disk_capacity_blocks: int = 0
+    num_disk_blocks: int = 0       # blocks held in the disk tier now
+    disk_hit_blocks: int = 0       # blocks copied back from the disk tier (since start)
+    blocks_evicted_disk: int = 0   # disk-tier files dropped to make room (since start)
 
     @property
     def usage(self) -> float:
@@ -77,8 +105,9 @@ class KVCacheStats:
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, *,
                  pin_budget_fraction: float = 0.5, clock: Callable[[], float] = time.monotonic,
-                 num_host_blocks: int = 0):
-        """`clock` (seconds) is injectable so TTL expiry is testable without sleeping."""
+                 num_host_blocks: int = 0, num_disk_blocks: int = 0):
+        """`clock` (seconds) is injectable so TTL expiry is testable without sleeping. The disk
+        tier holds what the host tier evicts, so it exists only below a host tier."""
         assert 0.0 <= pin_budget_fraction <= 1.0
         self.block_size = block_size
         self.clock = clock
@@ -89,10 +118,17 @@ class KVCacheManager:
         self._pins_released_for_budget = 0
         self._evicted_lru = 0
         self._evicted_flush = 0
-        self.host = HostTier(num_host_blocks) if num_host_blocks and enable_prefix_caching else NoHostTier()
+        self.host = (HostTier(num_host_blocks, on_evict=self._on_host_evict)
+                     if num_host_blocks and enable_prefix_caching else NoHostTier())
+        self.disk = (DiskTier(num_disk_blocks, on_evict=self._on_disk_evict)
+                     if num_disk_blocks and self.host.num_slots else NoDiskTier())
         self._swap_out: list[tuple[int, int]] = []
         self._swap_in: list[tuple[int, int]] = []
+        self._host_to_disk: list[tuple[int, str]] = []
+        self._disk_to_device: list[tuple[str, int]] = []
+        self._disk_drop: list[str] = []
         self._host_hits = 0
+        self._disk_hits = 0
         self._block_ids: dict[str, list[int]] = {}
         self._num_published: dict[str, int] = {}   # leading blocks already offered to the cache
         self._queried_tokens = 0
@@ -112,14 +148,17 @@ class KVCacheManager:
                             num_free, self._queried_tokens, self._hit_tokens, self.pins.num_pinned_blocks,
                             len(self.pins), self._pins_expired, self._pins_released_for_budget,
                             self._evicted_lru, self._evicted_flush, self.host.num_slots, len(self.host),
-                            self._host_hits, self.host.num_evicted)
+                            self._host_hits, self.host.num_evicted,
+                            disk_capacity_blocks=self.disk.num_blocks, num_disk_blocks=len(self.disk),
+                            disk_hit_blocks=self._disk_hits, blocks_evicted_disk=self.disk.num_evicted)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     # ---- verbs -------------------------------------------------------------------------------
     def match(self, request: Request) -> CacheHit:
-        """The longest cached prefix of `request`: main-pool blocks, then host-tier ones.
+        """The longest cached prefix of `request`: main-pool blocks, then host-tier ones, then
+        disk-tier ones.
 
         At least one token is always left to compute: the model must run on the last token to
         produce logits for the next one.
@@ -128,12 +167,13 @@ class KVCacheManager:
         hashes = request.block_hashes[:(request.num_tokens - 1) // self.block_size]
         device = self.prefix_cache.match(hashes)
         rest = hashes[len(device):]
-        return CacheHit(device, rest[:len(self.host.match(rest))])
+        host = rest[:len(self.host.match(rest))]
+        return CacheHit(device, host, self.disk.match(rest[len(host):]))
 
     def allocate_slots(self, request: Request, num_new_tokens: int, hit: CacheHit = NO_HIT) -> bool:
         """Make room for `num_new_tokens` more tokens after the request's computed (and newly
         matched cached) tokens. All or nothing: returns False, changing nothing, when the pool
-        cannot supply the blocks. Host-tier hits get fresh blocks and a swap-in."""
+        cannot supply the blocks. Host- and disk-tier hits get fresh blocks and a copy order."""
         held = self._block_ids.setdefault(request.request_id, [])
         cached_block_ids = hit.device_block_ids
         assert not (held and hit.num_blocks), "cached blocks are matched only at admission"
@@ -152,20 +192,29 @@ class KVCacheManager:
         self.pool.touch(cached_block_ids)   # before allocating, so allocation cannot evict them
         held.extend(cached_block_ids)
         host_slots = [self.host.take(h) for h in hit.host_hashes]   # protected before any swap-out
+        for block_hash in hit.disk_hashes:                          # ... and before any disk drop
+            self.disk.take(block_hash)
         if num_needed > 0:
             held.extend(self.pool.allocate(num_needed))
-        for i, (slot, block_hash) in enumerate(zip(host_slots, hit.host_hashes), start=len(cached_block_ids)):
+        start = len(cached_block_ids)
+        for i, (slot, block_hash) in enumerate(zip(host_slots, hit.host_hashes), start=start):
             self._swap_in.append((slot, held[i]))
             self.prefix_cache.insert(held[i], block_hash)   # valid once swapped in, before the forward pass
+        for i, block_hash in enumerate(hit.disk_hashes, start=start + len(host_slots)):
+            self._disk_to_device.append((block_hash.hex(), held[i]))
+            self.prefix_cache.insert(held[i], block_hash)   # likewise, once read back
         self._host_hits += len(host_slots)
+        self._disk_hits += len(hit.disk_hashes)
         return True
 
     def take_swaps(self) -> SwapPlan:
         """The copies this step needs, handed to the runner once per schedule."""
-        plan = SwapPlan(tuple(self._swap_out), tuple(self._swap_in))
-        self._swap_out.clear()
-        self._swap_in.clear()
+        plan = SwapPlan(tuple(self._swap_out), tuple(self._swap_in), tuple(self._host_to_disk),
+                        tuple(self._disk_to_device), tuple(self._disk_drop))
+        for orders in (self._swap_out, self._swap_in, self._host_to_disk, self._disk_to_device, self._disk_drop):
+            orders.clear()
         self.host.end_step()
+        self.disk.end_step()
         return plan
 
     def cache_full_blocks(self, request: Request) -> None:
@@ -234,7 +283,8 @@ class KVCacheManager:
 
     def flush(self, include_pinned: bool = False) -> int:
         """Drop every cached block nobody holds (after releasing all pins, if asked). Blocks in
-        use keep their entries: they are live KV. Returns the blocks dropped."""
+        use keep their entries: they are live KV. The host and disk tiers are emptied (the disk
+        files are removed with the next step's copies). Returns the blocks dropped."""
         if include_pinned:
             self.release_all_pins()
         dropped = 0
@@ -245,6 +295,7 @@ class KVCacheManager:
                 dropped += 1
         self._evicted_flush += dropped
         self.host.clear()
+        self._disk_drop.extend(h.hex() for h in self.disk.clear())
         return dropped
 
     def _on_reuse(self, block_id: int) -> None:
@@ -256,6 +307,14 @@ class KVCacheManager:
         slot = self.host.store(block_hash)
         if slot is not None:
             self._swap_out.append((block_id, slot))
+
+    def _on_host_evict(self, block_hash: bytes, slot: int) -> None:
+        """The host tier reuses a slot: its block moves to the disk tier, if there is one."""
+        if self.disk.store(block_hash):
+            self._host_to_disk.append((slot, block_hash.hex()))
+
+    def _on_disk_evict(self, block_hash: bytes) -> None:
+        self._disk_drop.append(block_hash.hex())
 
     def _unpin(self, pin: Pin) -> None:
         self.pool.free(reversed(pin.block_ids), self.prefix_cache.is_cached)

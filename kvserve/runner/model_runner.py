@@ -13,6 +13,7 @@ from kvserve.attention.torch_ref import TorchPagedAttention
 from kvserve.config import DEFAULT_KV_MEMORY_BYTES, CacheConfig, ModelConfig
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.runner.inputs import prepare_inputs
+from kvserve.runner.kv_files import KVBlockFiles
 from kvserve.runner.sampler import Sampler
 from kvserve.sampling import SamplingParams
 from kvserve.kv.manager import SwapPlan
@@ -90,6 +91,10 @@ class ModelRunner:
         self.host_caches = [(torch.zeros(host_shape, dtype=dtype, pin_memory=pin),
                              torch.zeros(host_shape, dtype=dtype, pin_memory=pin))
                             for _ in range(config.num_layers)] if self.num_host_blocks else []
+        # The disk tier below it (only below a host tier): one file per block, old files cleared.
+        self.num_disk_blocks = cache.disk_num_blocks if cache.disk_dir and self.num_host_blocks else 0
+        self.disk_files = (KVBlockFiles(cache.disk_dir, (config.num_layers, 2, *shape[1:]), dtype)
+                           if self.num_disk_blocks else None)
         self.sampler = Sampler(seed)
         self._generators: dict[str, torch.Generator] = {}
         log.info("model on %s in %s; KV cache %d blocks of %d tokens", device, dtype, self.num_blocks, self.block_size)
@@ -113,8 +118,12 @@ class ModelRunner:
                            {rid: lp for rid, lp in zip(ids, sampled.logprobs) if lp is not None})
 
     def _swap(self, swaps: SwapPlan) -> None:
-        """Copy evicted blocks out to the host tier, then hits back in (in that order: a block
-        may be evicted and refilled in one step)."""
+        """Run the step's copies in SwapPlan's order: disk drops, host → disk (before a swap-out
+        reuses the slot), device → host (before a hit refills the block), then hits back in."""
+        for name in swaps.disk_drop:
+            self.disk_files.drop(name)
+        for slot, name in swaps.host_to_disk:
+            self.disk_files.write(name, torch.stack([torch.stack((hk[slot], hv[slot])) for hk, hv in self.host_caches]))
         if swaps.swap_out:
             blocks, slots = (torch.tensor(x) for x in zip(*swaps.swap_out))
             for (k, v), (hk, hv) in zip(self.kv_caches, self.host_caches):
@@ -125,6 +134,13 @@ class ModelRunner:
             for (k, v), (hk, hv) in zip(self.kv_caches, self.host_caches):
                 k[blocks.to(k.device)] = hk[slots].to(k.device, non_blocking=True)
                 v[blocks.to(v.device)] = hv[slots].to(v.device, non_blocking=True)
+        if swaps.disk_to_device:
+            names, blocks = zip(*swaps.disk_to_device)
+            data = torch.stack([self.disk_files.read(name) for name in names])   # [n, layers, 2, *block]
+            blocks = torch.tensor(blocks, device=self.device)
+            for layer, (k, v) in enumerate(self.kv_caches):
+                k[blocks] = data[:, layer, 0].to(k.device)
+                v[blocks] = data[:, layer, 1].to(v.device)
 
     def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
         if params.seed is None or params.greedy:

@@ -43,7 +43,7 @@ class SchedulerOutput:
     chunks: tuple[ScheduledChunk, ...]
     # Requests that ended since the previous plan: the runner drops their per-request state.
     finished_request_ids: frozenset[str] = frozenset()
-    # KV copies between the main pool and the host tier, made before the forward pass.
+    # KV copies between the main pool, the host tier and the disk tier, made before the forward pass.
     swaps: SwapPlan = SwapPlan()
 
     @property
@@ -52,7 +52,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.chunks and not self.swaps.swap_out and not self.swaps.swap_in
+        return not self.chunks and self.swaps.is_empty
 
 
 @dataclass(frozen=True)

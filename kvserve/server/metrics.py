@@ -58,13 +58,17 @@ class EngineStatsCollector(Collector):
             evicted.add_metric([name, "lru", "device"], kv.blocks_evicted_lru)
             evicted.add_metric([name, "flush", "device"], kv.blocks_evicted_flush)
             evicted.add_metric([name, "lru", "host"], kv.blocks_evicted_host)
+            evicted.add_metric([name, "lru", "disk"], kv.blocks_evicted_disk)
             budget.add_metric([name], kv.pins_released_for_budget)
         host = CounterMetricFamily("kvserve:prompt_cache_host_hits", "KV blocks copied back from the host tier",
                                    labels=["model_name"])
+        disk = CounterMetricFamily("kvserve:prompt_cache_disk_hits", "KV blocks copied back from the disk tier",
+                                   labels=["model_name"])
         for name, stats in sources.items():
             host.add_metric([name], stats.kv.host_hit_blocks)
+            disk.add_metric([name], stats.kv.disk_hit_blocks)
         yield from (running, waiting, usage, blocks, queries, hits, preemptions, pinned, expired, budget, evicted,
-                    host)
+                    host, disk)
 
 
 class ServerMetrics:

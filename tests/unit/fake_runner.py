@@ -23,14 +23,23 @@ class FakeRunner:
         self.block_size = block_size
         self.slots: list[int | None] = [None] * (num_blocks * block_size)
         self.host: dict[int, list[int | None]] = {}     # host slot -> one block's tokens
+        self.disk: dict[str, list[int | None]] = {}     # hash hex -> one block's tokens (a "file")
         self.num_tokens_run = 0
 
     def execute(self, plan: SchedulerOutput) -> ModelOutput:
         bs = self.block_size
-        for block, slot in plan.swaps.swap_out:
+        swaps = plan.swaps
+        for name in swaps.disk_drop:                    # in SwapPlan's order; a file is never written twice
+            del self.disk[name]                         # nor dropped or read when absent
+        for slot, name in swaps.host_to_disk:
+            assert name not in self.disk, name
+            self.disk[name] = list(self.host[slot])
+        for block, slot in swaps.swap_out:
             self.host[slot] = self.slots[block * bs:(block + 1) * bs]
-        for slot, block in plan.swaps.swap_in:
+        for slot, block in swaps.swap_in:
             self.slots[block * bs:(block + 1) * bs] = self.host[slot]
+        for name, block in swaps.disk_to_device:
+            self.slots[block * bs:(block + 1) * bs] = self.disk[name]
         sampled = {}
         for chunk in plan.chunks:
             for offset, token in enumerate(chunk.token_ids):

@@ -135,3 +135,29 @@ def test_check_integrity_catches_a_corrupted_ref_count():
     kv.pool._ref_counts[kv.block_ids("a")[0]] += 1
     with pytest.raises(AssertionError):
         kv.check_integrity()
+
+
+def test_disk_tier_options_are_validated_and_split_per_served_model():
+    import argparse
+
+    from kvserve.cli import add_engine_options, engine_config_from_args, model_engine_config
+    from kvserve.config import CacheConfig, ConfigError
+
+    with pytest.raises(ConfigError, match="--kv-disk-dir needs a host tier"):
+        CacheConfig(disk_dir="/tmp/kv")
+    with pytest.raises(ConfigError, match="--kv-disk-blocks"):
+        CacheConfig(host_memory_bytes=1 << 20, disk_dir="/tmp/kv", disk_num_blocks=0)
+    parser = argparse.ArgumentParser()
+    add_engine_options(parser)
+    args = parser.parse_args(["--kv-host-memory", "64MiB", "--kv-disk-dir", "/tmp/kv", "--kv-disk-blocks", "100"])
+    base = engine_config_from_args(args)
+    assert (base.cache.disk_dir, base.cache.disk_num_blocks) == ("/tmp/kv", 100)
+    assert model_engine_config(base, "a", "random:tiny", 1).cache.disk_dir == "/tmp/kv"
+    assert model_engine_config(base, "a", "random:tiny", 2).cache.disk_dir == "/tmp/kv/a"
+
+
+def test_disk_tier_needs_a_host_tier_and_starts_empty():
+    kv = KVCacheManager(8, 4, num_disk_blocks=16)
+    assert kv.disk.num_blocks == 0 and kv.stats().disk_capacity_blocks == 0
+    kv = KVCacheManager(8, 4, num_host_blocks=2, num_disk_blocks=16)
+    assert kv.stats().disk_capacity_blocks == 16 and kv.take_swaps().is_empty

@@ -15,8 +15,9 @@ from fake_runner import FakeRunner, reference_output
 import pytest
 
 
-def make_core(num_blocks=64, block_size=4, budget=32, max_seqs=8, prefix=True, max_model_len=4096, host_blocks=0):
-    kv = KVCacheManager(num_blocks, block_size, prefix, num_host_blocks=host_blocks)
+def make_core(num_blocks=64, block_size=4, budget=32, max_seqs=8, prefix=True, max_model_len=4096, host_blocks=0,
+              disk_blocks=0):
+    kv = KVCacheManager(num_blocks, block_size, prefix, num_host_blocks=host_blocks, num_disk_blocks=disk_blocks)
     scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), kv, max_model_len)
     return EngineCore(scheduler, FakeRunner(num_blocks, block_size))
 
@@ -132,14 +133,15 @@ ops = st.lists(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops, num_blocks=st.integers(4, 24), block_size=st.sampled_from([1, 2, 4, 8]),
-       budget=st.integers(1, 40), prefix=st.booleans(), host_blocks=st.sampled_from([0, 0, 2, 8, 32]))
+       budget=st.integers(1, 40), prefix=st.booleans(), host_blocks=st.sampled_from([0, 0, 2, 8, 32]),
+       disk_blocks=st.sampled_from([0, 3, 16]))
 def test_random_arrivals_aborts_and_preemptions_keep_invariants(ops, num_blocks, block_size, budget, prefix,
-                                                                host_blocks):
+                                                                host_blocks, disk_blocks):
     """Whatever happens, no block leaks, ref counts stay exact, and every completed request's
     output equals running it alone (the fake runner reads every context back through the block
-    tables, so a wrong prefix hit or host-tier copy would change the output)."""
+    tables, so a wrong prefix hit or host- or disk-tier copy would change the output)."""
     core = make_core(num_blocks=num_blocks, block_size=block_size, budget=budget, max_seqs=6, prefix=prefix,
-                     host_blocks=host_blocks)
+                     host_blocks=host_blocks, disk_blocks=disk_blocks)
     bases = [[1, 2, 3, 4, 5, 6, 7, 8] * 5, [9, 8, 7] * 14, [5] * 40, list(range(40))]
     added, outputs = [], {}
     for op in ops:
@@ -170,6 +172,7 @@ def test_random_arrivals_aborts_and_preemptions_keep_invariants(ops, num_blocks,
     kv = core.scheduler.kv
     assert kv.pool.num_free_blocks == kv.num_blocks, "every block is free or cached"
     kv.check_integrity()
+    assert len(core.runner.disk) == len(kv.disk), "the disk tier's books match its files"
     max_len = core.scheduler.max_model_len
     for rid, prompt, max_tokens in added:
         if outputs.get(rid) is None:
@@ -196,3 +199,43 @@ def test_prefix_evicted_to_the_host_tier_comes_back_on_a_hit():
     assert core.runner.num_tokens_run - before == 1 + 2           # only the suffix and the decodes ran
     assert out == reference_output(shared + [9], 3)
     assert kv.stats().host_hit_blocks == 10
+
+
+def test_prefix_pushed_down_to_the_disk_tier_comes_back_from_disk():
+    # A small budget: a step evicts fewer blocks than the host tier holds (a slot filled in a step
+    # is not reused in that step, so a bigger burst would drop the excess instead).
+    core = make_core(num_blocks=16, block_size=4, budget=8, host_blocks=4, disk_blocks=64)
+    shared = list(range(1, 41))                                   # 10 blocks
+    core.scheduler.add_request(request("first", shared + [7], 2))
+    run_all(core)
+    for i in range(6):                                            # push it out of the pool and the host tier
+        core.scheduler.add_request(request(f"flood{i}", [100 + i] * 40, 1))
+        run_all(core)
+    kv = core.scheduler.kv
+    hit = kv.match(request("probe", shared + [9], 1))
+    assert (hit.device_block_ids, hit.host_hashes, len(hit.disk_hashes)) == ([], [], 10)
+    assert set(core.runner.disk) >= {h.hex() for h in hit.disk_hashes}
+    before = core.runner.num_tokens_run
+    second = request("second", shared + [9], 3)
+    core.scheduler.add_request(second)
+    out = run_all(core)["second"]
+    assert second.num_cached_tokens == 40                        # the read count includes the disk blocks
+    assert core.runner.num_tokens_run - before == 1 + 2           # only the suffix and the decodes ran
+    assert out == reference_output(shared + [9], 3)
+    stats = kv.stats()
+    assert stats.disk_hit_blocks == 10 and stats.host_hit_blocks == 0
+    assert stats.num_disk_blocks == len(core.runner.disk) > 0
+
+
+def test_disk_tier_is_bounded_and_flushed():
+    core = make_core(num_blocks=8, block_size=4, budget=64, host_blocks=2, disk_blocks=5)
+    for i in range(8):
+        core.scheduler.add_request(request(f"r{i}", [10 * i + j for j in range(17)], 1))
+        run_all(core)
+    kv = core.scheduler.kv
+    assert len(kv.disk) == len(core.runner.disk) == 5             # LRU-bounded, files dropped with it
+    assert kv.stats().blocks_evicted_disk > 0
+    kv.flush()
+    assert len(kv.disk) == 0 and kv.stats().num_disk_blocks == 0
+    core.step()                                                   # the drops reach the runner with a step
+    assert core.runner.disk == {}
