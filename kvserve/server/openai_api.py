@@ -396,7 +396,7 @@ class OpenAIServing:
             raise APIError(400, f"the prompt has {len(ids)} tokens; at most {cap} are allowed "
                            f"(context {model.max_model_len})", param=param, code="context_length_exceeded")
         pins = tuple((n, ttl_s) for n, (_, ttl_s) in zip(counts, checkpoints)
-                     if n >= self.config.cache_min_tokens)
+                     if n >= max(1, self.config.cache_min_tokens))
         return ids, pins
 
     def _sampling_params(self, model: ServedModel, body, num_prompt_tokens: int, max_tokens: int | None,
