@@ -107,7 +107,7 @@ class SchedulerConfig:
     max_num_batched_tokens: the token budget of one step (prefill chunks + decodes).
     max_num_seqs: at most this many requests run at once.
     max_model_len: prompt + output tokens of one request; None means the model's context.
-    policy: the waiting-queue ordering ("fcfs").
+    policy: the waiting-queue ordering ("fcfs", or "priority": lower `priority` values first).
     """
 
     max_num_batched_tokens: int = 512
@@ -122,8 +122,8 @@ class SchedulerConfig:
             raise ConfigError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"--max-model-len must be at least 2, got {self.max_model_len}")
-        if self.policy not in ("fcfs",):
-            raise ConfigError(f"--scheduling-policy must be one of: fcfs; got {self.policy!r}")
+        if self.policy not in ("fcfs", "priority"):
+            raise ConfigError(f"--scheduling-policy must be fcfs or priority; got {self.policy!r}")
 
 
 DTYPES = ("auto", "bfloat16", "float32")

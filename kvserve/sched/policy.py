@@ -1,8 +1,9 @@
-"""Waiting-queue orderings, one small class each. A policy decides who is admitted next and who
-is preempted first; the scheduler does the rest."""
+"""Waiting-queue orderings, one small class each. A policy decides who is admitted next and in
+which order running requests are served (the last is preempted first); the scheduler does the rest."""
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Iterator
 from typing import Protocol
@@ -17,7 +18,9 @@ class SchedulingPolicy(Protocol):
     def peek(self) -> Request: ...
     def pop(self) -> Request: ...
     def remove(self, request: Request) -> None: ...
-    def preemption_victim(self, running: list[Request]) -> Request: ...
+    def order_running(self, running: list[Request]) -> None:
+        """Sort running requests in place, most important first: the scheduler serves them in
+        this order and preempts from the end, so a victim is never one already served this step."""
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[Request]: ...
 
@@ -44,8 +47,8 @@ class FCFSPolicy:
     def remove(self, request: Request) -> None:
         self._queue.remove(request)
 
-    def preemption_victim(self, running: list[Request]) -> Request:
-        return running[-1]
+    def order_running(self, running: list[Request]) -> None:
+        return None   # admission order already
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -54,7 +57,54 @@ class FCFSPolicy:
         return iter(self._queue)
 
 
-POLICIES = {"fcfs": FCFSPolicy}
+class PriorityPolicy:
+    """Lower `priority` values first (as vLLM), then arrival order. Running requests are served in
+    the same order, so the one preempted first has the highest priority value, the most recently
+    arrived among equals.
+
+    The queue is kept sorted; requests are few enough (bounded by --max-queued-requests) that
+    an insertion by bisection is cheaper than a heap with lazy removal.
+    """
+
+    def __init__(self) -> None:
+        self._queue: list[tuple[int, float, int, Request]] = []
+        self._counter = 0
+
+    @staticmethod
+    def _key(request: Request) -> tuple[int, float]:
+        return request.priority, request.arrival_time
+
+    def add(self, request: Request) -> None:
+        self._counter += 1
+        bisect.insort(self._queue, (*self._key(request), self._counter, request), key=lambda e: e[:3])
+
+    def requeue(self, request: Request) -> None:
+        self.add(request)   # its arrival time keeps its place among equals
+
+    def peek(self) -> Request:
+        return self._queue[0][3]
+
+    def pop(self) -> Request:
+        return self._queue.pop(0)[3]
+
+    def remove(self, request: Request) -> None:
+        for i, entry in enumerate(self._queue):
+            if entry[3] is request:
+                del self._queue[i]
+                return
+        raise ValueError(f"{request.request_id} is not waiting")
+
+    def order_running(self, running: list[Request]) -> None:
+        running.sort(key=self._key)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter([entry[3] for entry in self._queue])
+
+
+POLICIES = {"fcfs": FCFSPolicy, "priority": PriorityPolicy}
 
 
 def make_policy(name: str) -> SchedulingPolicy:

@@ -75,13 +75,14 @@ class Scheduler:
 
     def _schedule_running(self, budget: int, chunks: list[ScheduledChunk]) -> tuple[int, bool]:
         preempted = False
+        self.waiting.order_running(self.running)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_pending_tokens, budget)
             assert num_new > 0, request
             while not self.kv.allocate_slots(request, num_new):
-                victim = self.waiting.preemption_victim(self.running)
+                victim = self.running[-1]   # the least important (see policy.order_running)
                 self._preempt(victim)
                 preempted = True
                 if victim is request:

@@ -16,9 +16,10 @@ import pytest
 
 
 def make_core(num_blocks=64, block_size=4, budget=32, max_seqs=8, prefix=True, max_model_len=4096, host_blocks=0,
-              disk_blocks=0):
+              disk_blocks=0, policy="fcfs"):
     kv = KVCacheManager(num_blocks, block_size, prefix, num_host_blocks=host_blocks, num_disk_blocks=disk_blocks)
-    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), kv, max_model_len)
+    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, policy=policy)
+    scheduler = Scheduler(config, kv, max_model_len)
     return EngineCore(scheduler, FakeRunner(num_blocks, block_size))
 
 
@@ -134,14 +135,14 @@ ops = st.lists(
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops, num_blocks=st.integers(4, 24), block_size=st.sampled_from([1, 2, 4, 8]),
        budget=st.integers(1, 40), prefix=st.booleans(), host_blocks=st.sampled_from([0, 0, 2, 8, 32]),
-       disk_blocks=st.sampled_from([0, 3, 16]))
+       disk_blocks=st.sampled_from([0, 3, 16]), policy=st.sampled_from(["fcfs", "priority"]))
 def test_random_arrivals_aborts_and_preemptions_keep_invariants(ops, num_blocks, block_size, budget, prefix,
-                                                                host_blocks, disk_blocks):
+                                                                host_blocks, disk_blocks, policy):
     """Whatever happens, no block leaks, ref counts stay exact, and every completed request's
     output equals running it alone (the fake runner reads every context back through the block
     tables, so a wrong prefix hit or host- or disk-tier copy would change the output)."""
     core = make_core(num_blocks=num_blocks, block_size=block_size, budget=budget, max_seqs=6, prefix=prefix,
-                     host_blocks=host_blocks, disk_blocks=disk_blocks)
+                     host_blocks=host_blocks, disk_blocks=disk_blocks, policy=policy)
     bases = [[1, 2, 3, 4, 5, 6, 7, 8] * 5, [9, 8, 7] * 14, [5] * 40, list(range(40))]
     added, outputs = [], {}
     for op in ops:
@@ -150,7 +151,7 @@ def test_random_arrivals_aborts_and_preemptions_keep_invariants(ops, num_blocks,
             prompt = bases[base][:length]
             rid = f"r{len(added)}"
             try:
-                core.scheduler.add_request(request(rid, prompt, max_tokens))
+                core.scheduler.add_request(request(rid, prompt, max_tokens, priority=(len(added) * 7) % 3))
             except InvalidRequestError:
                 continue   # prompt longer than this tiny pool can ever hold
             added.append((rid, prompt, max_tokens))
@@ -239,3 +240,22 @@ def test_disk_tier_is_bounded_and_flushed():
     assert len(kv.disk) == 0 and kv.stats().num_disk_blocks == 0
     core.step()                                                   # the drops reach the runner with a step
     assert core.runner.disk == {}
+
+
+def test_priority_policy_admits_lower_values_first_and_preempts_the_least_important():
+    core = make_core(num_blocks=10, block_size=4, budget=64, max_seqs=2, policy="priority")
+    for rid, priority in (("low", 5), ("mid", 1), ("high", 0)):
+        core.scheduler.add_request(request(rid, [1, 2, 3, 4], 12, priority=priority))
+    plan = core.scheduler.schedule()
+    assert [c.request_id for c in plan.chunks] == ["high", "mid"]
+    core.scheduler.update(plan, core.runner.execute(plan))
+    outputs = run_all(core)
+    assert outputs["low"] == reference_output([1, 2, 3, 4], 12)
+    # 7 blocks, two requests growing to 20 tokens each (5 blocks): one is preempted, never "a".
+    core = make_core(num_blocks=7, block_size=4, budget=64, max_seqs=2, policy="priority")
+    core.scheduler.add_request(request("b", [2] * 8, 12, priority=3))
+    core.scheduler.add_request(request("a", [1] * 8, 12, priority=0))
+    a, b = core.scheduler.requests["a"], core.scheduler.requests["b"]
+    outputs = run_all(core)
+    assert core.scheduler.stats().num_preemptions > 0 and a.num_preemptions == 0 and b.num_preemptions > 0
+    assert outputs["a"] == reference_output([1] * 8, 12) and outputs["b"] == reference_output([2] * 8, 12)
