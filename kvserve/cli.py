@@ -1,4 +1,4 @@
-"""kvserve command line: serve | generate | bench offline | bench cache."""
+"""kvserve command line: serve | generate | bench offline | bench cache | bench serve."""
 
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
     group.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
     group.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
     group.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
+    group.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                       help="waiting-queue order: fcfs, or priority (lower `priority` values first)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -55,7 +57,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           host_memory_bytes=args.kv_host_memory, disk_dir=args.kv_disk_dir,
                           disk_num_blocks=args.kv_disk_blocks, pin_budget_fraction=args.pin_budget),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len),
+                                  max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                                  policy=args.scheduling_policy),
     )
 
 
@@ -164,6 +167,12 @@ def cmd_bench_cache(args: argparse.Namespace) -> int:
     return run_cache_bench(args, engine_config_from_args(args))
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from kvserve.bench.serve import run_serve_bench
+
+    return run_serve_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -207,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_options(cache)
     add_engine_options(cache)
     cache.set_defaults(func=cmd_bench_cache)
+
+    serve_bench = bench.add_parser("serve", help="seeded load on any OpenAI-compatible server (streamed chat)")
+    from kvserve.bench.serve import add_serve_options
+
+    add_serve_options(serve_bench)
+    serve_bench.set_defaults(func=cmd_bench_serve)
     return parser
 
 
