@@ -1,4 +1,4 @@
-"""kvserve command line: serve | generate | bench offline | bench cache | bench serve."""
+"""kvserve command line: serve | generate | bench offline | bench cache | bench serve | bench compare."""
 
 from __future__ import annotations
 
@@ -167,6 +167,12 @@ def cmd_bench_cache(args: argparse.Namespace) -> int:
     return run_cache_bench(args, engine_config_from_args(args))
 
 
+def cmd_bench_compare(args: argparse.Namespace) -> int:
+    from kvserve.bench.compare import run_compare
+
+    return run_compare(args)
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from kvserve.bench.serve import run_serve_bench
 
@@ -222,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_options(serve_bench)
     serve_bench.set_defaults(func=cmd_bench_serve)
+
+    compare = bench.add_parser("compare", help="kvserve vs llama-server (or a second kvserve), same model and workload")
+    from kvserve.bench.compare import add_compare_options
+
+    add_compare_options(compare)
+    compare.set_defaults(func=cmd_bench_compare)
     return parser
 
 

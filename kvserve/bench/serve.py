@@ -228,25 +228,27 @@ def load_pyplot():
     return plt
 
 
-def plot(result: dict, path: str) -> None:
-    """Left: TTFT CDF, one line per request class; right: output tok/s."""
+def plot(results: list[dict], path: str) -> None:
+    """Left: TTFT CDF, one line per run and request class; right: output tok/s per run."""
     plt = load_pyplot()
     figure, (cdf, bar) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 1]})
-    classes = sorted(set(result["ttft_classes"]))
-    for request_class in classes:
-        values = sorted(t / 1000 for t, c in zip(result["ttfts_ms"], result["ttft_classes"]) if c == request_class)
-        name = result["label"] if request_class == "default" else f"{result['label']} · {request_class}"
-        cdf.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post", label=name)
+    for result in results:
+        for request_class in sorted(set(result["ttft_classes"])):
+            values = sorted(t / 1000 for t, c in zip(result["ttfts_ms"], result["ttft_classes"]) if c == request_class)
+            name = result["label"] if request_class == "default" else f"{result['label']} · {request_class}"
+            cdf.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post", label=name)
     cdf.set_xlabel("time to first token (s)")
     cdf.set_ylabel("share of requests")
     cdf.set_ylim(0, 1.02)
     cdf.grid(alpha=0.3)
     cdf.legend(loc="lower right")
-    bar.bar([result["label"]], [result["output_tok_s"]], color="tab:blue")
+    bar.bar([r["label"] for r in results], [r["output_tok_s"] for r in results],
+            color=[f"C{i}" for i in range(len(results))])
     bar.set_ylabel("output tokens / s")
     bar.grid(axis="y", alpha=0.3)
-    figure.suptitle(f"{result['workload']}: {result['requests']} requests, concurrency {result['concurrency']} "
-                    f"— {result['model']} at {result['url']}")
+    first = results[0]
+    where = f"{first['model']} at {first['url']}" if len(results) == 1 else f"model {first['model']}"
+    figure.suptitle(f"{first['workload']}: {first['num_requests']} requests, concurrency {first['concurrency']} — {where}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -277,7 +279,8 @@ async def run_load(args: argparse.Namespace, model: str, headers: dict[str, str]
             return results, time.perf_counter() - start
 
 
-def run_serve_bench(args: argparse.Namespace) -> int:
+def measure(args: argparse.Namespace) -> dict:
+    """Run the workload against args.url; the result dict (the JSON line)."""
     defaults = DEFAULTS[args.workload]
     num_requests = args.num_requests or defaults.num_requests
     concurrency = args.concurrency or defaults.concurrency
@@ -295,8 +298,13 @@ def run_serve_bench(args: argparse.Namespace) -> int:
               "workload": args.workload, "seed": args.seed, "num_requests": num_requests, "concurrency": concurrency,
               "max_tokens": max_tokens, "ignore_eos": args.ignore_eos, "prompt_scale": args.prompt_scale,
               "workload_digest": workload_digest(sessions), **summarize(results, wall_s)}
+    return result
+
+
+def run_serve_bench(args: argparse.Namespace) -> int:
+    result = measure(args)
     if args.plot:
-        plot(result, args.plot)
+        plot([result], args.plot)
     if not args.json_only:
         print_table(result)
     print(json.dumps(result))

