@@ -60,7 +60,6 @@ are 400, as Anthropic answers them; unknown model 404).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -73,8 +72,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 from kvserve.engine.async_engine import RequestStream
 from kvserve.outputs import RequestOutput
 from kvserve.server.auth import authenticate
-from kvserve.server.openai_api import Generation, OpenAIServing
+from kvserve.server.openai_api import Generation
 from kvserve.server.tools import TOOLS_HEADER, tool_line
+from kvserve.server.http import ClientGone, serving, unless_disconnected
 from kvserve.server.protocol import (APIError, as_api_error, ChatCompletionRequest, ChatMessage, ContentPart, Number,
                                      validation_error)
 from kvserve.server.sse import sse_frames
@@ -344,7 +344,7 @@ def register_anthropic(app: FastAPI) -> None:
             # The one place the tenant is resolved: the key (x-api-key, as the SDK sends it) → its tenant.
             tenant = authenticate(request.app.state.api_keys, request.headers).tenant
             body = await _parse(request)
-            generation = await _serving(request).chat(to_chat_request(body), tenant=tenant)
+            generation = await serving(request).chat(to_chat_request(body), tenant=tenant)
         except Exception as error:
             return error_response(_as_api_error(error))
         message = AnthropicMessage(generation, body.stop_sequences or ())
@@ -369,33 +369,11 @@ async def _parse(request: Request) -> MessagesRequest:
         raise APIError(400, invalid.message, param=invalid.param, code=invalid.code) from None
 
 
-def _serving(request: Request) -> OpenAIServing:
-    serving = request.app.state.serving
-    if serving is None:
-        raise APIError(503, "the model is still loading; retry shortly", type="service_unavailable",
-                       code="loading", headers={"Retry-After": "2"})
-    return serving
-
-
 async def _whole(request: Request, message: AnthropicMessage) -> Response:
     """The non-streaming answer; a client that leaves first aborts the engine work at once."""
-    result = asyncio.ensure_future(message.result())
-    disconnect = asyncio.ensure_future(_until_disconnected(request))
     try:
-        await asyncio.wait({result, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-        if not result.done():
-            message.generation.close()
-            result.cancel()
-            return Response(status_code=499)
-        error = result.exception()
-        if error is not None:
-            return error_response(_as_api_error(error))
-        return JSONResponse(result.result())
-    finally:
-        disconnect.cancel()
-        message.generation.close()
-
-
-async def _until_disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+        return JSONResponse(await unless_disconnected(request, message.result(), message.generation))
+    except ClientGone:
+        return Response(status_code=499)
+    except Exception as error:
+        return error_response(_as_api_error(error))

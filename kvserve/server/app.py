@@ -25,6 +25,7 @@ from kvserve.server.auth import ApiKeys, Principal, authenticate, require_admin
 from kvserve.server.bedrock import register_bedrock
 from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvserve.server.openai_api import Generation, OpenAIServing, ServedModel
+from kvserve.server.http import ClientGone, serving, unless_disconnected
 from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
 from kvserve.server.sse import sse_stream
 from kvserve.server.anthropic_api import register_anthropic
@@ -138,14 +139,6 @@ def principal(request: Request) -> Principal:
     return authenticate(request.app.state.api_keys, request.headers)
 
 
-def serving(request: Request) -> OpenAIServing:
-    serving = request.app.state.serving
-    if serving is None:
-        raise APIError(503, "the model is still loading; retry shortly", type="service_unavailable",
-                       code="loading", headers={"Retry-After": "2"})
-    return serving
-
-
 def _install_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request):
@@ -196,23 +189,10 @@ async def respond(request: Request, generation: Generation, stream: bool):
     if stream:
         return StreamingResponse(sse_stream(generation), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    result = asyncio.ensure_future(generation.result())
-    disconnect = asyncio.ensure_future(_until_disconnected(request))
     try:
-        await asyncio.wait({result, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-        if not result.done():   # the client left: free the engine's work now
-            generation.close()
-            result.cancel()
-            return Response(status_code=499)
-        return JSONResponse(result.result())
-    finally:
-        disconnect.cancel()
-        generation.close()
-
-
-async def _until_disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+        return JSONResponse(await unless_disconnected(request, generation.result(), generation))
+    except ClientGone:
+        return Response(status_code=499)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -47,7 +47,6 @@ A client that disconnects aborts the request: the Generation is closed in a `fin
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -63,9 +62,10 @@ from pydantic import ValidationError
 
 from kvserve.server import eventstream
 from kvserve.server.checkpoints import TTLS
-from kvserve.server.openai_api import Generation, OpenAIServing
+from kvserve.server.openai_api import Generation
 from kvserve.server.auth import authenticate
 from kvserve.server.tools import TOOLS_HEADER, tool_line
+from kvserve.server.http import ClientGone, serving, unless_disconnected
 from kvserve.server.protocol import as_api_error, APIError, ChatCompletionRequest, validation_error
 
 log = logging.getLogger(__name__)
@@ -360,10 +360,9 @@ async def _start(request: Request, model_id: str) -> _Reply:
     except ValueError:
         raise _invalid("the request body is not valid JSON") from None
     converse = to_chat_request(model_id, body)
-    serving = _serving(request)
     # The SigV4 access key id is the API key (auth.py); its tenant namespaces the prefix cache.
     tenant = authenticate(request.app.state.api_keys, request.headers).tenant
-    generation = await serving.chat(converse.chat, tenant=tenant)
+    generation = await serving(request).chat(converse.chat, tenant=tenant)
     try:
         return _Reply(generation, converse, started)
     except BaseException:
@@ -371,34 +370,12 @@ async def _start(request: Request, model_id: str) -> _Reply:
         raise
 
 
-def _serving(request: Request) -> OpenAIServing:
-    serving = request.app.state.serving
-    if serving is None:
-        raise APIError(503, "the model is still loading; retry shortly", type="service_unavailable",
-                       code="loading", headers={"Retry-After": "2"})
-    return serving
-
-
 async def _respond(request: Request, reply: _Reply, request_id: str) -> Response:
     """The Converse response, or 499 (engine work aborted) if the client leaves first."""
-    result = asyncio.ensure_future(reply.response())
-    disconnect = asyncio.ensure_future(_until_disconnected(request))
     try:
-        await asyncio.wait({result, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-        if not result.done():
-            reply.generation.close()
-            result.cancel()
-            return Response(status_code=499)
-        try:
-            body = result.result()
-        except Exception as error:
-            return error_response(_as_api_error(error), request_id)
-        return JSONResponse(body, headers={"x-amzn-RequestId": request_id})
-    finally:
-        disconnect.cancel()
-        reply.generation.close()
-
-
-async def _until_disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+        body = await unless_disconnected(request, reply.response(), reply.generation)
+    except ClientGone:
+        return Response(status_code=499)
+    except Exception as error:
+        return error_response(_as_api_error(error), request_id)
+    return JSONResponse(body, headers={"x-amzn-RequestId": request_id})
