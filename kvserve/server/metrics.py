@@ -41,8 +41,11 @@ class EngineStatsCollector(Collector):
                                      "Checkpoint pins released early to keep within the pin budget", labels=["model_name"])
         evicted = CounterMetricFamily("kvserve:prompt_cache_evictions", "Cached KV blocks dropped, by reason and tier",
                                       labels=["model_name", "reason", "tier"])
-        sources = self._sources()
-        for name, stats in sources.items():
+        host = CounterMetricFamily("kvserve:prompt_cache_host_hits", "KV blocks copied back from the host tier",
+                                   labels=["model_name"])
+        disk = CounterMetricFamily("kvserve:prompt_cache_disk_hits", "KV blocks copied back from the disk tier",
+                                   labels=["model_name"])
+        for name, stats in self._sources().items():
             kv = stats.kv
             running.add_metric([name], stats.num_running)
             waiting.add_metric([name], stats.num_waiting)
@@ -60,13 +63,8 @@ class EngineStatsCollector(Collector):
             evicted.add_metric([name, "lru", "host"], kv.blocks_evicted_host)
             evicted.add_metric([name, "lru", "disk"], kv.blocks_evicted_disk)
             budget.add_metric([name], kv.pins_released_for_budget)
-        host = CounterMetricFamily("kvserve:prompt_cache_host_hits", "KV blocks copied back from the host tier",
-                                   labels=["model_name"])
-        disk = CounterMetricFamily("kvserve:prompt_cache_disk_hits", "KV blocks copied back from the disk tier",
-                                   labels=["model_name"])
-        for name, stats in sources.items():
-            host.add_metric([name], stats.kv.host_hit_blocks)
-            disk.add_metric([name], stats.kv.disk_hit_blocks)
+            host.add_metric([name], kv.host_hit_blocks)
+            disk.add_metric([name], kv.disk_hit_blocks)
         yield from (running, waiting, usage, blocks, queries, hits, preemptions, pinned, expired, budget, evicted,
                     host, disk)
 
