@@ -14,6 +14,8 @@ CPU SDPA is several times slower in bf16 than in fp32 at these shapes (see bench
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -34,52 +36,76 @@ def causal_mask(num_queries: int, seq_len: int, device: torch.device) -> torch.T
     return torch.arange(seq_len, device=device)[None, :] <= query_positions[:, None]
 
 
+@dataclass(frozen=True)
+class _StepPlan:
+    """What every layer of one step needs besides its tensors, built once per step (not per layer):
+    the prefill chunks with their causal masks, and the decode rows as one padded batch."""
+
+    prefills: tuple[tuple[int, int, int, int, torch.Tensor], ...]   # (seq, start, end, seq_len, mask)
+    decode_token_rows: torch.Tensor | None    # [b] rows of the flat batch that decode
+    decode_block_ids: torch.Tensor | None     # [b, blocks] their block tables, cut to the longest
+    decode_valid: torch.Tensor | None         # [b, 1, 1, max_len] which padded key positions are real
+    decode_max_len: int = 0
+
+
+def _plan(metadata: AttentionMetadata, device: torch.device) -> _StepPlan:
+    starts = metadata.query_start_loc_host
+    prefills, rows = [], []
+    for i, seq_len in enumerate(metadata.seq_lens_host):
+        start, end = starts[i], starts[i + 1]
+        if end - start == 1:
+            rows.append(i)
+        else:
+            prefills.append((i, start, end, seq_len, causal_mask(end - start, seq_len, device)))
+    if not rows:
+        return _StepPlan(tuple(prefills), None, None, None)
+    seq_lens = [metadata.seq_lens_host[i] for i in rows]
+    max_len = max(seq_lens)
+    block_ids = metadata.block_table[torch.tensor(rows, device=device), :-(-max_len // metadata.block_size)]
+    valid = torch.arange(max_len, device=device)[None, :] < torch.tensor(seq_lens, device=device)[:, None]
+    token_rows = torch.tensor([starts[i] for i in rows], device=device)
+    return _StepPlan(tuple(prefills), token_rows, block_ids, valid[:, None, None, :], max_len)
+
+
 class TorchPagedAttention:
     name = "torch"
 
     def __init__(self, compute_dtype: torch.dtype | None = None):
         """compute_dtype None: attend in the query's dtype."""
         self.compute_dtype = compute_dtype
+        self._last: tuple[AttentionMetadata, _StepPlan] | None = None
+
+    def _step_plan(self, metadata: AttentionMetadata, device: torch.device) -> _StepPlan:
+        """The plan of this step's metadata; layers after the first reuse it."""
+        if self._last is None or self._last[0] is not metadata:
+            self._last = (metadata, _plan(metadata, device))
+        return self._last[1]
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv(key, value, kv_cache, metadata.slot_mapping)
+        plan = self._step_plan(metadata, query.device)
         dtype = self.compute_dtype or query.dtype
         out = torch.empty(query.shape, dtype=dtype, device=query.device)   # [num_tokens, num_heads, head_dim]
-        starts = metadata.query_start_loc_host
-        decodes = []
-        for i, seq_len in enumerate(metadata.seq_lens_host):
-            start, end = starts[i], starts[i + 1]
-            if end - start == 1:
-                decodes.append(i)
-                continue
+        for i, start, end, seq_len, mask in plan.prefills:
             keys, values = gather_context(kv_cache, metadata.block_table[i], seq_len)
             q = query[start:end].transpose(0, 1).to(dtype)             # [num_heads, n, head_dim]
             k = keys.transpose(0, 1).to(dtype)                         # [num_kv_heads, seq_len, head_dim]
             v = values.transpose(0, 1).to(dtype)
-            mask = causal_mask(end - start, seq_len, q.device)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
             out[start:end] = o.transpose(0, 1)
-        if decodes:
-            self._decode(query, kv_cache, metadata, decodes, scale, out)
+        if plan.decode_token_rows is not None:
+            self._decode(query, kv_cache, plan, scale, out)
         return out.to(query.dtype)
 
-    def _decode(self, query: torch.Tensor, kv_cache: KVCache, metadata: AttentionMetadata, rows: list[int],
-                scale: float, out: torch.Tensor) -> None:
+    @staticmethod
+    def _decode(query: torch.Tensor, kv_cache: KVCache, plan: _StepPlan, scale: float, out: torch.Tensor) -> None:
         """All one-token rows in one padded SDPA call."""
         k_cache, v_cache = kv_cache
-        block_size = k_cache.shape[1]
         dtype = out.dtype
-        device = query.device
-        seq_lens = [metadata.seq_lens_host[i] for i in rows]
-        max_len = max(seq_lens)
-        rows_t = torch.tensor(rows, device=device)
-        block_ids = metadata.block_table[rows_t, :-(-max_len // block_size)]            # [b, blocks]
-        k = k_cache[block_ids].flatten(1, 2)[:, :max_len].to(dtype).transpose(1, 2)      # [b, kv_heads, L, d]
-        v = v_cache[block_ids].flatten(1, 2)[:, :max_len].to(dtype).transpose(1, 2)
-        token_rows = torch.tensor([metadata.query_start_loc_host[i] for i in rows], device=device)
-        q = query[token_rows].to(dtype).unsqueeze(2)                                      # [b, heads, 1, d]
-        valid = torch.arange(max_len, device=device)[None, :] < torch.tensor(seq_lens, device=device)[:, None]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scale,
+        k = k_cache[plan.decode_block_ids].flatten(1, 2)[:, :plan.decode_max_len].to(dtype).transpose(1, 2)
+        v = v_cache[plan.decode_block_ids].flatten(1, 2)[:, :plan.decode_max_len].to(dtype).transpose(1, 2)
+        q = query[plan.decode_token_rows].to(dtype).unsqueeze(2)                         # [b, heads, 1, d]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.decode_valid, scale=scale,
                                            enable_gqa=True)                               # [b, heads, 1, d]
-        out[token_rows] = o.squeeze(2)
+        out[plan.decode_token_rows] = o.squeeze(2)
