@@ -1,4 +1,4 @@
-"""kvserve command line: serve | generate | bench offline | bench cache | bench serve | bench compare."""
+"""kvserve command line: serve | generate | bench offline | bench cache | bench step | bench serve | bench compare."""
 
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
     group.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                        help="auto: bf16 on CUDA and on CPUs with AVX512-BF16, else fp32")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    group.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu"],
+                       help="cpu: C++ decode kernel over the paged cache (built on first use); torch: the "
+                            "reference; auto: cpu on CPU when it builds")
+    group.add_argument("--quantization", default="none", choices=["none", "int8"],
+                       help="int8: weight-only int8 with per-channel scales for the linear layers")
     group.add_argument("--seed", type=int, default=0, help="seed for random init and unseeded sampling")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     group.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
@@ -52,6 +57,7 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+        attention_backend=args.attention_backend, quantization=args.quantization,
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                           memory_bytes=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
                           host_memory_bytes=args.kv_host_memory, disk_dir=args.kv_disk_dir,
@@ -167,6 +173,12 @@ def cmd_bench_cache(args: argparse.Namespace) -> int:
     return run_cache_bench(args, engine_config_from_args(args))
 
 
+def cmd_bench_step(args: argparse.Namespace) -> int:
+    from kvserve.bench.step import run_step_bench
+
+    return run_step_bench(args, engine_config_from_args(args))
+
+
 def cmd_bench_compare(args: argparse.Namespace) -> int:
     from kvserve.bench.compare import run_compare
 
@@ -222,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_options(cache)
     add_engine_options(cache)
     cache.set_defaults(func=cmd_bench_cache)
+
+    step = bench.add_parser("step", help="decode step time by batch size, and its host (Python) share")
+    from kvserve.bench.step import add_step_options
+
+    add_step_options(step)
+    add_engine_options(step)
+    step.set_defaults(func=cmd_bench_step)
 
     serve_bench = bench.add_parser("serve", help="seeded load on any OpenAI-compatible server (streamed chat)")
     from kvserve.bench.serve import add_serve_options

@@ -128,6 +128,8 @@ class SchedulerConfig:
 
 DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu")
+QUANTIZATIONS = ("none", "int8")
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
+    attention_backend: str = "auto"   # auto: the C++ CPU kernel on CPU when it builds, else torch
+    quantization: str = "none"        # int8: int8 weights with per-channel scales (weight-only)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -148,6 +152,11 @@ class EngineConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
+                              f"got {self.attention_backend!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}")
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

@@ -45,6 +45,7 @@ class _StepPlan:
     decode_token_rows: torch.Tensor | None    # [b] rows of the flat batch that decode
     decode_block_ids: torch.Tensor | None     # [b, blocks] their block tables, cut to the longest
     decode_valid: torch.Tensor | None         # [b, 1, 1, max_len] which padded key positions are real
+    decode_seq_lens: torch.Tensor | None      # [b] their context lengths
     decode_max_len: int = 0
 
 
@@ -58,13 +59,14 @@ def _plan(metadata: AttentionMetadata, device: torch.device) -> _StepPlan:
         else:
             prefills.append((i, start, end, seq_len, causal_mask(end - start, seq_len, device)))
     if not rows:
-        return _StepPlan(tuple(prefills), None, None, None)
+        return _StepPlan(tuple(prefills), None, None, None, None)
     seq_lens = [metadata.seq_lens_host[i] for i in rows]
     max_len = max(seq_lens)
     block_ids = metadata.block_table[torch.tensor(rows, device=device), :-(-max_len // metadata.block_size)]
-    valid = torch.arange(max_len, device=device)[None, :] < torch.tensor(seq_lens, device=device)[:, None]
+    lens = torch.tensor(seq_lens, device=device)
+    valid = torch.arange(max_len, device=device)[None, :] < lens[:, None]
     token_rows = torch.tensor([starts[i] for i in rows], device=device)
-    return _StepPlan(tuple(prefills), token_rows, block_ids, valid[:, None, None, :], max_len)
+    return _StepPlan(tuple(prefills), token_rows, block_ids, valid[:, None, None, :], lens, max_len)
 
 
 class TorchPagedAttention:
@@ -98,8 +100,7 @@ class TorchPagedAttention:
             self._decode(query, kv_cache, plan, scale, out)
         return out.to(query.dtype)
 
-    @staticmethod
-    def _decode(query: torch.Tensor, kv_cache: KVCache, plan: _StepPlan, scale: float, out: torch.Tensor) -> None:
+    def _decode(self, query: torch.Tensor, kv_cache: KVCache, plan: _StepPlan, scale: float, out: torch.Tensor) -> None:
         """All one-token rows in one padded SDPA call."""
         k_cache, v_cache = kv_cache
         dtype = out.dtype

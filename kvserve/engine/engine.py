@@ -44,7 +44,8 @@ class Engine:
         self.tokenizer: Tokenizer = checkpoint.tokenizer
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)   # resolved once, here
-        runner = ModelRunner(checkpoint.config, checkpoint.weights, config.cache, self.dtype, self.device, config.seed)
+        runner = ModelRunner(checkpoint.config, checkpoint.weights, config.cache, self.dtype, self.device, config.seed,
+                             attention=config.attention_backend, quantization=config.quantization)
         del checkpoint
         kv = KVCacheManager(runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
                             pin_budget_fraction=config.cache.pin_budget_fraction,

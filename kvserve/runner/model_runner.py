@@ -63,15 +63,33 @@ def num_kv_blocks(cache: CacheConfig, config: ModelConfig, dtype: torch.dtype) -
     return num_blocks
 
 
+def make_attention_backend(name: str, device: torch.device):
+    """auto → the C++ CPU decode kernel on CPU when it builds here, else the torch reference.
+    The reference attends in fp32 on CPU: torch's CPU SDPA is much slower in bf16 (benchmarks.md)."""
+    if name in ("auto", "cpu") and device.type == "cpu":
+        from kvserve.attention import cpu_kernels
+        from kvserve.attention.cpu import CpuPagedAttention
+
+        kernels = cpu_kernels.load()
+        if kernels is not None:
+            return CpuPagedAttention(kernels)
+        if name == "cpu":
+            raise ValueError("--attention-backend cpu: the C++ kernel could not be built here (see the log); "
+                             "use --attention-backend torch")
+    elif name == "cpu":
+        raise ValueError(f"--attention-backend cpu needs --device cpu, not {device.type}")
+    return TorchPagedAttention(torch.float32 if device.type == "cpu" else None)
+
+
 class ModelRunner:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], cache: CacheConfig,
-                 dtype: torch.dtype, device: torch.device, seed: int = 0):
+                 dtype: torch.dtype, device: torch.device, seed: int = 0, attention: str = "auto",
+                 quantization: str = "none"):
         self.config = config
         self.device = device
         self.dtype = dtype
         self.block_size = cache.block_size
-        # Attention in fp32 on CPU: torch's CPU SDPA is much slower in bf16 (benchmarks.md).
-        self.backend = TorchPagedAttention(torch.float32 if device.type == "cpu" else None)
+        self.backend = make_attention_backend(attention, device)
         with torch.device("meta"):
             model = LlamaForCausalLM(config, self.backend)
         model = model.to_empty(device=device)

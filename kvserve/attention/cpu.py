@@ -1,0 +1,29 @@
+"""Paged attention on CPU with a C++ decode kernel (csrc/paged_decode.cpp).
+
+Prefill chunks take the reference path (gather + SDPA: many queries per key, where SDPA's
+blocked kernel is efficient). Decode rows, one query each, are attended straight from the paged
+cache: no per-step gather of the whole context into a padded batch, no dtype copy of it, no
+mask. Same math as the reference in fp32; tests hold the two together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvserve.attention.backend import KVCache
+from kvserve.attention.torch_ref import TorchPagedAttention, _StepPlan
+
+
+class CpuPagedAttention(TorchPagedAttention):
+    name = "cpu"
+
+    def __init__(self, kernels):
+        """`kernels`: the module from kvserve.attention.cpu_kernels.load()."""
+        super().__init__(torch.float32)
+        self.kernels = kernels
+
+    def _decode(self, query: torch.Tensor, kv_cache: KVCache, plan: _StepPlan, scale: float, out: torch.Tensor) -> None:
+        k_cache, v_cache = kv_cache
+        q = query[plan.decode_token_rows].float()                                     # [b, heads, d]
+        out[plan.decode_token_rows] = self.kernels.paged_decode(q, k_cache, v_cache, plan.decode_block_ids,
+                                                                plan.decode_seq_lens, scale)

@@ -1,0 +1,48 @@
+"""Builds and loads kvserve's C++ CPU kernels (csrc/) with torch's extension builder, once per
+machine kind: the build is cached under ~/.cache/kvserve/torch_extensions/<cpu>, keyed by the CPU's
+feature flags because it is compiled for the CPU it runs on (-march=native). Without a compiler
+the build fails; `load()` then returns None and callers keep the torch reference path."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from functools import cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+
+
+def _cpu_key() -> str:
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+
+
+def build_directory() -> Path:
+    root = Path(os.environ.get("KVSERVE_EXTENSIONS_DIR", Path.home() / ".cache" / "kvserve" / "torch_extensions"))
+    import torch
+
+    path = root / f"torch{torch.__version__}-{_cpu_key()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@cache
+def load():
+    """The compiled module (with `paged_decode`), or None when it cannot be built here."""
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        return build(name="kvserve_cpu_kernels", sources=[str(SOURCE)], build_directory=str(build_directory()),
+                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
+                     extra_ldflags=["-fopenmp", "-lmvec"], verbose=False)
+    except Exception as error:   # no compiler, no headers, unsupported platform: keep the reference path
+        log.warning("CPU attention kernel unavailable (%s); using the torch reference attention", error)
+        return None
