@@ -1,4 +1,4 @@
-"""kvserve command line: serve | generate | bench offline | bench cache | bench step | bench serve | bench compare."""
+"""kvserve command line: serve | generate | bench offline | bench cache | bench step | bench perplexity | bench serve | bench compare."""
 
 from __future__ import annotations
 
@@ -179,6 +179,12 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
     return run_step_bench(args, engine_config_from_args(args))
 
 
+def cmd_bench_perplexity(args: argparse.Namespace) -> int:
+    from kvserve.bench.perplexity import run_perplexity_bench
+
+    return run_perplexity_bench(args, engine_config_from_args(args))
+
+
 def cmd_bench_compare(args: argparse.Namespace) -> int:
     from kvserve.bench.compare import run_compare
 
@@ -241,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_step_options(step)
     add_engine_options(step)
     step.set_defaults(func=cmd_bench_step)
+
+    ppl = bench.add_parser("perplexity", help="perplexity of a fixed text (quality check for --quantization)")
+    from kvserve.bench.perplexity import add_perplexity_options
+
+    add_perplexity_options(ppl)
+    add_engine_options(ppl)
+    ppl.set_defaults(func=cmd_bench_perplexity)
 
     serve_bench = bench.add_parser("serve", help="seeded load on any OpenAI-compatible server (streamed chat)")
     from kvserve.bench.serve import add_serve_options

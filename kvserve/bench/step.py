@@ -2,7 +2,7 @@
 
 For each batch size B: B seeded random prompts of --context-len tokens are prefilled, then
 --steps decode steps are timed (every request decodes one token per step). Reported per B:
-the median step time, decode tok/s (B / step), the share of the step spent in the model runner
+the median (and fastest) step time, decode tok/s (B / step), the share of the step spent in the model runner
 (forward + sampling) and the rest ("host": scheduling, block bookkeeping, detokenizing, Python
 between the two). `--profile` adds torch.profiler's top operators for the largest B.
 The speed notes (docs/speed-notes.md) quote this command's output. One JSON line last.
@@ -33,7 +33,8 @@ def _measure(engine, batch_size: int, args: argparse.Namespace, profile: bool) -
 
     prompts = make_prompts(batch_size, args.context_len, engine.model_config.vocab_size, engine.eos_token_ids,
                            args.workload_seed)
-    params = SamplingParams(max_tokens=args.steps + 8, temperature=0.0, ignore_eos=True)
+    # Long enough that no request finishes while the steps are timed (they are aborted afterwards).
+    params = SamplingParams(max_tokens=engine.max_model_len - args.context_len * 2, temperature=0.0, ignore_eos=True)
     ids = [engine.add(prompt, params) for prompt in prompts]
     while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
                                           for r in engine.scheduler.running):
@@ -72,7 +73,7 @@ def _measure(engine, batch_size: int, args: argparse.Namespace, profile: bool) -
     engine.step()
     step = statistics.median(steps)
     runner_s = statistics.median(in_runner)
-    result = {"batch_size": batch_size, "step_ms": round(step * 1e3, 2), "decode_tok_s": round(batch_size / step, 1),
+    result = {"batch_size": batch_size, "step_ms": round(step * 1e3, 2), "step_min_ms": round(min(steps) * 1e3, 2), "decode_tok_s": round(batch_size / step, 1),
               "runner_ms": round(runner_s * 1e3, 2), "host_share": round(max(0.0, 1 - runner_s / step), 3)}
     if prof is not None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
@@ -90,7 +91,7 @@ def run_step_bench(args: argparse.Namespace, config: EngineConfig) -> int:
     for b in sizes:
         r = _measure(engine, b, args, profile=args.profile and b == max(sizes))
         results.append(r)
-        print(f"batch {b:3d}: step {r['step_ms']:7.2f} ms  {r['decode_tok_s']:7.1f} tok/s  "
+        print(f"batch {b:3d}: step {r['step_ms']:7.2f} ms (min {r['step_min_ms']:.2f})  {r['decode_tok_s']:7.1f} tok/s  "
               f"runner {r['runner_ms']:7.2f} ms  host share {r['host_share']:.1%}")
     print(json.dumps({"bench": "step", "model": config.model or "default",
                       "dtype": str(engine.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),

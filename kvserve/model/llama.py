@@ -3,7 +3,9 @@
 Tokens are flat: every tensor has a leading num_tokens axis holding all scheduled chunks of all
 requests back to back, so there is no padding and no batch axis. Attention goes through the
 backend given at construction, with the KV cache and its metadata passed to each forward call.
-Parameter names follow Hugging Face's LlamaForCausalLM, so its state dicts load directly.
+Parameter names follow Hugging Face's LlamaForCausalLM, except that q/k/v and gate/up are fused
+into `qkv_proj` and `gate_up_proj` (one matmul each); `load_weights` takes Hugging Face-named
+state dicts and fuses them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from torch import nn
 
 from kvserve.attention.backend import AttentionBackend, AttentionMetadata, KVCache
 from kvserve.config import ModelConfig
-from kvserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from kvserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+
+Rotary = tuple[torch.Tensor, torch.Tensor]    # cos, sin of this step's positions, [num_tokens, 1, head_dim]
 
 
 class LlamaAttention(nn.Module):
@@ -22,19 +26,16 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.scale = self.head_dim ** -0.5
         self.backend = backend
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
+        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                kv_cache: KVCache, metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rotary: Rotary, kv_cache: KVCache,
+                metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        qkv = self.qkv_proj(hidden).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk = apply_rotary(qkv[:, :self.num_heads + self.num_kv_heads], *rotary)
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
+        v = qkv[:, self.num_heads + self.num_kv_heads:]
         out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale)   # [num_tokens, heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, -1))
 
@@ -47,9 +48,9 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                kv_cache: KVCache, metadata: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, rotary, kv_cache, metadata)
+    def forward(self, hidden: torch.Tensor, rotary: Rotary, kv_cache: KVCache,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rotary, kv_cache, metadata)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -65,8 +66,9 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 metadata: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)                          # [num_tokens, hidden]
+        rotary = self.rotary(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, positions, self.rotary, kv_cache, metadata)
+            hidden = layer(hidden, rotary, kv_cache, metadata)
         return self.norm(hidden)
 
 
@@ -94,7 +96,30 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
             self.lm_head.weight = self.model.embed_tokens.weight
-        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        missing, unexpected = self.load_state_dict(fuse_projections(state_dict), strict=False)
         missing = [m for m in missing if not (m == "lm_head.weight" and self.config.tie_word_embeddings)]
         if missing or unexpected:
             raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+_FUSED = (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+          ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")))
+
+
+def fuse_projections(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face names → ours: q/k/v weights (and biases) concatenated into qkv_proj, gate/up
+    into gate_up_proj (output rows stacked in that order). Anything incomplete is left as is, so
+    load_state_dict reports it."""
+    fused = dict(state_dict)
+    for name in state_dict:
+        for target, parts in _FUSED:
+            first = f".{parts[0]}."
+            if first not in name:
+                continue
+            prefix, suffix = name.split(first)
+            names = [f"{prefix}.{part}.{suffix}" for part in parts]
+            if all(n in state_dict for n in names):
+                fused[f"{prefix}.{target}.{suffix}"] = torch.cat([state_dict[n] for n in names])
+                for n in names:
+                    del fused[n]
+    return fused

@@ -97,6 +97,13 @@ class ModelRunner:
         model.load_weights(weights)
         for param in model.parameters():
             param.data = param.data.to(dtype)
+        if quantization == "int8":
+            if dtype != torch.bfloat16:
+                raise ValueError(f"--quantization int8 runs with bfloat16 activations; --dtype resolved to "
+                                 f"{str(dtype).removeprefix('torch.')} (pass --dtype bfloat16)")
+            from kvserve.model.quant import quantize_int8
+
+            log.info("int8 weight-only quantization: %d linear layers", quantize_int8(model))
         self.model = model.eval()
         self.num_blocks = num_kv_blocks(cache, config, dtype)
         shape = (self.num_blocks, cache.block_size, config.num_kv_heads, config.head_dim)
@@ -134,6 +141,32 @@ class ModelRunner:
         ids = inputs.sampling_request_ids
         return ModelOutput(dict(zip(ids, sampled.token_ids)),
                            {rid: lp for rid, lp in zip(ids, sampled.logprobs) if lp is not None})
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int], chunk_size: int = 512) -> torch.Tensor:
+        """Log-probability of each token given the ones before it ([len - 1] fp32), for perplexity.
+        Runs the text as one sequence in chunks through a private KV cache, so it never touches
+        the engine's blocks."""
+        from kvserve.attention.backend import AttentionMetadata
+
+        n, bs = len(token_ids), self.block_size
+        num_blocks = -(-n // bs)
+        shape = (num_blocks, bs, self.config.num_kv_heads, self.config.head_dim)
+        caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                   torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.config.num_layers)]
+        ids = torch.tensor(token_ids, device=self.device)
+        table = torch.arange(num_blocks, device=self.device)[None, :]
+        scores = []
+        for start in range(0, n - 1, chunk_size):
+            end = min(start + chunk_size, n - 1)
+            positions = torch.arange(start, end, device=self.device)
+            metadata = AttentionMetadata(slot_mapping=positions, query_start_loc=torch.tensor([0, end - start]),
+                                         seq_lens=torch.tensor([end]), block_table=table, block_size=bs,
+                                         query_start_loc_host=(0, end - start), seq_lens_host=(end,))
+            hidden = self.model(ids[start:end], positions, caches, metadata)
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
+            scores.append(logprobs.gather(1, ids[start + 1:end + 1, None]).squeeze(1))
+        return torch.cat(scores)
 
     def _swap(self, swaps: SwapPlan) -> None:
         """Run the step's copies in SwapPlan's order: disk drops, host → disk (before a swap-out
