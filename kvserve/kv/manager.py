@@ -110,6 +110,7 @@ class KVCacheManager:
         tier holds what the host tier evicts, so it exists only below a host tier."""
         assert 0.0 <= pin_budget_fraction <= 1.0
         self.block_size = block_size
+        self.prefix_caching = enable_prefix_caching
         self.clock = clock
         self.prefix_cache: PrefixCache = PrefixCache() if enable_prefix_caching else NoPrefixCache()
         self.pool = BlockPool(num_blocks, on_evict=self._on_reuse)

@@ -33,6 +33,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_ids: set[str] = set()
         self._num_preemptions = 0
+        self.num_prefix_waits = 0   # admissions deferred because the prefix was being computed
 
     # ---- intake ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -93,14 +94,26 @@ class Scheduler:
         return budget, preempted
 
     def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting.peek()
+        """Admit waiting requests in policy order while budget and seats last.
+
+        Prefix-aware: a request whose next uncached block is being computed right now by a running
+        request's prefill (the same prompt prefix, in flight) is passed over this step; once that
+        block is cached it is admitted with the hit, instead of computing the same prefix again
+        side by side. Requests behind it are still considered."""
+        in_flight = self._prefix_blocks_in_flight()
+        for request in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                return
             hit = self.kv.match(request)
+            usable = (request.num_tokens - 1) // self.kv.block_size    # blocks a hit may cover (see match)
+            if hit.num_blocks < usable and request.block_hashes[hit.num_blocks] in in_flight:
+                self.num_prefix_waits += 1
+                continue
             num_cached = hit.num_blocks * self.kv.block_size
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.kv.allocate_slots(request, num_new, hit):
                 return
-            self.waiting.pop()
+            self.waiting.remove(request)
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = min(num_cached, request.num_prompt_tokens)
@@ -109,6 +122,19 @@ class Scheduler:
             self.running.append(request)
             chunks.append(self._chunk(request, num_new))
             budget -= num_new
+            in_flight.update(self._uncomputed_prompt_blocks(request))
+
+    def _prefix_blocks_in_flight(self) -> set[bytes]:
+        """Hashes of the full prompt blocks running prefills have yet to compute."""
+        if not self.kv.prefix_caching:
+            return set()
+        return {h for r in self.running for h in self._uncomputed_prompt_blocks(r)}
+
+    def _uncomputed_prompt_blocks(self, request: Request) -> list[bytes]:
+        if not self.kv.prefix_caching or request.num_computed_tokens >= request.num_prompt_tokens:
+            return []
+        size = self.kv.block_size
+        return request.block_hashes[request.num_computed_tokens // size:request.num_prompt_tokens // size]
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens

@@ -259,3 +259,29 @@ def test_priority_policy_admits_lower_values_first_and_preempts_the_least_import
     outputs = run_all(core)
     assert core.scheduler.stats().num_preemptions > 0 and a.num_preemptions == 0 and b.num_preemptions > 0
     assert outputs["a"] == reference_output([1] * 8, 12) and outputs["b"] == reference_output([2] * 8, 12)
+
+
+def test_requests_arriving_together_compute_a_shared_prefix_once():
+    """Prefix-aware admission: eight requests share a 100-token prefix and arrive in the same
+    step. The first computes it; the others wait until its blocks are cached and then compute only
+    their own suffix. A request with a different prompt is not held back."""
+    core = make_core(num_blocks=300, block_size=4, budget=256, max_seqs=16)
+    shared = list(range(1, 101))                                  # 25 full blocks
+    prompts = {f"r{i}": shared + [200 + i, 300 + i] for i in range(8)}
+    prompts["other"] = [7] * 30
+    for rid, p in prompts.items():
+        core.scheduler.add_request(request(rid, p, 4))
+    first_plan = core.scheduler.schedule()
+    assert [c.request_id for c in first_plan.chunks] == ["r0", "other"]   # r1..r7 wait for r0's prefix
+    outputs: dict[str, list[int]] = {}
+    for delta in core.scheduler.update(first_plan, core.runner.execute(first_plan)):   # what step() does
+        outputs.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+    for rid, tokens in run_all(core).items():
+        outputs.setdefault(rid, []).extend(tokens)
+    for rid, p in prompts.items():
+        assert outputs[rid] == reference_output(p, 4), rid
+    assert core.scheduler.num_prefix_waits == 7
+    assert core.scheduler.kv.stats().num_used_blocks == 0
+    # r0 102 and other 30 prompt tokens; r1..r7 hit 100 and compute 2 each; then 3 decodes each.
+    assert core.runner.num_tokens_run == 102 + 30 + 7 * 2 + 9 * 3
+    assert core.scheduler.kv.pool.num_free_blocks == 300
