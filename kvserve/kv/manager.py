@@ -272,6 +272,15 @@ class KVCacheManager:
             self._unpin(pin)
         return len(expired)
 
+    def release_oldest_pin(self) -> bool:
+        """Under memory pressure with nothing running: pins must not starve every request."""
+        pin = self.pins.pop_oldest()
+        if pin is None:
+            return False
+        self._pins_released_for_budget += 1
+        self._unpin(pin)
+        return True
+
     def release_all_pins(self) -> None:
         for pin in self.pins.pop_all():
             self._unpin(pin)

@@ -80,6 +80,9 @@ class PinTable:
             released.append(self._remove(next(iter(self._pins.values()))))
         return released
 
+    def pop_oldest(self) -> Pin | None:
+        return self._remove(next(iter(self._pins.values()))) if self._pins else None
+
     def pop_all(self) -> list[Pin]:
         return [self._remove(p) for p in list(self._pins.values())]
 

@@ -111,8 +111,13 @@ class Scheduler:
                 continue
             num_cached = hit.num_blocks * self.kv.block_size
             num_new = min(request.num_tokens - num_cached, budget)
-            if not self.kv.allocate_slots(request, num_new, hit):
-                return
+            while not self.kv.allocate_slots(request, num_new, hit):
+                # Nothing running will free blocks: pinned prefixes give way rather than starve it.
+                if self.running or not self.kv.release_oldest_pin():
+                    return
+                hit = self.kv.match(request)
+                num_cached = hit.num_blocks * self.kv.block_size
+                num_new = min(request.num_tokens - num_cached, budget)
             self.waiting.remove(request)
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens is None:
