@@ -17,7 +17,7 @@ from kvserve.runner.kv_files import KVBlockFiles
 from kvserve.runner.sampler import Sampler
 from kvserve.sampling import SamplingParams
 from kvserve.kv.manager import SwapPlan
-from kvserve.sched.plan import EMPTY_MODEL_OUTPUT, ModelOutput, SchedulerOutput
+from kvserve.sched.plan import EMPTY_MODEL_OUTPUT, ModelOutput, ScheduledChunk, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,8 @@ class ModelRunner:
             log.info("int8 weight-only quantization: %d linear layers", quantize_int8(model))
         self.model = model.eval()
         self.num_blocks = num_kv_blocks(cache, config, dtype)
-        shape = (self.num_blocks, cache.block_size, config.num_kv_heads, config.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(config.num_layers)]
+        self.kv_caches = self._new_kv_caches(self.num_blocks)
+        shape = self.kv_caches[0][0].shape
         # The host tier: a separate bounded store in host memory (pinned on CUDA for fast copies).
         self.num_host_blocks = cache.host_memory_bytes // kv_bytes_per_block(config, cache.block_size, dtype)
         host_shape = (self.num_host_blocks, *shape[1:])
@@ -143,6 +142,12 @@ class ModelRunner:
         return ModelOutput(dict(zip(ids, sampled.token_ids)),
                            {rid: lp for rid, lp in zip(ids, sampled.logprobs) if lp is not None})
 
+    def _new_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zeroed (K, V) per layer, each [num_blocks, block_size, kv_heads, head_dim]."""
+        shape = (num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
+        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.config.num_layers)]
+
     def warm_up(self) -> None:
         """Run a prefill chunk and a few one-token steps through a private cache before serving, so
         the first request does not pay the first-call costs (kernel selection, allocator growth):
@@ -157,25 +162,19 @@ class ModelRunner:
         """Log-probability of each token given the ones before it ([len - 1] fp32), for perplexity.
         Runs the text as one sequence in chunks through a private KV cache, so it never touches
         the engine's blocks."""
-        from kvserve.attention.backend import AttentionMetadata
-
         n, bs = len(token_ids), self.block_size
         num_blocks = -(-n // bs)
-        shape = (num_blocks, bs, self.config.num_kv_heads, self.config.head_dim)
-        caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                   torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.config.num_layers)]
-        ids = torch.tensor(token_ids, device=self.device)
-        table = torch.arange(num_blocks, device=self.device)[None, :]
+        caches = self._new_kv_caches(num_blocks)
+        targets = torch.tensor(token_ids[1:], device=self.device)
         scores = []
         for start in range(0, n - 1, chunk_size):
             end = min(start + chunk_size, n - 1)
-            positions = torch.arange(start, end, device=self.device)
-            metadata = AttentionMetadata(slot_mapping=positions, query_start_loc=torch.tensor([0, end - start]),
-                                         seq_lens=torch.tensor([end]), block_table=table, block_size=bs,
-                                         query_start_loc_host=(0, end - start), seq_lens_host=(end,))
-            hidden = self.model(ids[start:end], positions, caches, metadata)
+            chunk = ScheduledChunk("score", tuple(token_ids[start:end]), start, tuple(range(num_blocks)), False,
+                                   SamplingParams())
+            inputs = prepare_inputs(SchedulerOutput((chunk,)), bs, self.device)
+            hidden = self.model(inputs.input_ids, inputs.positions, caches, inputs.metadata)
             logprobs = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
-            scores.append(logprobs.gather(1, ids[start + 1:end + 1, None]).squeeze(1))
+            scores.append(logprobs.gather(1, targets[start:end, None]).squeeze(1))
         return torch.cat(scores)
 
     def _swap(self, swaps: SwapPlan) -> None:

@@ -100,6 +100,8 @@ class Scheduler:
         request's prefill (the same prompt prefix, in flight) is passed over this step; once that
         block is cached it is admitted with the hit, instead of computing the same prefix again
         side by side. Requests behind it are still considered."""
+        if not self.waiting:
+            return
         in_flight = self._prefix_blocks_in_flight()
         for request in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
@@ -131,8 +133,6 @@ class Scheduler:
 
     def _prefix_blocks_in_flight(self) -> set[bytes]:
         """Hashes of the full prompt blocks running prefills have yet to compute."""
-        if not self.kv.prefix_caching:
-            return set()
         return {h for r in self.running for h in self._uncomputed_prompt_blocks(r)}
 
     def _uncomputed_prompt_blocks(self, request: Request) -> list[bytes]:
