@@ -129,7 +129,7 @@ class SchedulerConfig:
 DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch", "cpu")
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class EngineConfig:
     device: str = "auto"
     seed: int = 0
     attention_backend: str = "auto"   # auto: the C++ CPU kernel on CPU when it builds, else torch
-    quantization: str = "none"        # int8: int8 weights with per-channel scales (weight-only)
+    quantization: str = "none"        # weight-only: int8 (per-channel scales) or int4 (groups of 32, Q4_1 layout)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -95,15 +95,10 @@ class ModelRunner:
         model = model.to_empty(device=device)
         model.model.rotary.build_tables(device)
         model.load_weights(weights)
+        if quantization != "none":
+            self._quantize(model, quantization, dtype, device)     # from the fp32 weights
         for param in model.parameters():
             param.data = param.data.to(dtype)
-        if quantization == "int8":
-            if dtype != torch.bfloat16:
-                raise ValueError(f"--quantization int8 runs with bfloat16 activations; --dtype resolved to "
-                                 f"{str(dtype).removeprefix('torch.')} (pass --dtype bfloat16)")
-            from kvserve.model.quant import quantize_int8
-
-            log.info("int8 weight-only quantization: %d linear layers", quantize_int8(model))
         self.model = model.eval()
         self.num_blocks = num_kv_blocks(cache, config, dtype)
         self.kv_caches = self._new_kv_caches(self.num_blocks)
@@ -123,6 +118,22 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
         self.warm_up()
         log.info("model on %s in %s; KV cache %d blocks of %d tokens", device, dtype, self.num_blocks, self.block_size)
+
+    @staticmethod
+    def _quantize(model: LlamaForCausalLM, quantization: str, dtype: torch.dtype, device: torch.device) -> None:
+        if dtype != torch.bfloat16:
+            raise ValueError(f"--quantization {quantization} runs with bfloat16 activations; --dtype resolved to "
+                             f"{str(dtype).removeprefix('torch.')} (pass --dtype bfloat16)")
+        if device.type != "cpu":
+            raise ValueError(f"--quantization {quantization} uses torch's CPU kernels; the device is {device.type}")
+        from kvserve.model import quant
+
+        if quantization == "int8":
+            log.info("int8 weight-only quantization: %d linear layers", quant.quantize_int8(model, dtype))
+        else:
+            log.info("int4 weight-only quantization: %d linear layers in int4 (%d of them exactly the "
+                     "checkpoint's own 4-bit groups), %d in int8 (the LM head; shapes the int4 kernel does "
+                     "not take)", *quant.quantize_int4(model, dtype, int8_modules=(model.lm_head,)))
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> ModelOutput:

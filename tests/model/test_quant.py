@@ -1,4 +1,5 @@
-"""Int8Linear: per-channel weight-only int8; both kernels agree with the dequantized weights."""
+"""Int8Linear (per-channel int8) and Int4Linear (Q4_1-style groups of 32): both kernels of each agree
+with the dequantized weights; 4-bit groups already in the weights are recovered exactly."""
 
 import pytest
 import torch
@@ -6,7 +7,8 @@ from torch import nn
 
 from kvserve.config import ConfigError, EngineConfig
 from kvserve.model.checkpoint import load_checkpoint
-from kvserve.model.quant import MAX_INT8_ROWS, Int8Linear, quantize_int8
+from kvserve.model.quant import (INT4_GROUP, MAX_INT4_ROWS, MAX_INT8_ROWS, Int4Linear, Int8Linear, quantize_groups_q4,
+                                 quantize_int4, quantize_int8)
 
 
 def test_quantization_error_is_at_most_half_a_step_per_channel():
@@ -38,30 +40,99 @@ def test_quantize_int8_replaces_nested_linears():
 
 def test_unknown_quantization_is_a_config_error():
     with pytest.raises(ConfigError, match="--quantization must be one of none, int8"):
-        EngineConfig(quantization="int4")
+        EngineConfig(quantization="int3")
 
 
-def test_int8_needs_bf16():
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantization_needs_bf16(mode):
     from kvserve.engine.engine import Engine
 
-    with pytest.raises(ValueError, match="int8 runs with bfloat16"):
-        Engine(EngineConfig(model="random:tiny", dtype="float32", quantization="int8"), load_checkpoint("random:tiny"))
+    with pytest.raises(ValueError, match=f"{mode} runs with bfloat16"):
+        Engine(EngineConfig(model="random:tiny", dtype="float32", quantization=mode), load_checkpoint("random:tiny"))
 
 
-def test_int8_tiny_engine_generates_like_bf16_for_a_short_prompt():
-    """End to end through the engine (single stream → the int8 kernel): runs, and its first
-    greedy tokens mostly agree with bf16 on the same random weights."""
+def q4_1_weights(out_features, in_features, seed=0):
+    """Weights that are exactly d·q + m per group of 32 with q spanning 0..15 (what llama.cpp's Q4_1
+    quantizer writes: the group's minimum is q = 0, its maximum q = 15)."""
+    g = torch.Generator().manual_seed(seed)
+    groups = in_features // INT4_GROUP
+    q = torch.randint(0, 16, (out_features, groups, INT4_GROUP), generator=g)
+    q[..., 0], q[..., 1] = 0, 15
+    d = (torch.rand(out_features, groups, generator=g) * 0.02 + 1e-3).half().float()   # fp16, as in GGUF
+    m = (-torch.rand(out_features, groups, generator=g) * 0.1).half().float()
+    return (q * d[..., None] + m[..., None]).view(out_features, in_features), q.view(out_features, in_features), d, m
+
+
+def test_q4_1_groups_are_recovered_exactly():
+    w, q, d, m = q4_1_weights(32, 96)
+    q2, d2, m2 = quantize_groups_q4(w)
+    assert torch.equal(q2, q.int()) and torch.equal(m2, m)
+    torch.testing.assert_close(d2, d, rtol=1e-6, atol=0)
+
+
+def test_int4_error_is_at_most_half_a_step_plus_bf16_rounding():
+    torch.manual_seed(0)
+    w = torch.randn(48, 64) * torch.logspace(-3, 0, 48)[:, None]
+    q, d, _ = quantize_groups_q4(w)
+    assert q.min() >= 0 and q.max() <= 15
+    err = (Int4Linear.quantize(w).dequantized().float() - w).abs()
+    step = d.repeat_interleave(INT4_GROUP, dim=1)
+    assert (err <= step / 2 + w.abs() / 64 + 1e-6).all()      # bf16 scales/zeros: ~2^-8 relative slack
+
+
+@pytest.mark.parametrize("rows", [1, MAX_INT4_ROWS, MAX_INT4_ROWS + 1, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_kernels_match_the_dequantized_weights(rows, bias):
+    torch.manual_seed(rows)
+    w, *_ = q4_1_weights(48, 64, seed=rows)
+    b = torch.randn(48) if bias else None
+    q = Int4Linear.quantize(w, b)
+    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    expected = nn.functional.linear(x.float(), q.dequantized().float(), None if b is None else b.bfloat16().float())
+    torch.testing.assert_close(q(x).float(), expected, rtol=2e-2, atol=2e-2)
+    # and the dequantized weights are the Q4_1 weights up to bf16 scales
+    torch.testing.assert_close(q.dequantized().float(), w, rtol=1e-2, atol=2e-3)
+    assert q(x.view(1, rows, 64)).shape == (1, rows, 48)
+
+
+def test_int4_rejects_shapes_and_dtypes_its_kernel_cannot_take():
+    with pytest.raises(ValueError, match="out % 16"):
+        Int4Linear.quantize(torch.randn(40, 64))
+    with pytest.raises(ValueError, match="in % 32"):
+        Int4Linear.quantize(torch.randn(32, 48))
+    with pytest.raises(ValueError, match="bfloat16"):
+        Int4Linear.quantize(torch.randn(32, 64), dtype=torch.float32)
+
+
+def test_quantize_int4_uses_int8_for_the_head_and_odd_shapes():
+    head = nn.Linear(40, 64)
+    w, *_ = q4_1_weights(32, 64)
+    first = nn.Linear(64, 32)
+    first.weight.data = w
+    model = nn.Sequential(first, nn.Linear(32, 40), head)        # 40 outputs: not a multiple of 16
+    assert quantize_int4(model, int8_modules=(head,)) == (1, 1, 2)    # one int4, already 4-bit; two int8
+    assert isinstance(model[0], Int4Linear)
+    assert isinstance(model[1], Int8Linear) and isinstance(model[2], Int8Linear)
+    assert model[2].wide is not None                               # int8 here keeps its widened weights
+    x = torch.randn(MAX_INT8_ROWS + 3, 64, dtype=torch.bfloat16)
+    assert model(x).shape == (MAX_INT8_ROWS + 3, 64)
+
+
+def test_quantized_tiny_engines_generate_like_bf16_for_a_short_prompt():
+    """End to end through the engine (single stream → the quantized kernels): runs, and its first
+    greedy tokens agree with bf16 on the same random weights."""
     from kvserve.engine.engine import Engine
     from kvserve.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     out = {}
-    for q in ("none", "int8"):
+    for q in ("none", "int8", "int4"):
         engine = Engine(EngineConfig(model="random:tiny", dtype="bfloat16", quantization=q), load_checkpoint("random:tiny"))
         engine.add([5, 6, 7, 8, 9, 10], params)
         tokens = []
         while engine.has_unfinished:
             tokens += [t for o in engine.step() for t in o.token_ids]
         out[q] = tokens
-    assert len(out["int8"]) == 8
+    assert len(out["int8"]) == len(out["int4"]) == 8
     assert out["int8"][:2] == out["none"][:2]
+    assert out["int4"][:1] == out["none"][:1]
