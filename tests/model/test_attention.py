@@ -34,14 +34,14 @@ def dense_attention(q, k, v, scale):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(24))
 def test_paged_equals_dense_for_random_tables_and_mixed_batches(seed, backend):
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    block_size = rng.choice([1, 2, 4, 8, 16])
+    block_size = rng.choice([1, 2, 4, 8, 16, 32])        # 32: the kernel splits a block into tiles
     num_kv_heads = rng.choice([1, 2, 3])
-    num_heads = num_kv_heads * rng.choice([1, 2, 3])
-    head_dim = rng.choice([8, 16])
+    num_heads = num_kv_heads * rng.choice([1, 2, 3, 5])      # 5: the kernel's run-time group size
+    head_dim = rng.choice([8, 16, 32, 64])               # 8: the portable path; 32: run-time head_dim
     num_blocks = 64
     k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim)
     v_cache = torch.zeros_like(k_cache)

@@ -8,9 +8,14 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -31,10 +36,11 @@ inline void to_float(const at::BFloat16* src, float* dst, int64_t n) {
   }
 }
 
+// The portable path: any head_dim, two passes (scores, then softmax, then values).
 template <typename T>
-void decode(const float* query, const T* k_cache, const T* v_cache, const int64_t* block_table,
-            const int64_t* seq_lens, float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
-            int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
+void decode_scalar(const float* query, const T* k_cache, const T* v_cache, const int64_t* block_table,
+                   const int64_t* seq_lens, float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                   int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t token_stride = num_kv_heads * head_dim;        // between tokens of one block
   const int64_t block_stride = block_size * token_stride;
@@ -90,6 +96,162 @@ void decode(const float* query, const T* k_cache, const T* v_cache, const int64_
       std::memcpy(out + (seq * num_heads + kv_head * group) * head_dim, acc.data(), group * head_dim * sizeof(float));
     }
   });
+}
+
+#if defined(__AVX512F__)
+// The AVX-512 path, head_dim a multiple of 16 (64 and 128 in practice). One pass over the context in
+// tiles of at most kTile tokens, with the running maximum and sum of an online softmax, so each tile's
+// keys and values are read once, while in cache. Dots are vectorised over head_dim; each
+// token's key is converted to fp32 once and serves the `group` query heads that share it.
+constexpr int64_t kTile = 16;
+constexpr int64_t kMaxGroup = 16;
+constexpr int64_t kAhead = 2;      // blocks
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+// Lane t of the result = the sum of the 16 lanes of v[t]: sixteen horizontal sums in 15 adds and
+// 30 shuffles (a transpose-and-add tree) instead of 16 separate reductions.
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 pair[8], quad[4], oct[2];
+  for (int i = 0; i < 8; ++i)        // 128-bit lane holds [a, b, a, b] partial sums
+    pair[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)        // 128-bit lane holds [a, b, c, d]
+    quad[i] = _mm512_add_ps(_mm512_shuffle_ps(pair[2 * i], pair[2 * i + 1], 0x44),
+                            _mm512_shuffle_ps(pair[2 * i], pair[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; ++i)        // lanes 0,1: tokens 4i..4i+3 of one group; 2,3: of the next
+    oct[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2 * i], quad[2 * i + 1], 0x88),
+                           _mm512_shuffle_f32x4(quad[2 * i], quad[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(oct[0], oct[1], 0x88), _mm512_shuffle_f32x4(oct[0], oct[1], 0xDD));
+}
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// DC = head_dim / 16 and G = heads per KV head when known at compile time (then the query and the
+// accumulators live in registers); 0 = read at run time.
+template <typename T, int DC, int G>
+void decode_avx512(const float* query, const T* k_cache, const T* v_cache, const int64_t* block_table,
+                   const int64_t* seq_lens, float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                   int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
+  constexpr int AG = G > 0 ? G : kMaxGroup;
+  constexpr int AC = DC > 0 ? DC : 16;
+  const int64_t group = G > 0 ? G : num_heads / num_kv_heads;
+  const int64_t chunks = DC > 0 ? DC : head_dim / 16;
+  const int64_t token_stride = num_kv_heads * head_dim;
+  const int64_t block_stride = block_size * token_stride;
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    __m512 qv[AG][AC], acc[AG][AC], dots[AG][kTile];
+    alignas(64) float probs[AG][kTile];
+    float peak[AG], total[AG];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
+      const int64_t len = seq_lens[seq];
+      const float* q = query + (seq * num_heads + kv_head * group) * head_dim;   // `group` heads in a row
+      const int64_t* blocks = block_table + seq * max_blocks;
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t c = 0; c < chunks; ++c) qv[g][c] = _mm512_loadu_ps(q + g * head_dim + 16 * c), acc[g][c] = _mm512_setzero_ps();
+        peak[g] = -std::numeric_limits<float>::infinity(), total[g] = 0.f;
+      }
+      for (int64_t t0 = 0; t0 < len;) {
+        // a tile: tokens t0 .. t0 + n - 1, all in one block
+        const int64_t in_block = t0 % block_size;
+        const int64_t n = std::min({kTile, len - t0, block_size - in_block});
+        const int64_t base = blocks[t0 / block_size] * block_stride + in_block * token_stride + kv_head * head_dim;
+        const T* k = k_cache + base;
+        const T* v = v_cache + base;
+        // Prefetch (into L2) this head's rows of the block kAhead blocks on, once per block: the block
+        // table scatters blocks, which defeats the hardware prefetcher.
+        const int64_t ahead = t0 / block_size + kAhead;
+        if (in_block == 0 && ahead * block_size < len) {
+          const int64_t rows = std::min(block_size, len - ahead * block_size);
+          const int64_t at = blocks[ahead] * block_stride + kv_head * head_dim;
+          for (int64_t t = 0; t < rows; ++t)
+            for (int64_t b = 0; b < head_dim * (int64_t)sizeof(T); b += 64) {
+              _mm_prefetch(reinterpret_cast<const char*>(k_cache + at + t * token_stride) + b, _MM_HINT_T1);
+              _mm_prefetch(reinterpret_cast<const char*>(v_cache + at + t * token_stride) + b, _MM_HINT_T1);
+            }
+        }
+        // scores: one key read per token serves the group's query heads
+        for (int64_t t = 0; t < kTile; ++t) {
+          if (t >= n) {
+            for (int64_t g = 0; g < group; ++g) dots[g][t] = _mm512_setzero_ps();
+            continue;
+          }
+          const T* kt = k + t * token_stride;
+          __m512 kv[AC];
+          for (int64_t c = 0; c < chunks; ++c) kv[c] = load16(kt + 16 * c);
+          for (int64_t g = 0; g < group; ++g) {
+            __m512 sum = _mm512_mul_ps(qv[g][0], kv[0]);
+            for (int64_t c = 1; c < chunks; ++c) sum = _mm512_fmadd_ps(qv[g][c], kv[c], sum);
+            dots[g][t] = sum;
+          }
+        }
+        // online softmax: probabilities against the running maximum; rescale what was accumulated
+        const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
+        for (int64_t g = 0; g < group; ++g) {
+          const __m512 scores = _mm512_mask_blend_ps(valid, lowest, _mm512_mul_ps(sum_lanes16(dots[g]), scale_v));
+          const float tile_peak = std::max(peak[g], _mm512_reduce_max_ps(scores));
+          _mm512_store_ps(probs[g], _mm512_sub_ps(scores, _mm512_set1_ps(tile_peak)));
+          float* p = probs[g];
+#pragma omp simd
+          for (int64_t t = 0; t < kTile; ++t) p[t] = std::exp(p[t]);       // exp(-inf) = 0 past n
+          const float alpha = std::exp(peak[g] - tile_peak);                // 0 on the first tile
+          total[g] = total[g] * alpha + _mm512_reduce_add_ps(_mm512_load_ps(p));
+          peak[g] = tile_peak;
+          if (alpha != 1.f) {
+            const __m512 a = _mm512_set1_ps(alpha);
+            for (int64_t c = 0; c < chunks; ++c) acc[g][c] = _mm512_mul_ps(a, acc[g][c]);
+          }
+        }
+        // values: one read per token serves the group
+        for (int64_t t = 0; t < n; ++t) {
+          const T* vt = v + t * token_stride;
+          __m512 vv[AC];
+          for (int64_t c = 0; c < chunks; ++c) vv[c] = load16(vt + 16 * c);
+          for (int64_t g = 0; g < group; ++g) {
+            const __m512 p = _mm512_set1_ps(probs[g][t]);
+            for (int64_t c = 0; c < chunks; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+          }
+        }
+        t0 += n;
+      }
+      float* o = out + (seq * num_heads + kv_head * group) * head_dim;
+      for (int64_t g = 0; g < group; ++g) {
+        const __m512 inv = _mm512_set1_ps(1.f / total[g]);
+        for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(o + g * head_dim + 16 * c, _mm512_mul_ps(acc[g][c], inv));
+      }
+    }
+  });
+}
+#endif
+
+template <typename T>
+void decode(const float* query, const T* k_cache, const T* v_cache, const int64_t* block_table,
+            const int64_t* seq_lens, float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+            int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
+#if defined(__AVX512F__)
+  const int64_t group = num_heads / num_kv_heads;
+  if (head_dim % 16 == 0 && head_dim <= 256 && group <= kMaxGroup) {
+    using Kernel = void (*)(const float*, const T*, const T*, const int64_t*, const int64_t*, float*, int64_t,
+                            int64_t, int64_t, int64_t, int64_t, int64_t, float);
+    Kernel run = decode_avx512<T, 0, 0>;
+    if (head_dim == 64 && group == 1) run = decode_avx512<T, 4, 1>;
+    if (head_dim == 64 && group == 2) run = decode_avx512<T, 4, 2>;
+    if (head_dim == 64 && group == 3) run = decode_avx512<T, 4, 3>;
+    if (head_dim == 64 && group == 4) run = decode_avx512<T, 4, 4>;
+    if (head_dim == 128 && group == 1) run = decode_avx512<T, 8, 1>;
+    if (head_dim == 128 && group == 2) run = decode_avx512<T, 8, 2>;
+    if (head_dim == 128 && group == 4) run = decode_avx512<T, 8, 4>;
+    run(query, k_cache, v_cache, block_table, seq_lens, out, num_seqs, num_heads, num_kv_heads, head_dim, block_size,
+        max_blocks, scale);
+    return;
+  }
+#endif
+  decode_scalar(query, k_cache, v_cache, block_table, seq_lens, out, num_seqs, num_heads, num_kv_heads, head_dim,
+                block_size, max_blocks, scale);
 }
 
 }  // namespace
