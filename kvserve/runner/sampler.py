@@ -58,8 +58,9 @@ class Sampler:
         wants_logprobs = any(p.logprobs is not None for p in params)
 
         if not random_rows and not wants_logprobs:
-            # Fast path. fp16/bf16 → fp32 is exact, so argmax on the raw dtype is the fp32 argmax.
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * num_rows)
+            # Fast path: greedy only. fp16/bf16 → fp32 is exact, so this is the argmax of the raw
+            # logits; torch's CPU argmax is ~4× faster in fp32 than in bf16, conversion included.
+            return SamplerOutput(logits.float().argmax(dim=-1).tolist(), [None] * num_rows)
 
         logits = logits.float()                      # [num_rows, vocab]; never modified in place
         token_ids = logits.argmax(dim=-1)            # [num_rows]; random rows overwritten below
