@@ -41,7 +41,7 @@ class _StepPlan:
     """What every layer of one step needs besides its tensors, built once per step (not per layer):
     the prefill chunks with their causal masks, and the decode rows as one padded batch."""
 
-    prefills: tuple[tuple[int, int, int, int, torch.Tensor], ...]   # (seq, start, end, seq_len, mask)
+    prefills: tuple[tuple[int, int, int, int, torch.Tensor | None], ...]   # (seq, start, end, seq_len, mask)
     decode_token_rows: torch.Tensor | None    # [b] rows of the flat batch that decode
     decode_block_ids: torch.Tensor | None     # [b, blocks] their block tables, cut to the longest
     decode_valid: torch.Tensor | None         # [b, 1, 1, max_len] which padded key positions are real
@@ -57,7 +57,10 @@ def _plan(metadata: AttentionMetadata, device: torch.device) -> _StepPlan:
         if end - start == 1:
             rows.append(i)
         else:
-            prefills.append((i, start, end, seq_len, causal_mask(end - start, seq_len, device)))
+            # A chunk that starts the sequence is plain causal attention (no mask tensor: SDPA's
+            # is_causal); a later chunk sees the cached context whole, so it needs the offset mask.
+            mask = None if end - start == seq_len else causal_mask(end - start, seq_len, device)
+            prefills.append((i, start, end, seq_len, mask))
     if not rows:
         return _StepPlan(tuple(prefills), None, None, None, None)
     seq_lens = [metadata.seq_lens_host[i] for i in rows]
@@ -91,11 +94,14 @@ class TorchPagedAttention:
         out = torch.empty(query.shape, dtype=dtype, device=query.device)   # [num_tokens, num_heads, head_dim]
         for i, start, end, seq_len, mask in plan.prefills:
             keys, values = gather_context(kv_cache, metadata.block_table[i], seq_len)
-            q = query[start:end].transpose(0, 1).to(dtype)             # [num_heads, n, head_dim]
-            k = keys.transpose(0, 1).to(dtype)                         # [num_kv_heads, seq_len, head_dim]
-            v = values.transpose(0, 1).to(dtype)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-            out[start:end] = o.transpose(0, 1)
+            # 4-D [1, heads, tokens, head_dim]: with a batch dimension torch's CPU SDPA takes its
+            # fused flash kernel (3-D inputs fall back to the math path, 3-5× slower here).
+            q = query[start:end].transpose(0, 1).to(dtype)[None]       # [1, num_heads, n, head_dim]
+            k = keys.transpose(0, 1).to(dtype)[None]                   # [1, num_kv_heads, seq_len, head_dim]
+            v = values.transpose(0, 1).to(dtype)[None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                               enable_gqa=True)
+            out[start:end] = o[0].transpose(0, 1)
         if plan.decode_token_rows is not None:
             self._decode(query, kv_cache, plan, scale, out)
         return out.to(query.dtype)
