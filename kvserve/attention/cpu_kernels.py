@@ -14,7 +14,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp")]
 
 
 def _cpu_key() -> str:
@@ -36,11 +36,12 @@ def build_directory() -> Path:
 
 @cache
 def load():
-    """The compiled module (with `paged_decode`), or None when it cannot be built here."""
+    """The compiled module (`paged_decode`; the fused bf16 ops `rms_norm`, `silu_mul`, `rotary`), or
+    None when it cannot be built here."""
     try:
         from torch.utils.cpp_extension import load as build
 
-        return build(name="kvserve_cpu_kernels", sources=[str(SOURCE)], build_directory=str(build_directory()),
+        return build(name="kvserve_cpu_kernels", sources=[str(path) for path in SOURCES], build_directory=str(build_directory()),
                      extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
                      extra_ldflags=["-fopenmp", "-lmvec"], verbose=False)
     except Exception as error:   # no compiler, no headers, unsupported platform: keep the reference path

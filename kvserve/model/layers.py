@@ -1,5 +1,9 @@
 """RMSNorm, rotary embedding and the gated MLP, in plain torch (numerics follow Hugging Face's
-Llama so that fp32 output matches it token for token)."""
+Llama so that fp32 output matches it token for token).
+
+The torch code is the spec. On CPU in bf16 the layers can use fused C++ kernels instead
+(`use_fused_kernels`, csrc/fused_ops.cpp): one call for what takes five to nine torch ops, rounding
+to bf16 where torch does (tests/model/test_fused_ops.py holds the two together)."""
 
 from __future__ import annotations
 
@@ -9,13 +13,29 @@ import torch
 from torch import nn
 
 
+def _fusable(kernels, x: torch.Tensor) -> bool:
+    return kernels is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.kernels = None          # fused CPU kernels (bf16), set by use_fused_kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`: (norm(x + residual), x + residual), the sum in x's dtype."""
+        if _fusable(self.kernels, x) and x.dim() == 2 and x.is_contiguous() and (
+                residual is None or residual.is_contiguous()):
+            out, total = self.kernels.rms_norm(x, residual, self.weight, self.eps)
+            return out if residual is None else (out, total)
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -70,9 +90,11 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels=None) -> torch.Tensor:
     """x [num_tokens, heads, head_dim] rotated (rotate-half layout); queries and keys go through
     in one call, as one tensor."""
+    if _fusable(kernels, x) and x.stride(2) == 1 and x.stride(1) == x.shape[2]:
+        return kernels.rotary(x, cos, sin)
     return x * cos + rotate_half(x) * sin
 
 
@@ -89,7 +111,11 @@ class GatedMLP(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.kernels = None          # fused CPU kernels (bf16), set by use_fused_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if _fusable(self.kernels, gate_up) and gate_up.dim() == 2 and gate_up.is_contiguous():
+            return self.down_proj(self.kernels.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)

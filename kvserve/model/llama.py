@@ -28,12 +28,13 @@ class LlamaAttention(nn.Module):
         self.backend = backend
         self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.kernels = None          # fused CPU kernels (bf16), set by use_fused_kernels
 
     def forward(self, hidden: torch.Tensor, rotary: Rotary, kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        qk = apply_rotary(qkv[:, :self.num_heads + self.num_kv_heads], *rotary)
+        qk = apply_rotary(qkv[:, :self.num_heads + self.num_kv_heads], *rotary, kernels=self.kernels)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, self.num_heads + self.num_kv_heads:]
         out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale)   # [num_tokens, heads, head_dim]
@@ -48,10 +49,18 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, rotary: Rotary, kv_cache: KVCache,
-                metadata: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rotary, kv_cache, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rotary: Rotary, kv_cache: KVCache,
+                metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the residual additions are
+        folded into the next norm, so they can run fused with it. Same sums as
+        h = h + attn(norm(h)); h = h + mlp(norm(h))."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, rotary, kv_cache, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -67,9 +76,10 @@ class LlamaModel(nn.Module):
                 metadata: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)                          # [num_tokens, hidden]
         rotary = self.rotary(positions, hidden.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, rotary, kv_cache, metadata)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, rotary, kv_cache, metadata)
+        return self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -85,6 +95,13 @@ class LlamaForCausalLM(nn.Module):
                 metadata: AttentionMetadata) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of every input token."""
         return self.model(input_ids, positions, kv_caches, metadata)
+
+    def use_fused_kernels(self, kernels) -> None:
+        """Let the norms, rotary embedding and MLP use the fused C++ CPU kernels (bf16 only; the
+        torch code stays the path for other dtypes and devices)."""
+        for module in self.modules():
+            if hasattr(module, "kernels"):
+                module.kernels = kernels
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [num_rows, vocab] for the rows that sample (never the whole batch)."""

@@ -99,6 +99,9 @@ class ModelRunner:
             self._quantize(model, quantization, dtype, device)     # from the fp32 weights
         for param in model.parameters():
             param.data = param.data.to(dtype)
+        kernels = getattr(self.backend, "kernels", None)     # the C++ CPU kernels, when they built
+        if kernels is not None:
+            model.use_fused_kernels(kernels)
         self.model = model.eval()
         self.num_blocks = num_kv_blocks(cache, config, dtype)
         self.kv_caches = self._new_kv_caches(self.num_blocks)
@@ -129,7 +132,8 @@ class ModelRunner:
         from kvserve.model import quant
 
         if quantization == "int8":
-            log.info("int8 weight-only quantization: %d linear layers", quant.quantize_int8(model, dtype))
+            log.info("int8 weight-only quantization: %d linear layers (the LM head stays bf16)",
+                     quant.quantize_int8(model, dtype, keep=(model.lm_head,)))
         else:
             log.info("int4 weight-only quantization: %d linear layers in int4 (%d of them exactly the "
                      "checkpoint's own 4-bit groups), %d in int8 (the LM head; shapes the int4 kernel does "
