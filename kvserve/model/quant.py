@@ -149,10 +149,11 @@ def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
             if isinstance(child, nn.Linear)]
 
 
-def quantize_int8(model: nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Replace every nn.Linear in `model` (including a tied LM head, which gets its own int8 copy;
-    the embedding table stays as it is) by an Int8Linear. Returns how many were replaced."""
-    targets = _linears(model)
+def quantize_int8(model: nn.Module, dtype: torch.dtype | None = None, keep: tuple[nn.Module, ...] = ()) -> int:
+    """Replace every nn.Linear in `model` except those in `keep` by an Int8Linear. Returns how many
+    were replaced. (The runner keeps the LM head: tied to the embedding table, it costs no memory
+    in bf16, and in int8 it alone cost ~0.3% perplexity on the bundled text.)"""
+    targets = [t for t in _linears(model) if not any(t[2] is m for m in keep)]
     for parent, name, linear in targets:
         setattr(parent, name, Int8Linear.quantize(linear.weight, linear.bias, dtype))
     return len(targets)

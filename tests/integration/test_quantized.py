@@ -32,10 +32,10 @@ def perplexity(engine, chunk_size):
     return math.exp(-engine.core.runner.score(ids, chunk_size=chunk_size).double().mean().item())
 
 
-def test_int8_replaces_every_linear_layer(engines):
+def test_int8_replaces_every_decoder_linear_layer(engines):
     model = engines["int8"].core.runner.model
-    assert sum(isinstance(m, quant.Int8Linear) for m in model.modules()) == 30 * 4 + 1   # qkv, o, gate_up, down; head
-    assert not any(type(m).__name__ == "Linear" for m in model.modules())
+    assert sum(isinstance(m, quant.Int8Linear) for m in model.modules()) == 30 * 4   # qkv, o, gate_up, down
+    assert model.lm_head.weight is model.model.embed_tokens.weight                   # the tied head stays bf16
 
 
 def test_int4_takes_the_files_own_4_bit_groups(engines, default_checkpoint):
@@ -52,19 +52,13 @@ def test_int4_takes_the_files_own_4_bit_groups(engines, default_checkpoint):
     assert error.mean() < 3 * bf16_error.mean() and error.max() < 4 * bf16_error.max()
 
 
-@pytest.fixture(scope="module")
-def bf16_perplexity(engines):
-    value = perplexity(engines["none"], 512)
-    assert 10 < value < 60                                        # the model reads English
-    return value
-
-
 @pytest.mark.parametrize("mode, max_rows", [("int8", quant.MAX_INT8_ROWS), ("int4", quant.MAX_INT4_ROWS)])
-def test_perplexity_within_one_percent_of_bf16(engines, bf16_perplexity, mode, max_rows):
-    wide = perplexity(engines[mode], 512)            # chunks of 512 rows: the widened weights
-    narrow = perplexity(engines[mode], max_rows)     # chunks of few rows: the quantized matmul kernel
-    assert abs(wide / bf16_perplexity - 1) < 0.01, (bf16_perplexity, wide)
-    assert abs(narrow / bf16_perplexity - 1) < 0.01, (bf16_perplexity, narrow)
+def test_perplexity_within_one_percent_of_bf16(engines, mode, max_rows):
+    # Each against bf16 scored in the same chunks: chunking alone moves bf16 by ~0.2% (rounding).
+    for chunk in (512, max_rows):          # 512 rows: the widened weights; a few rows: the quantized kernel
+        bf16, quantized = perplexity(engines["none"], chunk), perplexity(engines[mode], chunk)
+        assert 10 < bf16 < 60                                     # the model reads English
+        assert abs(quantized / bf16 - 1) < 0.01, (chunk, bf16, quantized)
 
 
 @pytest.fixture(scope="module")
