@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kvserve.attention.backend import KVCache
+from kvserve.attention.backend import AttentionMetadata, KVCache
 from kvserve.attention.torch_ref import TorchPagedAttention, _StepPlan
 
 
@@ -21,6 +21,15 @@ class CpuPagedAttention(TorchPagedAttention):
         """`kernels`: the module from kvserve.attention.cpu_kernels.load()."""
         super().__init__(torch.float32)
         self.kernels = kernels
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache,
+                metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        plan = self._step_plan(metadata, query.device)
+        if not plan.prefills and key.dtype == kv_cache[0].dtype:
+            # Every row decodes (most steps): K/V write and attention in one C++ call.
+            return self.kernels.decode_step(query, key, value, *kv_cache, metadata.slot_mapping,
+                                            plan.decode_block_ids, plan.decode_seq_lens, scale)
+        return super().forward(query, key, value, kv_cache, metadata, scale)
 
     def _decode(self, query: torch.Tensor, kv_cache: KVCache, plan: _StepPlan, scale: float, out: torch.Tensor) -> None:
         k_cache, v_cache = kv_cache

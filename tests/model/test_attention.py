@@ -35,7 +35,8 @@ def dense_attention(q, k, v, scale):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("seed", range(24))
-def test_paged_equals_dense_for_random_tables_and_mixed_batches(seed, backend):
+@pytest.mark.parametrize("decode_only", [False, True])     # True: the CPU backend's one-call decode step
+def test_paged_equals_dense_for_random_tables_and_mixed_batches(seed, backend, decode_only):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     block_size = rng.choice([1, 2, 4, 8, 16, 32])        # 32: the kernel splits a block into tiles
@@ -54,6 +55,8 @@ def test_paged_equals_dense_for_random_tables_and_mixed_batches(seed, backend):
     for _ in range(rng.randint(1, 5)):
         cached = rng.choice([0, 0, rng.randint(1, 30)])
         new = rng.choice([1, 1, rng.randint(1, 20)])
+        if decode_only:
+            cached, new = cached + new - 1, 1
         seq_len = cached + new
         nb = -(-seq_len // block_size)
         if nb > len(free):
@@ -87,6 +90,7 @@ def test_paged_equals_dense_for_random_tables_and_mixed_batches(seed, backend):
         # and the new keys landed in their slots
         for p in range(cached, cached + new):
             torch.testing.assert_close(k_cache[blocks[p // block_size], p % block_size], full_k[p])
+            torch.testing.assert_close(v_cache[blocks[p // block_size], p % block_size], full_v[p])
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
@@ -132,3 +136,16 @@ def test_cpu_decode_kernel_rejects_block_ids_outside_the_cache():
     k = torch.zeros(4, 16, 1, 8)
     with pytest.raises(RuntimeError, match="block id"):
         kernels.paged_decode(torch.zeros(1, 2, 8), k, k, torch.tensor([[4]]), torch.tensor([3]), 1.0)
+
+
+def test_cpu_decode_step_rejects_bad_inputs():
+    kernels = cpu_kernels.load()
+    k_cache = torch.zeros(4, 16, 1, 8)
+    q, kv = torch.zeros(1, 2, 8), torch.zeros(1, 1, 8)
+    table, lens = torch.zeros(1, 1, dtype=torch.long), torch.tensor([1])
+    with pytest.raises(RuntimeError, match="slot out of"):
+        kernels.decode_step(q, kv, kv, k_cache, k_cache.clone(), torch.tensor([64]), table, lens, 1.0)
+    with pytest.raises(RuntimeError, match="cache's dtype"):
+        kernels.decode_step(q, kv.bfloat16(), kv.bfloat16(), k_cache, k_cache.clone(), torch.tensor([0]), table, lens, 1.0)
+    with pytest.raises(RuntimeError, match="one slot per token"):
+        kernels.decode_step(q, kv, kv, k_cache, k_cache.clone(), torch.tensor([0, 1]), table, lens, 1.0)

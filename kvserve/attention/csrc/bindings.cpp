@@ -4,6 +4,9 @@
 
 torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_table, torch::Tensor seq_lens, double scale);
+torch::Tensor decode_step(torch::Tensor query, torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
+                          torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_table,
+                          torch::Tensor seq_lens, double scale);
 std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight,
                                     double eps);
 torch::Tensor silu_mul(torch::Tensor gate_up);
@@ -11,6 +14,7 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (CPU)");
+  m.def("decode_step", &decode_step, "store this step's K/V, then decode attention (all rows decode)");
   m.def("rms_norm", &rms_norm, "[residual add +] RMSNorm in bf16, rounding as torch does");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection, bf16");
   m.def("rotary", &rotary, "rotate-half rotary embedding, bf16");

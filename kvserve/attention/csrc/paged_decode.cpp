@@ -294,3 +294,36 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Te
   }
   return out;
 }
+
+// A step in which every sequence decodes one token: store this step's keys and values in their
+// cache slots, then attend (paged_decode). One call per layer instead of the eight or so torch ops
+// of the Python path. query [n, heads, d], key/value [n, kv_heads, d] (rows may be strided, as
+// slices of the qkv projection) in the cache's dtype; returns [n, heads, d] in the query's dtype.
+torch::Tensor decode_step(torch::Tensor query, torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
+                          torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_table,
+                          torch::Tensor seq_lens, double scale) {
+  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == v_cache.scalar_type(),
+              "keys and values must be in the cache's dtype");
+  TORCH_CHECK(key.dim() == 3 && value.dim() == 3 && key.size(1) == k_cache.size(2) && key.size(2) == k_cache.size(3) &&
+              value.sizes() == key.sizes(), "keys and values must be [n, kv_heads, head_dim] of the cache");
+  TORCH_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 && value.stride(1) == value.size(2),
+              "keys and values need contiguous heads");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0) &&
+              query.size(0) == key.size(0), "one slot per token");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  const int64_t n = key.size(0), row = key.size(1) * key.size(2);
+  const int64_t slots = k_cache.size(0) * k_cache.size(1);
+  const auto* slot = slot_mapping.contiguous().data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(slot[i] >= 0 && slot[i] < slots, "slot out of the cache's range");
+  const int64_t bytes = row * key.element_size();
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  const auto* ks = static_cast<const char*>(key.data_ptr());
+  const auto* vs = static_cast<const char*>(value.data_ptr());
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(kc + slot[i] * bytes, ks + i * key.stride(0) * key.element_size(), bytes);
+    std::memcpy(vc + slot[i] * bytes, vs + i * value.stride(0) * value.element_size(), bytes);
+  }
+  auto out = paged_decode(query.to(at::kFloat).contiguous(), k_cache, v_cache, block_table, seq_lens, scale);
+  return out.to(query.scalar_type());
+}
