@@ -11,8 +11,9 @@ are the file's 4-bit weights, read at a quarter of bf16's bytes. The LM head, an
 torch's int4 kernel cannot take (out % 16, in % 32), use int8 instead.
 
 Two kernels per layer, chosen by the number of rows in the call (the same weights either way):
-  - up to `MAX_INT8_ROWS` / `MAX_INT4_ROWS` rows (decode of a few streams): torch's quantized-weight
-    matmul, which reads the packed weights directly;
+  - up to `MAX_INT8_ROWS` / `MAX_INT4_ROWS` rows (decode of a few streams): a quantized-weight
+    matmul that reads the packed weights directly: torch's int4 kernel; for int8 kvserve's C++
+    kernel (csrc/int8_matmul.cpp, twice as fast here) when it is built, else torch's;
   - more rows (prefill chunks, large decode batches, which are bound by compute, not bandwidth):
     int8 widens its weights to the activations' dtype on the fly (int8 keeps its memory saving);
     int4 keeps the dequantized bf16 weights beside the packed ones (int4 is for speed, not memory:
@@ -40,6 +41,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("wide", wide)               # optional dequantized weights for many rows
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.kernels = None      # kvserve's C++ CPU kernels (set by use_fused_kernels): int8_matmul
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None,
@@ -61,7 +63,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= MAX_INT8_ROWS:
+        if rows.shape[0] <= MAX_INT8_ROWS and self.kernels is not None and x.device.type == "cpu":
+            out = self.kernels.int8_matmul(rows, self.weight, self.scale)      # ~2× torch's, fp32 math
+        elif rows.shape[0] <= MAX_INT8_ROWS:
             out = torch._weight_int8pack_mm(rows.contiguous(), self.weight, self.scale)
         elif self.wide is not None:
             out = F.linear(rows, self.wide)

@@ -136,3 +136,36 @@ def test_quantized_tiny_engines_generate_like_bf16_for_a_short_prompt():
     assert len(out["int8"]) == len(out["int4"]) == 8
     assert out["int8"][:2] == out["none"][:2]
     assert out["int4"][:1] == out["none"][:1]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("in_features", [64, 72])            # 72: a tail past the last 16 columns
+def test_cpu_int8_kernel_matches_the_dequantized_weights(rows, in_features):
+    from kvserve.attention import cpu_kernels
+
+    kernels = cpu_kernels.load()
+    assert kernels is not None
+    torch.manual_seed(rows)
+    q = Int8Linear.quantize(torch.randn(300, in_features), dtype=torch.bfloat16)
+    x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+    expected = x.float() @ q.dequantized().float().t()
+    atol = 1e-2 * expected.abs().max().item()                  # the output is rounded to bf16
+    for kernel in (kernels.int8_matmul, kernels.int8_matmul_portable):
+        torch.testing.assert_close(kernel(x, q.weight, q.scale).float(), expected, rtol=1e-2, atol=atol)
+    # and Int8Linear takes it for few rows once it has the kernels
+    q.kernels = kernels
+    if rows <= MAX_INT8_ROWS:
+        torch.testing.assert_close(q(x).float(), expected, rtol=1e-2, atol=atol)
+
+
+def test_cpu_int8_kernel_rejects_bad_inputs():
+    from kvserve.attention import cpu_kernels
+
+    kernels = cpu_kernels.load()
+    w, s = torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        kernels.int8_matmul(torch.zeros(9, 8), w, s)
+    with pytest.raises(RuntimeError, match="int8"):
+        kernels.int8_matmul(torch.zeros(1, 8), w.float(), s)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        kernels.int8_matmul(torch.zeros(1, 8), w, torch.ones(3))

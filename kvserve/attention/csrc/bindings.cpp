@@ -10,6 +10,8 @@ torch::Tensor decode_step(torch::Tensor query, torch::Tensor key, torch::Tensor 
 std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight,
                                     double eps);
 torch::Tensor silu_mul(torch::Tensor gate_up);
+torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
+torch::Tensor int8_matmul_portable(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -17,5 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "store this step's K/V, then decode attention (all rows decode)");
   m.def("rms_norm", &rms_norm, "[residual add +] RMSNorm in bf16, rounding as torch does");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection, bf16");
+  m.def("int8_matmul", &int8_matmul, "x @ W^T, int8 W with per-channel scales, fp32 math, <= 8 rows");
+  m.def("int8_matmul_portable", &int8_matmul_portable, "the same, plain loops (the spec of the vector path)");
   m.def("rotary", &rotary, "rotate-half rotary embedding, bf16");
 }
