@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvserve.model.packed import packed_linear
+
 MAX_INT8_ROWS = 4
 MAX_INT4_ROWS = 8          # torch's int4 kernel beats bf16 up to ~12 rows on this CPU (speed notes)
 INT4_GROUP = 32
@@ -42,6 +44,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("wide", wide)               # optional dequantized weights for many rows
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.kernels = None      # kvserve's C++ CPU kernels (set by use_fused_kernels): int8_matmul
+        self.packed_wide = None  # `wide` prepacked for oneDNN (kvserve.model.packed), when packed
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None,
@@ -67,6 +70,8 @@ class Int8Linear(nn.Module):
             out = self.kernels.int8_matmul(rows, self.weight, self.scale)      # ~2× torch's, fp32 math
         elif rows.shape[0] <= MAX_INT8_ROWS:
             out = torch._weight_int8pack_mm(rows.contiguous(), self.weight, self.scale)
+        elif self.packed_wide is not None:
+            out = packed_linear(rows, self.packed_wide)
         elif self.wide is not None:
             out = F.linear(rows, self.wide)
         else:
@@ -74,6 +79,11 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
+
+    def pack_wide(self, pack) -> bool:
+        if self.wide is not None and self.wide.dtype == torch.bfloat16:
+            self.packed_wide = pack(self.wide)
+        return self.packed_wide is not None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
@@ -113,6 +123,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("wide", wide)                           # [out, in] dequantized, bf16
         self.register_buffer("bias", bias)
         self.out_features, self.in_features = wide.shape
+        self.packed_wide = None  # `wide` prepacked for oneDNN (kvserve.model.packed), when packed
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -138,11 +149,17 @@ class Int4Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] <= MAX_INT4_ROWS:
             out = torch._weight_int4pack_mm_for_cpu(rows.contiguous(), self.packed, INT4_GROUP, self.scales_and_zeros)
+        elif self.packed_wide is not None:
+            out = packed_linear(rows, self.packed_wide)
         else:
             out = F.linear(rows, self.wide)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
+
+    def pack_wide(self, pack) -> bool:
+        self.packed_wide = pack(self.wide)
+        return self.packed_wide is not None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {INT4_GROUP}"

@@ -99,6 +99,10 @@ class ModelRunner:
             self._quantize(model, quantization, dtype, device)     # from the fp32 weights
         for param in model.parameters():
             param.data = param.data.to(dtype)
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            from kvserve.model.packed import prepack_linears
+
+            log.info("bf16 weights prepacked for oneDNN: %d linear layers", prepack_linears(model))
         kernels = getattr(self.backend, "kernels", None)     # the C++ CPU kernels, when they built
         if kernels is not None:
             model.use_fused_kernels(kernels)
