@@ -65,11 +65,13 @@ class Int8Linear(nn.Module):
         return self.weight.to(self.scale.dtype) * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
+        # The model passes flat, contiguous [tokens, features] batches: no reshapes then (each
+        # tensor op called from Python costs microseconds, which add up over 30 layers a step).
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if rows.shape[0] <= MAX_INT8_ROWS and self.kernels is not None and x.device.type == "cpu":
             out = self.kernels.int8_matmul(rows, self.weight, self.scale)      # ~2× torch's, fp32 math
         elif rows.shape[0] <= MAX_INT8_ROWS:
-            out = torch._weight_int8pack_mm(rows.contiguous(), self.weight, self.scale)
+            out = torch._weight_int8pack_mm(rows if rows.is_contiguous() else rows.contiguous(), self.weight, self.scale)
         elif self.packed_wide is not None:
             out = packed_linear(rows, self.packed_wide)
         elif self.wide is not None:
@@ -78,7 +80,7 @@ class Int8Linear(nn.Module):
             out = F.linear(rows, self.weight.to(x.dtype)) * self.scale
         if self.bias is not None:
             out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def pack_wide(self, pack) -> bool:
         if self.wide is not None and self.wide.dtype == torch.bfloat16:
@@ -146,16 +148,17 @@ class Int4Linear(nn.Module):
         return self.wide
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)      # flat batches: no reshape
         if rows.shape[0] <= MAX_INT4_ROWS:
-            out = torch._weight_int4pack_mm_for_cpu(rows.contiguous(), self.packed, INT4_GROUP, self.scales_and_zeros)
+            rows = rows if rows.is_contiguous() else rows.contiguous()
+            out = torch._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_and_zeros)
         elif self.packed_wide is not None:
             out = packed_linear(rows, self.packed_wide)
         else:
             out = F.linear(rows, self.wide)
         if self.bias is not None:
             out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def pack_wide(self, pack) -> bool:
         self.packed_wide = pack(self.wide)
