@@ -207,3 +207,28 @@ def test_pinning_a_prefix_read_from_the_automatic_cache_writes_only_what_is_new(
     extend = run(core, Request("extend", SYSTEM + list(range(200, 216)) + list(range(300, 316)) + [3],
                                SamplingParams(max_tokens=1), checkpoints=((56, 300.0),)))
     assert extend.num_cached_tokens == 40 and extend.num_cache_write_tokens == 16
+
+
+def test_pins_filling_the_pool_give_way_to_a_waiting_request():
+    """Regression (found by the property test above): with a pin budget of the whole pool, pinned
+    prefixes filled every block while nothing ran, so a new request waited for a TTL to run out:
+    a livelock. Now the oldest pin gives way, the request runs, and newer pins stay."""
+    core = make_core(num_blocks=8, budget_fraction=1.0)
+    firsts = []
+    for k in range(3):                       # 3 prefixes of 2 blocks each, pinned
+        prefix = list(range(3000 + 100 * k, 3008 + 100 * k))
+        firsts.append(run(core, Request(f"p{k}", prefix + [1], SamplingParams(max_tokens=1, ignore_eos=True),
+                                        checkpoints=((8, 300.0),))))
+    kv = core.scheduler.kv
+    assert kv.stats().num_pinned_blocks == 6
+    big = Request("big", list(range(9000, 9013)), SamplingParams(max_tokens=4, ignore_eos=True))  # 5 blocks
+    core.scheduler.add_request(big)
+    for _ in range(20):                      # before the fix: no step ever scheduled it
+        if not core.scheduler.has_unfinished:
+            break
+        core.step()
+        core.scheduler.check_integrity()
+    assert big.is_finished and len(big.output_token_ids) == 4
+    assert kv.stats().pins_released_for_budget >= 1
+    assert kv.pins.get(firsts[0].block_hashes[1]) is None            # the oldest pin gave way
+    assert kv.pins.get(firsts[2].block_hashes[1]) is not None        # the newest stays
