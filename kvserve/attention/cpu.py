@@ -31,6 +31,20 @@ class CpuPagedAttention(TorchPagedAttention):
                                             plan.decode_block_ids, plan.decode_seq_lens, scale)
         return super().forward(query, key, value, kv_cache, metadata, scale)
 
+    def decode_qkv(self, qkv: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
+                   metadata: AttentionMetadata, scale: float, num_heads: int, num_kv_heads: int) -> torch.Tensor | None:
+        """The whole attention of an all-decode bf16 step from the fused qkv projection output
+        ([n, (heads + 2 kv_heads) * head_dim]): rotary, K/V write and attention in one C++ call;
+        [n, heads * head_dim]. None when it does not apply (prefill rows, other dtypes): the caller
+        then takes the torch path (rotary in layers.py, then forward)."""
+        if qkv.dtype != torch.bfloat16 or kv_cache[0].dtype != torch.bfloat16 or not qkv.is_contiguous():
+            return None
+        plan = self._step_plan(metadata, qkv.device)
+        if plan.prefills:
+            return None
+        return self.kernels.decode_qkv(qkv, *rotary, *kv_cache, metadata.slot_mapping, plan.decode_block_ids,
+                                       plan.decode_seq_lens, scale, num_heads, num_kv_heads)
+
     def _decode(self, query: torch.Tensor, kv_cache: KVCache, plan: _StepPlan, scale: float, out: torch.Tensor) -> None:
         k_cache, v_cache = kv_cache
         q = query[plan.decode_token_rows].float()                                     # [b, heads, d]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+HEADERS = list((Path(__file__).parent / "csrc").glob("*.h"))
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp",
                                                                   "int8_matmul.cpp")]
 
@@ -37,13 +38,15 @@ def build_directory() -> Path:
 
 @cache
 def load():
-    """The compiled module (`paged_decode`; the fused bf16 ops `rms_norm`, `silu_mul`, `rotary`), or
-    None when it cannot be built here."""
+    """The compiled module (`paged_decode`, `decode_step`, `decode_qkv`; the fused bf16 ops `rms_norm`,
+    `silu_mul`, `rotary`; `int8_matmul`), or None when it cannot be built here."""
     try:
         from torch.utils.cpp_extension import load as build
 
+        # torch rebuilds when a source or a flag changes, not a header: the headers' hash is a flag.
+        headers = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(HEADERS))).hexdigest()[:12]
         return build(name="kvserve_cpu_kernels", sources=[str(path) for path in SOURCES], build_directory=str(build_directory()),
-                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
+                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", f"-DKVSERVE_HEADERS={headers}"],
                      extra_ldflags=["-fopenmp", "-lmvec"], verbose=False)
     except Exception as error:   # no compiler, no headers, unsupported platform: keep the reference path
         log.warning("CPU attention kernel unavailable (%s); using the torch reference attention", error)

@@ -33,7 +33,13 @@ class LlamaAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, rotary: Rotary, kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(hidden)
+        if self.kernels is not None and hasattr(self.backend, "decode_qkv"):    # fused CPU path (bf16)
+            out = self.backend.decode_qkv(qkv, rotary, kv_cache, metadata, self.scale, self.num_heads,
+                                          self.num_kv_heads)
+            if out is not None:
+                return self.o_proj(out)
+        qkv = qkv.view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         qk = apply_rotary(qkv[:, :self.num_heads + self.num_kv_heads], *rotary, kernels=self.kernels)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, self.num_heads + self.num_kv_heads:]

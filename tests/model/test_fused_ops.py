@@ -90,3 +90,28 @@ def test_fused_ops_reject_bad_inputs(kernels):
     with pytest.raises(RuntimeError, match="contiguous heads"):
         kernels.rotary(torch.randn(2, 4, 8).bfloat16().transpose(1, 2), torch.ones(2, 1, 4).bfloat16(),
                        torch.ones(2, 1, 4).bfloat16())
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_decode_qkv_equals_rotary_then_decode_step(kernels, rows):
+    """The one-call bf16 decode (rotary + K/V write + attention from the qkv projection) gives what
+    the separate fused rotary and decode_step give, caches included."""
+    torch.manual_seed(rows)
+    heads, kv_heads, d, bs = 9, 3, 64, 16
+    k_cache = torch.randn(40, bs, kv_heads, d).bfloat16()
+    v_cache = torch.randn(40, bs, kv_heads, d).bfloat16()
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d).bfloat16()
+    cos, sin = torch.randn(rows, 1, d).bfloat16(), torch.randn(rows, 1, d).bfloat16()
+    lens = torch.tensor([30 + 7 * i for i in range(rows)])
+    table = torch.stack([torch.randperm(40)[:4] for _ in range(rows)])
+    slots = torch.tensor([table[i, (lens[i] - 1) // bs] * bs + (lens[i] - 1) % bs for i in range(rows)])
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+    got = kernels.decode_qkv(qkv, cos, sin, *caches[0], slots, table, lens, 0.125, heads, kv_heads)
+    view = qkv.view(rows, heads + 2 * kv_heads, d)
+    qk = kernels.rotary(view[:, :heads + kv_heads], cos, sin)
+    expected = kernels.decode_step(qk[:, :heads], qk[:, heads:], view[:, heads + kv_heads:], *caches[1], slots,
+                                   table, lens, 0.125)
+    assert torch.equal(got, expected.reshape(rows, -1))
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    with pytest.raises(RuntimeError, match="qkv must be"):
+        kernels.decode_qkv(qkv[:, :-d], cos, sin, *caches[0], slots, table, lens, 0.125, heads, kv_heads)

@@ -7,6 +7,9 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Te
 torch::Tensor decode_step(torch::Tensor query, torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
                           torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_table,
                           torch::Tensor seq_lens, double scale);
+torch::Tensor decode_qkv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                         torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_table,
+                         torch::Tensor seq_lens, double scale, int64_t num_heads, int64_t num_kv_heads);
 std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight,
                                     double eps);
 torch::Tensor silu_mul(torch::Tensor gate_up);
@@ -17,6 +20,7 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (CPU)");
   m.def("decode_step", &decode_step, "store this step's K/V, then decode attention (all rows decode)");
+  m.def("decode_qkv", &decode_qkv, "bf16 decode_step from the fused qkv projection, rotary included");
   m.def("rms_norm", &rms_norm, "[residual add +] RMSNorm in bf16, rounding as torch does");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection, bf16");
   m.def("int8_matmul", &int8_matmul, "x @ W^T, int8 W with per-channel scales, fp32 math, <= 8 rows");

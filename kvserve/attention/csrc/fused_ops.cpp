@@ -6,28 +6,17 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "bf16.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 namespace {
 
-inline float bf16_to_float(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-// Round to nearest even, as torch does (inputs here are finite).
-inline uint16_t float_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  u += 0x7FFF + ((u >> 16) & 1);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+using kvserve::bf16_to_float;
+using kvserve::float_to_bf16;
+using kvserve::round_bf16;
 
 const uint16_t* bits(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
 uint16_t* bits_mut(torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
@@ -146,11 +135,7 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
         const uint16_t* xi = xs + i * row_stride + hd * d;
         uint16_t* oi = os + (i * heads + hd) * d;
 #pragma omp simd
-        for (int64_t j = 0; j < d; ++j) {
-          const float rotated = j < half ? -bf16_to_float(xi[j + half]) : bf16_to_float(xi[j - half]);
-          oi[j] = float_to_bf16(round_bf16(bf16_to_float(xi[j]) * bf16_to_float(c[j])) +
-                                round_bf16(rotated * bf16_to_float(s[j])));
-        }
+        for (int64_t j = 0; j < d; ++j) oi[j] = float_to_bf16(kvserve::rotary_element(xi, c, s, j, half));
       }
     }
   });

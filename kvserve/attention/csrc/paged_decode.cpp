@@ -8,6 +8,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "bf16.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -326,4 +328,53 @@ torch::Tensor decode_step(torch::Tensor query, torch::Tensor key, torch::Tensor 
   }
   auto out = paged_decode(query.to(at::kFloat).contiguous(), k_cache, v_cache, block_table, seq_lens, scale);
   return out.to(query.scalar_type());
+}
+
+// decode_step for bf16 with the rotary embedding folded in, straight from the fused qkv projection:
+// qkv [n, (heads + 2 kv_heads) * head_dim], cos/sin [n, 1, head_dim], all bf16. Rotates queries and
+// keys (rounding as the torch ops do), stores keys and values in their slots, attends; returns
+// [n, heads * head_dim] bf16, ready for the output projection. One call instead of ~8 tensor ops.
+torch::Tensor decode_qkv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                         torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_table,
+                         torch::Tensor seq_lens, double scale, int64_t num_heads, int64_t num_kv_heads) {
+  TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
+              v_cache.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16 &&
+              sin.scalar_type() == at::kBFloat16, "decode_qkv is for bfloat16 tensors");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "caches must be contiguous [blocks, block_size, kv_heads, head_dim]");
+  const int64_t d = k_cache.size(3), half = d / 2;
+  TORCH_CHECK(num_kv_heads == k_cache.size(2) && num_heads % num_kv_heads == 0 && d % 2 == 0, "head counts do not fit the cache");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (num_heads + 2 * num_kv_heads) * d,
+              "qkv must be contiguous [n, (heads + 2 kv_heads) * head_dim]");
+  const int64_t n = qkv.size(0);
+  cos = cos.reshape({n, d}).contiguous();
+  sin = sin.reshape({n, d}).contiguous();
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.size(0) == n,
+              "one slot per token");
+  const int64_t slots = k_cache.size(0) * k_cache.size(1);
+  auto slot_c = slot_mapping.contiguous();
+  const auto* slot = slot_c.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(slot[i] >= 0 && slot[i] < slots, "slot out of the cache's range");
+  const auto* x = reinterpret_cast<const uint16_t*>(qkv.data_ptr<at::BFloat16>());
+  const auto* cs = reinterpret_cast<const uint16_t*>(cos.data_ptr<at::BFloat16>());
+  const auto* sn = reinterpret_cast<const uint16_t*>(sin.data_ptr<at::BFloat16>());
+  auto* kc = reinterpret_cast<uint16_t*>(k_cache.data_ptr<at::BFloat16>());
+  auto* vc = reinterpret_cast<uint16_t*>(v_cache.data_ptr<at::BFloat16>());
+  auto query = torch::empty({n, num_heads, d}, qkv.options().dtype(at::kFloat));
+  float* q = query.data_ptr<float>();
+  const int64_t row = (num_heads + 2 * num_kv_heads) * d, kv_row = num_kv_heads * d;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t* xi = x + i * row;
+    const uint16_t* c = cs + i * d;
+    const uint16_t* s = sn + i * d;
+    for (int64_t h = 0; h < num_heads; ++h)
+      for (int64_t j = 0; j < d; ++j) q[(i * num_heads + h) * d + j] = kvserve::rotary_element(xi + h * d, c, s, j, half);
+    uint16_t* k_slot = kc + slot[i] * kv_row;
+    for (int64_t h = 0; h < num_kv_heads; ++h)
+      for (int64_t j = 0; j < d; ++j)
+        k_slot[h * d + j] = kvserve::float_to_bf16(kvserve::rotary_element(xi + (num_heads + h) * d, c, s, j, half));
+    std::memcpy(vc + slot[i] * kv_row, xi + (num_heads + num_kv_heads) * d, kv_row * sizeof(uint16_t));
+  }
+  auto out = paged_decode(query, k_cache, v_cache, block_table, seq_lens, scale);
+  return out.to(at::kBFloat16).view({n, num_heads * d});
 }
