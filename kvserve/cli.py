@@ -228,33 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    offline = bench.add_parser("offline", help="seeded offline throughput workload")
-    from kvserve.bench.offline import add_offline_options
-
-    add_offline_options(offline)
-    add_engine_options(offline)
-    offline.set_defaults(func=cmd_bench_offline)
-
-    cache = bench.add_parser("cache", help="time to first token of a prompt-cache hit vs a miss")
     from kvserve.bench.cache import add_cache_options
-
-    add_cache_options(cache)
-    add_engine_options(cache)
-    cache.set_defaults(func=cmd_bench_cache)
-
-    step = bench.add_parser("step", help="decode step time by batch size, and its host (Python) share")
+    from kvserve.bench.offline import add_offline_options
+    from kvserve.bench.perplexity import add_perplexity_options
     from kvserve.bench.step import add_step_options
 
-    add_step_options(step)
-    add_engine_options(step)
-    step.set_defaults(func=cmd_bench_step)
-
-    ppl = bench.add_parser("perplexity", help="perplexity of a fixed text (quality check for --quantization)")
-    from kvserve.bench.perplexity import add_perplexity_options
-
-    add_perplexity_options(ppl)
-    add_engine_options(ppl)
-    ppl.set_defaults(func=cmd_bench_perplexity)
+    engine_benches = [  # (name, help, its own options, command): each also takes the engine options
+        ("offline", "seeded offline throughput workload", add_offline_options, cmd_bench_offline),
+        ("cache", "time to first token of a prompt-cache hit vs a miss", add_cache_options, cmd_bench_cache),
+        ("step", "decode step time by batch size, and its host (Python) share", add_step_options, cmd_bench_step),
+        ("perplexity", "perplexity of a fixed text (quality check for --quantization)", add_perplexity_options,
+         cmd_bench_perplexity),
+    ]
+    for name, help_text, add_options, command in engine_benches:
+        sub = bench.add_parser(name, help=help_text)
+        add_options(sub)
+        add_engine_options(sub)
+        sub.set_defaults(func=command)
 
     serve_bench = bench.add_parser("serve", help="seeded load on any OpenAI-compatible server (streamed chat)")
     from kvserve.bench.serve import add_serve_options
