@@ -297,6 +297,17 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Te
   return out;
 }
 
+// The slot of each of n tokens, checked against the cache (contiguous int64 copy kept alive by `keep`).
+const int64_t* checked_slots(const torch::Tensor& slot_mapping, int64_t n, const torch::Tensor& k_cache, torch::Tensor& keep) {
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.size(0) == n,
+              "one slot per token");
+  keep = slot_mapping.contiguous();
+  const auto* slot = keep.data_ptr<int64_t>();
+  const int64_t slots = k_cache.size(0) * k_cache.size(1);
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(slot[i] >= 0 && slot[i] < slots, "slot out of the cache's range");
+  return slot;
+}
+
 // A step in which every sequence decodes one token: store this step's keys and values in their
 // cache slots, then attend (paged_decode). One call per layer instead of the eight or so torch ops
 // of the Python path. query [n, heads, d], key/value [n, kv_heads, d] (rows may be strided, as
@@ -310,13 +321,11 @@ torch::Tensor decode_step(torch::Tensor query, torch::Tensor key, torch::Tensor 
               value.sizes() == key.sizes(), "keys and values must be [n, kv_heads, head_dim] of the cache");
   TORCH_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 && value.stride(1) == value.size(2),
               "keys and values need contiguous heads");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0) &&
-              query.size(0) == key.size(0), "one slot per token");
+  TORCH_CHECK(query.size(0) == key.size(0), "one slot per token");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   const int64_t n = key.size(0), row = key.size(1) * key.size(2);
-  const int64_t slots = k_cache.size(0) * k_cache.size(1);
-  const auto* slot = slot_mapping.contiguous().data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(slot[i] >= 0 && slot[i] < slots, "slot out of the cache's range");
+  torch::Tensor slot_keep;
+  const int64_t* slot = checked_slots(slot_mapping, n, k_cache, slot_keep);
   const int64_t bytes = row * key.element_size();
   auto* kc = static_cast<char*>(k_cache.data_ptr());
   auto* vc = static_cast<char*>(v_cache.data_ptr());
@@ -349,12 +358,8 @@ torch::Tensor decode_qkv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin
   const int64_t n = qkv.size(0);
   cos = cos.reshape({n, d}).contiguous();
   sin = sin.reshape({n, d}).contiguous();
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.size(0) == n,
-              "one slot per token");
-  const int64_t slots = k_cache.size(0) * k_cache.size(1);
-  auto slot_c = slot_mapping.contiguous();
-  const auto* slot = slot_c.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(slot[i] >= 0 && slot[i] < slots, "slot out of the cache's range");
+  torch::Tensor slot_keep;
+  const int64_t* slot = checked_slots(slot_mapping, n, k_cache, slot_keep);
   const auto* x = reinterpret_cast<const uint16_t*>(qkv.data_ptr<at::BFloat16>());
   const auto* cs = reinterpret_cast<const uint16_t*>(cos.data_ptr<at::BFloat16>());
   const auto* sn = reinterpret_cast<const uint16_t*>(sin.data_ptr<at::BFloat16>());
