@@ -4,6 +4,10 @@ Prefill chunks take the reference path (gather + SDPA: many queries per key, whe
 blocked kernel is efficient). Decode rows, one query each, are attended straight from the paged
 cache: no per-step gather of the whole context into a padded batch, no dtype copy of it, no
 mask. Same math as the reference in fp32; tests hold the two together.
+
+When every row of a step decodes (most steps), the K/V write and attention are one C++ call
+(`forward` → decode_step); in bf16 the model hands over the qkv projection's output and the rotary
+embedding is folded in too (`decode_qkv`).
 """
 
 from __future__ import annotations
