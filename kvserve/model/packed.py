@@ -6,6 +6,10 @@ at load (torch's mkldnn linear ops, the ones torch.compile's CPU backend uses) h
 time of a one-stream decode step and takes ~15% off 32 streams here (docs/speed-notes.md). Same
 math as `F.linear` in bf16; only the blocking (so the order of the sums) differs. fp32 and other
 devices keep nn.Linear: the reference path.
+
+Memory: a PackedLinear keeps its plain weight too (a tied embedding shares it, and state dicts
+read it), so plain bf16 linear weights take twice their bytes; quantized layers drop their plain
+widened copy once it is packed.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ class Int8Linear(nn.Module):
         # The model passes flat, contiguous [tokens, features] batches: no reshapes then (each
         # tensor op called from Python costs microseconds, which add up over 30 layers a step).
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if rows.shape[0] <= MAX_INT8_ROWS and self.kernels is not None and x.device.type == "cpu":
+        if rows.shape[0] <= MAX_INT8_ROWS and self.kernels is not None:      # kernels are only set on CPU
             out = self.kernels.int8_matmul(rows, self.weight, self.scale)      # ~2× torch's, fp32 math
         elif rows.shape[0] <= MAX_INT8_ROWS:
             out = torch._weight_int8pack_mm(rows if rows.is_contiguous() else rows.contiguous(), self.weight, self.scale)
@@ -83,8 +83,11 @@ class Int8Linear(nn.Module):
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def pack_wide(self, pack) -> bool:
+        """Prepack the widened weights for oneDNN; the plain copy is then dropped (no third copy)."""
         if self.wide is not None and self.wide.dtype == torch.bfloat16:
             self.packed_wide = pack(self.wide)
+            if self.packed_wide is not None:
+                self.wide = None
         return self.packed_wide is not None
 
     def extra_repr(self) -> str:
@@ -144,8 +147,12 @@ class Int4Linear(nn.Module):
                    None if bias is None else bias.detach().to(dtype).clone())
 
     def dequantized(self) -> torch.Tensor:
-        """The weights the int4 kernel computes with, [out, in] in bf16."""
-        return self.wide
+        """The weights the int4 kernel computes with, [out, in] in bf16 (read back through the kernel
+        once the plain copy was dropped for a packed one: x = I gives W^T, exactly)."""
+        if self.wide is not None:
+            return self.wide
+        eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
+        return torch._weight_int4pack_mm_for_cpu(eye, self.packed, INT4_GROUP, self.scales_and_zeros).t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)      # flat batches: no reshape
@@ -161,7 +168,10 @@ class Int4Linear(nn.Module):
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def pack_wide(self, pack) -> bool:
+        """Prepack the bf16 weights for oneDNN; the plain copy is then dropped (no third copy)."""
         self.packed_wide = pack(self.wide)
+        if self.packed_wide is not None:
+            self.wide = None
         return self.packed_wide is not None
 
     def extra_repr(self) -> str:
