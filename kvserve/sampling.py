@@ -21,6 +21,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"        # an end token, a stop token id, or a stop string
     LENGTH = "length"    # max_tokens or the context length
     ABORT = "abort"      # cancelled by the client or the server
+    ERROR = "error"      # the engine failed to run this request (the others in its step went on)
 
 
 @dataclass(frozen=True)

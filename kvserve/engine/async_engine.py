@@ -9,6 +9,12 @@
 
 Each request has a single-slot mailbox: the engine thread merges new deltas into whatever the
 consumer has not taken yet, so a slow client never stalls the loop and memory stays bounded.
+
+Failure: a request the engine cannot run fails alone (EngineCore isolates it; its stream ends
+with FinishReason.ERROR). Anything else that escapes a step is fatal: every stream in flight gets
+EngineDeadError at once, later adds and calls raise it, and the `on_fatal` listeners are told
+(the server turns /health to 503 and exits non-zero, so that a supervisor restarts it). Once the
+loop has ended no add can slip in unanswered: registration and the loop's end share a lock.
 """
 
 from __future__ import annotations
@@ -116,6 +122,10 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._stop = threading.Event()
+        self._lock = threading.Lock()                  # registration vs the loop's end (see module doc)
+        self._ended: EngineDeadError | None = None     # set once the loop has ended, under _lock
+        self.error: BaseException | None = None        # what killed the loop, if it died
+        self._fatal_listeners: list[Callable[[BaseException], None]] = []
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
         self._stats = engine.stats()
         self._thread.start()
@@ -123,27 +133,45 @@ class AsyncEngine:
     # ---- asyncio side ------------------------------------------------------------------------
     async def add(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                   **kwargs) -> RequestStream:
-        """Validate and enqueue a request. Raises InvalidRequestError at once for bad input."""
-        if self._stop.is_set():
-            raise EngineDeadError("the engine is shut down")
+        """Validate and enqueue a request. Raises InvalidRequestError at once for bad input, and
+        EngineDeadError when the engine has stopped."""
+        self._raise_if_ended()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         request = self.engine.make_request(prompt, params, request_id, **kwargs)
         stream = RequestStream(request_id, asyncio.get_running_loop(), self)
-        self._streams[request_id] = stream
-        self._commands.put(("add", request))
+        with self._lock:
+            self._raise_if_ended()
+            self._streams[request_id] = stream
+            self._commands.put(("add", request))
         return stream
+
+    def _raise_if_ended(self) -> None:
+        if self._ended is not None:
+            raise self._ended
+
+    @property
+    def alive(self) -> bool:
+        return self._ended is None and not self._stop.is_set()
+
+    def on_fatal(self, listener: Callable[[BaseException], None]) -> None:
+        """Call `listener(error)` (on the engine thread) if the loop dies; at once if it has."""
+        with self._lock:
+            self._fatal_listeners.append(listener)
+            error = self.error
+        if error is not None:
+            listener(error)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
     async def call(self, fn: Callable[[Engine], T]) -> T:
         """Run fn(engine) on the engine thread between steps (engine state is not thread-safe)."""
-        if self._stop.is_set():
-            raise EngineDeadError("the engine is shut down")
         future = asyncio.get_running_loop().create_future()
-        self._commands.put(("call", (fn, future)))
+        with self._lock:
+            self._raise_if_ended()
+            self._commands.put(("call", (fn, future)))
         return await future
 
     def stats(self) -> SchedulerStats:
@@ -157,17 +185,23 @@ class AsyncEngine:
 
     # ---- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
+        fatal: Exception | None = None
+        try:
+            while not self._stop.is_set():
                 self._apply_commands(block=not self.engine.has_unfinished)
                 if self.engine.has_unfinished:
                     self._deliver(self.engine.step())
                 self._stats = self.engine.stats()
-            except Exception as error:  # keep serving: fail what was in flight, then go on
-                log.exception("engine step failed; failing %d in-flight requests", len(self._streams))
-                self._fail_all(error)
-        dead = EngineDeadError("the engine was shut down")
-        self._fail_all(dead)
+            ended = EngineDeadError("the engine was shut down")
+        except Exception as error:   # fatal (module docstring): fail everything, tell the listeners
+            log.exception("the engine loop failed; failing %d requests in flight", len(self._streams))
+            ended = EngineDeadError(f"the engine failed ({type(error).__name__}: {error}); "
+                                    "the server must be restarted")
+            fatal = error
+        with self._lock:   # from here on, add() and call() raise instead of queueing
+            self._ended, self.error = ended, fatal
+            listeners = list(self._fatal_listeners) if fatal is not None else []
+        self._fail_all(ended)
         while True:   # answer calls still queued, so no awaiting caller hangs
             try:
                 kind, arg = self._commands.get_nowait()
@@ -175,7 +209,12 @@ class AsyncEngine:
                 break
             if kind == "call":
                 _, future = arg
-                future.get_loop().call_soon_threadsafe(_settle, future, None, dead)
+                future.get_loop().call_soon_threadsafe(_settle, future, None, ended)
+        for listener in listeners:
+            try:
+                listener(fatal)
+            except Exception:
+                log.exception("an on_fatal listener failed")
 
     def _apply_commands(self, block: bool) -> None:
         try:

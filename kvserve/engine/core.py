@@ -1,18 +1,65 @@
-"""EngineCore: one step of continuous batching, at the level of tokens."""
+"""EngineCore: one step of continuous batching, at the level of tokens.
+
+A step that raises while running the model is retried request by request, so that one request
+that cannot run (a bug its input triggers, say) fails alone and the others' step goes on:
+
+    execute(plan) ──raises──▶ execute(chunk) for each chunk alone ──▶ failed ones: FinishReason.ERROR
+                                                                      the rest: their tokens, as usual
+
+Running a chunk again is safe: nothing is accounted before update(), and the K/V it writes are
+the same values in the same slots. What is not isolated is fatal and propagates (AsyncEngine
+then fails everything in flight): an error of the scheduler, of the KV copies between tiers
+(`KVTransferError`), or a step in which every one of several requests fails alone (the model
+itself is broken, not a request).
+"""
 
 from __future__ import annotations
 
+import logging
+
 from kvserve.outputs import TokenDelta
-from kvserve.runner.model_runner import ModelRunner
+from kvserve.runner.model_runner import KVTransferError, ModelRunner
+from kvserve.sched.plan import ModelOutput, SchedulerOutput
 from kvserve.sched.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
 
 
 class EngineCore:
     def __init__(self, scheduler: Scheduler, runner: ModelRunner):
         self.scheduler = scheduler
         self.runner = runner
+        self.num_failed_requests = 0   # requests failed alone by a step that raised (since start)
 
     def step(self) -> list[TokenDelta]:
         plan = self.scheduler.schedule()
-        result = self.runner.execute(plan)
+        result = self._execute(plan)
         return self.scheduler.update(plan, result)
+
+    def _execute(self, plan: SchedulerOutput) -> ModelOutput:
+        try:
+            return self.runner.execute(plan)
+        except KVTransferError:
+            raise
+        except Exception:
+            log.exception("an engine step of %d requests failed; running them one by one", len(plan.chunks))
+            return self._execute_one_by_one(plan)
+
+    def _execute_one_by_one(self, plan: SchedulerOutput) -> ModelOutput:
+        sampled, logprobs, failed = {}, {}, set()
+        for chunk in plan.chunks:
+            try:
+                output = self.runner.execute(SchedulerOutput((chunk,)))
+            except KVTransferError:
+                raise
+            except Exception as error:
+                if len(plan.chunks) > 1 and len(failed) == len(plan.chunks) - 1:
+                    raise RuntimeError(f"every request of the step failed alone ({error!r}): "
+                                       "the model cannot run") from error
+                log.exception("request %s failed in the engine step; it is failed alone", chunk.request_id)
+                failed.add(chunk.request_id)
+                continue
+            sampled.update(output.sampled_token_ids)
+            logprobs.update(output.logprobs)
+        self.num_failed_requests += len(failed)
+        return ModelOutput(sampled, logprobs, frozenset(failed))

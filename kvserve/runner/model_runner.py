@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+class KVTransferError(RuntimeError):
+    """A copy between the KV pool and the host or disk tier failed. The books already say the
+    copy happened, so no request's KV can be trusted any more: the engine cannot go on."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,7 +152,10 @@ class ModelRunner:
     def execute(self, plan: SchedulerOutput) -> ModelOutput:
         for request_id in plan.finished_request_ids:
             self._generators.pop(request_id, None)
-        self._swap(plan.swaps)
+        try:
+            self._swap(plan.swaps)
+        except Exception as error:
+            raise KVTransferError(f"a KV copy between tiers failed: {error!r}") from error
         if not plan.chunks:
             return EMPTY_MODEL_OUTPUT
         inputs = prepare_inputs(plan, self.block_size, self.device)

@@ -57,10 +57,13 @@ class SchedulerOutput:
 
 @dataclass(frozen=True)
 class ModelOutput:
-    """The runner's answer: one sampled token per sampling chunk, keyed by request id."""
+    """The runner's answer: one sampled token per sampling chunk, keyed by request id. A request
+    in `failed` could not be run this step (see EngineCore): it is finished with an error and
+    nothing else of its chunk is accounted."""
 
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, TokenLogprob]
+    failed: frozenset[str] = frozenset()
 
 
 EMPTY_MODEL_OUTPUT = ModelOutput({}, {})

@@ -159,6 +159,11 @@ class Scheduler:
         deltas = []
         for chunk in plan.chunks:
             request = self.requests[chunk.request_id]
+            if chunk.request_id in output.failed:
+                self.running.remove(request)
+                self._finish(request, FinishReason.ERROR)
+                deltas.append(TokenDelta(request.request_id, (), None, FinishReason.ERROR))
+                continue
             request.num_computed_tokens += chunk.num_tokens
             request.num_tokens_run += chunk.num_tokens
             self.kv.cache_full_blocks(request)
