@@ -136,30 +136,84 @@ def model_engine_config(base: EngineConfig, name: str, model: str | None, num_mo
     return config
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=args.host, port=args.port, max_queued_requests=args.max_queued_requests,
+        max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n,
+        cache_min_tokens=args.cache_min_tokens, max_tokens_default=args.max_tokens_default,
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+        keep_alive_timeout_s=args.keep_alive_timeout, max_header_bytes=args.max_header_bytes,
+        stream_idle_timeout_s=args.stream_idle_timeout, ws_max_requests=args.ws_max_requests,
+        shutdown_timeout_s=args.shutdown_timeout, metrics_auth=args.metrics_auth)
 
+
+def cmd_serve(args: argparse.Namespace) -> int:
     from kvserve.engine.async_engine import AsyncEngine
     from kvserve.engine.engine import Engine
     from kvserve.server.app import create_app
+    from kvserve.server.auth import ApiKeys
+    from kvserve.server.lifecycle import Server, uvicorn_config
 
     models = parse_model_specs(args.model)
     base = engine_config_from_args(args)
-    server = ServerConfig(host=args.host, port=args.port, max_queued_requests=args.max_queued_requests,
-                          max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                          max_n=args.max_n, cache_min_tokens=args.cache_min_tokens)
+    server = server_config_from_args(args)
+    if server.metrics_auth and not args.api_keys:
+        raise ConfigError("--metrics-auth needs --api-keys (the admin key it asks for comes from there)")
+    faults = parse_faults(args.inject_fault)
 
     def load() -> dict[str, AsyncEngine]:
-        return {name: AsyncEngine(Engine(model_engine_config(base, name, model, len(models))))
-                for name, model in models.items()}
+        engines = {}
+        for name, model in models.items():
+            engine = Engine(model_engine_config(base, name, model, len(models)))
+            inject_faults(engine, faults)
+            engines[name] = AsyncEngine(engine)
+        return engines
 
-    from kvserve.server.auth import ApiKeys
+    def reload_keys() -> ApiKeys:
+        return ApiKeys.load(args.api_keys)
 
-    api_keys = ApiKeys.load(args.api_keys) if args.api_keys else None
+    api_keys = reload_keys() if args.api_keys else None
     app = create_app(server, load, api_keys)
-    uvicorn.run(app, host=server.host, port=server.port, log_level="info" if args.verbose else "warning",
-                timeout_graceful_shutdown=5)
-    return 0
+    config = uvicorn_config(app, server, log_level="info" if args.verbose else "warning")
+    runner = Server(config, app, server, reload_keys if args.api_keys else None)
+    runner.run()
+    return runner.exit_code
+
+
+def parse_faults(specs: list[str]) -> dict[str, int]:
+    """--inject-fault NAME=N (testing aid, docs/reliability.md): `engine-dies-after-steps=N` makes
+    the engine loop raise after N steps (fatal); `request-fails-on-token=N` makes any step that
+    runs token id N raise inside the model (that request fails alone)."""
+    faults = {}
+    for spec in specs or ():
+        name, _, value = spec.partition("=")
+        if name not in ("engine-dies-after-steps", "request-fails-on-token") or not value.isdigit():
+            raise ConfigError(f"--inject-fault {spec!r}: expected engine-dies-after-steps=N or request-fails-on-token=N")
+        faults[name] = int(value)
+    return faults
+
+
+def inject_faults(engine, faults: dict[str, int]) -> None:
+    if "engine-dies-after-steps" in faults:
+        limit, steps, schedule = faults["engine-dies-after-steps"], [0], engine.scheduler.schedule
+
+        def failing_schedule():
+            steps[0] += 1
+            if steps[0] > limit:
+                raise RuntimeError(f"injected fault: the engine dies after {limit} steps")
+            return schedule()
+
+        engine.scheduler.schedule = failing_schedule
+    if "request-fails-on-token" in faults:
+        token, runner = faults["request-fails-on-token"], engine.core.runner
+        execute = runner.execute
+
+        def failing_execute(plan):
+            if any(token in chunk.token_ids for chunk in plan.chunks):
+                raise RuntimeError(f"injected fault: a step that runs token {token} fails")
+            return execute(plan)
+
+        runner.execute = failing_execute
 
 
 def cmd_bench_offline(args: argparse.Namespace) -> int:
@@ -224,6 +278,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help='JSON {"<key>": {"tenant": "<name>", "admin": false}}; then every request needs a key')
     group.add_argument("--cache-min-tokens", type=int, default=1024,
                        help="a cache checkpoint's prefix shorter than this pins nothing")
+    group.add_argument("--max-tokens-default", type=int, default=4096,
+                       help="max_tokens of a request that gives none, capped by the room its context leaves "
+                            "(default 4096)")
+    group.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                       help="a request's line and headers must arrive within S seconds, else 408 (default 10)")
+    group.add_argument("--body-timeout", type=float, default=60.0, metavar="S",
+                       help="a request's body must arrive within S seconds, else 408 (default 60)")
+    group.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="S",
+                       help="an idle keep-alive connection is closed after S seconds (default 5)")
+    group.add_argument("--max-header-bytes", type=parse_bytes, default=16384,
+                       help="request line and headers at most this large, else 400 (default 16KiB)")
+    group.add_argument("--stream-idle-timeout", type=float, default=30.0, metavar="S",
+                       help="a stream (SSE or WebSocket) whose client reads nothing for S seconds while the "
+                            "server has output waiting is aborted (default 30)")
+    group.add_argument("--ws-max-requests", type=int, default=32,
+                       help="requests in flight on one WebSocket; more get a 429 error frame (default 32)")
+    group.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                       help="on SIGTERM, streams in flight may finish within S seconds, then are aborted "
+                            "(default 30)")
+    group.add_argument("--metrics-auth", action="store_true",
+                       help="/metrics needs an admin API key (needs --api-keys)")
+    group.add_argument("--inject-fault", action="append", default=[], help=argparse.SUPPRESS)
     add_engine_options(serve, repeat_model=True)
     serve.set_defaults(func=cmd_serve)
 

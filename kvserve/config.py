@@ -191,6 +191,17 @@ class ServerConfig:
     max_n: int = 8                         # choices per request
     cache_min_tokens: int = 1024           # a checkpoint's prefix shorter than this pins nothing
     retry_after_s: int = 1
+    # max_tokens of a request that gives none (capped by the room the context leaves)
+    max_tokens_default: int = 4096
+    # Slow and hostile clients (docs/reliability.md):
+    header_timeout_s: float = 10.0         # a request's headers must be in by then (slowloris), else 408
+    body_timeout_s: float = 60.0           # ... and its body by then, else 408
+    keep_alive_timeout_s: float = 5.0      # an idle keep-alive connection is closed after this
+    max_header_bytes: int = 16384          # request line + headers; past it: 400 and close
+    stream_idle_timeout_s: float = 30.0    # a stream whose client reads nothing for this long is aborted
+    ws_max_requests: int = 32              # requests in flight on one WebSocket; past it: 429 frame
+    shutdown_timeout_s: float = 30.0       # SIGTERM: in-flight streams may finish within this
+    metrics_auth: bool = False             # /metrics needs an admin key (with --api-keys)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -203,5 +214,17 @@ class ServerConfig:
             raise ConfigError(f"--max-prompt-tokens must be positive, got {self.max_prompt_tokens}")
         if self.max_n < 1:
             raise ConfigError(f"--max-n must be at least 1, got {self.max_n}")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "stream_idle_timeout_s"):
+            if getattr(self, name) <= 0:
+                flag = "--" + name.removesuffix("_s").replace("_", "-")
+                raise ConfigError(f"{flag} must be positive, got {getattr(self, name)}")
+        if self.shutdown_timeout_s < 0:
+            raise ConfigError(f"--shutdown-timeout must be 0 or more, got {self.shutdown_timeout_s}")
+        if self.max_header_bytes < 1024:
+            raise ConfigError(f"--max-header-bytes must be at least 1024, got {self.max_header_bytes}")
+        if self.ws_max_requests < 1:
+            raise ConfigError(f"--ws-max-requests must be at least 1, got {self.ws_max_requests}")
+        if self.max_tokens_default < 1:
+            raise ConfigError(f"--max-tokens-default must be at least 1, got {self.max_tokens_default}")
         if self.cache_min_tokens < 0:
             raise ConfigError(f"--cache-min-tokens must be 0 or more, got {self.cache_min_tokens}")

@@ -66,7 +66,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from kvserve.engine.async_engine import RequestStream
@@ -77,7 +77,7 @@ from kvserve.server.tools import TOOLS_HEADER, tool_line
 from kvserve.server.http import ClientGone, serving, unless_disconnected
 from kvserve.server.protocol import (APIError, as_api_error, ChatCompletionRequest, ChatMessage, ContentPart, Number,
                                      validation_error)
-from kvserve.server.sse import sse_frames
+from kvserve.server.sse import StreamResponse, sse_frames
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,14 @@ def to_chat_request(body: MessagesRequest) -> ChatCompletionRequest:
     if body.messages[-1].role == "assistant":
         raise APIError(400, "a final assistant message (response prefill) is not supported; "
                        "the last message must have role 'user'", param="messages")
+    for i, message in enumerate(body.messages):   # Anthropic's rule: every message says something
+        if not message.content:
+            raise APIError(400, f"messages.{i}.content: all messages must have non-empty content",
+                           param=f"messages.{i}.content")
+        for j, block in enumerate(message.content):
+            if not block.text:
+                raise APIError(400, f"messages.{i}.content.{j}.text: text content blocks must be non-empty",
+                               param=f"messages.{i}.content.{j}.text")
     messages = []
     system = _system_parts(body)
     if system:
@@ -342,17 +350,15 @@ def register_anthropic(app: FastAPI) -> None:
         """Anthropic's Messages API (see kvserve/server/anthropic_api.py)."""
         try:
             # The one place the tenant is resolved: the key (x-api-key, as the SDK sends it) → its tenant.
-            tenant = authenticate(request.app.state.api_keys, request.headers).tenant
+            tenant = authenticate(request.app.state, request.headers).tenant
             body = await _parse(request)
             generation = await serving(request).chat(to_chat_request(body), tenant=tenant)
         except Exception as error:
             return error_response(_as_api_error(error))
         message = AnthropicMessage(generation, body.stop_sequences or ())
         if body.stream:
-            return StreamingResponse(sse_frames(message.frames(), generation,
-                                                lambda error: event_frame("error", error_body(error))),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            frames = sse_frames(message.frames(), generation, lambda error: event_frame("error", error_body(error)))
+            return StreamResponse(frames, generation, request.app.state.config.stream_idle_timeout_s)
         return await _whole(request, message)
 
 

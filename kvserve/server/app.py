@@ -1,7 +1,9 @@
 """create_app(...) → the ASGI app. All state lives on app.state; no module globals.
 
 Models load on a background thread after startup, so /health can answer "loading" (503) until
-they are ready; every model endpoint answers 503 until then too.
+they are ready; every model endpoint answers 503 until then too. /health also answers 503 while
+the server drains (SIGTERM) and once an engine has died or the models failed to load; in those
+two cases `app.state.on_fatal(reason)` is called (lifecycle.Server exits non-zero).
 """
 
 from __future__ import annotations
@@ -10,24 +12,25 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvserve.config import ServerConfig
-from kvserve.engine.async_engine import AsyncEngine
+from kvserve.engine.async_engine import AsyncEngine, EngineDeadError
 from kvserve.sampling import InvalidRequestError
-from kvserve.server.auth import ApiKeys, Principal, authenticate, require_admin
+from kvserve.server.auth import ApiKeys, Principal, RateLimits, authenticate, require_admin
 from kvserve.server.bedrock import register_bedrock
 from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvserve.server.openai_api import Generation, OpenAIServing, ServedModel
 from kvserve.server.http import ClientGone, serving, unless_disconnected
-from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
-from kvserve.server.sse import sse_stream
+from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, as_api_error, validation_error
+from kvserve.server.sse import StreamResponse, sse_stream
 from kvserve.server.anthropic_api import register_anthropic
 from kvserve.server.websocket import register_websocket
 
@@ -39,15 +42,17 @@ ModelLoader = Callable[[], dict[str, AsyncEngine]]
 
 class BodyLimitMiddleware:
     """413 for bodies over the limit, checked on Content-Length and while reading (chunked
-    bodies), before anything parses them.
+    bodies), before anything parses them; 408 for a body that does not arrive within
+    --body-timeout (a client trickling it a byte at a time).
 
     The body is read here, whole, and replayed to the app as one message: an error raised from
     inside the app's receive() would reach FastAPI's body parser, which answers every read error
     with 400. Later receive() calls (http.disconnect) go straight through."""
 
-    def __init__(self, app, max_body_bytes: int):
+    def __init__(self, app, max_body_bytes: int, body_timeout_s: float):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -56,8 +61,14 @@ class BodyLimitMiddleware:
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             return await _send_error(send, self._too_large())
         body = bytearray()
+        deadline = time.monotonic() + self.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return await _send_error(send, APIError(
+                    408, f"the request body did not arrive within {self.body_timeout_s:g} s (--body-timeout)",
+                    code="body_timeout", headers={"Connection": "close"}))
             if message["type"] != "http.request":   # the client left while sending: pass that on
                 first = message
                 break
@@ -97,9 +108,9 @@ def create_app(config: ServerConfig, load_models: ModelLoader, api_keys: ApiKeys
         def load() -> None:
             try:
                 engines = load_models()
-            except Exception as error:   # keep serving /health with the reason
+            except Exception as error:   # /health says why until the process exits
                 log.exception("model loading failed")
-                loop.call_soon_threadsafe(setattr, app.state, "load_error", str(error))
+                loop.call_soon_threadsafe(_fatal, app, f"the models could not be loaded: {error}", "load_error")
                 return
             try:
                 loop.call_soon_threadsafe(_install, app, engines)
@@ -115,8 +126,12 @@ def create_app(config: ServerConfig, load_models: ModelLoader, api_keys: ApiKeys
     app = FastAPI(title="kvserve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.config = config
     app.state.api_keys = api_keys
+    app.state.rate_limits = RateLimits()
     app.state.models = {}
     app.state.load_error = None
+    app.state.engine_error = None
+    app.state.draining = False
+    app.state.on_fatal = lambda reason: None   # lifecycle.Server: exit non-zero
     app.state.metrics = ServerMetrics(lambda: {n: m.engine.stats() for n, m in app.state.models.items()})
     app.state.serving = None
     _install_error_handlers(app)
@@ -124,29 +139,45 @@ def create_app(config: ServerConfig, load_models: ModelLoader, api_keys: ApiKeys
     register_websocket(app)
     register_anthropic(app)
     register_bedrock(app)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes, body_timeout_s=config.body_timeout_s)
     return app
 
 
 def _install(app: FastAPI, engines: dict[str, AsyncEngine]) -> None:
     app.state.models = {name: ServedModel(name, engine) for name, engine in engines.items()}
     app.state.serving = OpenAIServing(app.state.models, app.state.config, app.state.metrics)
+    loop = asyncio.get_running_loop()
+    for name, engine in engines.items():
+        engine.on_fatal(lambda error, name=name: loop.call_soon_threadsafe(
+            _fatal, app, f"model {name}: {type(error).__name__}: {error}", "engine_error"))
     log.info("serving %s", ", ".join(engines))
+
+
+def _fatal(app: FastAPI, reason: str, field: str) -> None:
+    """An engine died or the models failed to load: /health says so, and the process exits."""
+    if getattr(app.state, field) is None:
+        setattr(app.state, field, reason)
+    app.state.on_fatal(reason)
 
 
 def principal(request: Request) -> Principal:
     """Who is asking (a FastAPI dependency): 401 without a valid key when keys are configured."""
-    return authenticate(request.app.state.api_keys, request.headers)
+    return authenticate(request.app.state, request.headers)
 
 
 def _install_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request):
-        if request.app.state.load_error:
-            return JSONResponse({"status": "error", "error": request.app.state.load_error}, status_code=503)
-        if request.app.state.serving is None:
+        """200 when serving; 503 with "loading", "draining" (SIGTERM) or "error" (the reason)."""
+        state = request.app.state
+        error = state.load_error or state.engine_error
+        if error:
+            return JSONResponse({"status": "error", "error": error}, status_code=503)
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "5"})
+        if state.serving is None:
             return JSONResponse({"status": "loading"}, status_code=503)
-        return {"status": "ok", "models": list(request.app.state.models)}
+        return {"status": "ok", "models": list(state.models)}
 
     @app.get("/v1/models")
     async def models(request: Request, _: Principal = Depends(principal)):
@@ -154,6 +185,9 @@ def _install_routes(app: FastAPI) -> None:
 
     @app.get("/metrics")
     async def metrics(request: Request):
+        """Prometheus text. With --metrics-auth (and --api-keys) it needs an admin key."""
+        if request.app.state.config.metrics_auth:
+            require_admin(principal(request))
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.post("/v1/chat/completions")
@@ -187,8 +221,7 @@ def _install_routes(app: FastAPI) -> None:
 
 async def respond(request: Request, generation: Generation, stream: bool):
     if stream:
-        return StreamingResponse(sse_stream(generation), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamResponse(sse_stream(generation), generation, request.app.state.config.stream_idle_timeout_s)
     try:
         return JSONResponse(await unless_disconnected(request, generation.result(), generation))
     except ClientGone:
@@ -198,6 +231,11 @@ async def respond(request: Request, generation: Generation, stream: bool):
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(request: Request, error: EngineDeadError):
+        error = as_api_error(error, request.url.path)
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(InvalidRequestError)

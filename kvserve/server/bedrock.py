@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from kvserve.server import eventstream
@@ -67,6 +67,7 @@ from kvserve.server.auth import authenticate
 from kvserve.server.tools import TOOLS_HEADER, tool_line
 from kvserve.server.http import ClientGone, serving, unless_disconnected
 from kvserve.server.protocol import as_api_error, APIError, ChatCompletionRequest, validation_error
+from kvserve.server.sse import StreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,8 @@ def _text(kind: str, value: Any, where: str) -> str:
         raise _invalid(f"{where}: {kind} content blocks are not supported; only text and cachePoint", where)
     if not isinstance(value, str):
         raise _invalid(f"{where}.text must be a string", f"{where}.text")
+    if not value.strip():   # as Bedrock answers a blank text block
+        raise _invalid(f"the text field in the ContentBlock object at {where} is blank; add text to it", f"{where}.text")
     return value
 
 
@@ -208,6 +211,8 @@ def to_chat_request(model_id: str, body: Any) -> Converse:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise _invalid(f"messages.{i}.role must be one of {', '.join(ROLES)}", f"messages.{i}.role")
         content = _convert(message.get("content"), f"messages.{i}.content", _text)
+        if not content:
+            raise _invalid(f"messages.{i}.content must hold at least one text block", f"messages.{i}.content")
         messages.append({"role": message["role"], "content": content})
     config = body.get("inferenceConfig") or {}
     if not isinstance(config, dict):
@@ -333,24 +338,8 @@ def register_bedrock(app: FastAPI) -> None:
             reply = await _start(request, model_id)
         except Exception as error:
             return error_response(_as_api_error(error), request_id)
-        return _EventStreamResponse(reply, request_id)
-
-
-class _EventStreamResponse(StreamingResponse):
-    """The ConverseStream response. Its Generation is closed however the response ends, even
-    when the client leaves before the first event (the event generator never starts then)."""
-
-    def __init__(self, reply: _Reply, request_id: str):
-        super().__init__(reply.events(), media_type=eventstream.CONTENT_TYPE,
-                         headers={"x-amzn-RequestId": request_id, "Cache-Control": "no-cache",
-                                  "X-Accel-Buffering": "no"})
-        self.reply = reply
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.reply.generation.close()
+        return StreamResponse(reply.events(), reply.generation, request.app.state.config.stream_idle_timeout_s,
+                              media_type=eventstream.CONTENT_TYPE, headers={"x-amzn-RequestId": request_id})
 
 
 async def _start(request: Request, model_id: str) -> _Reply:
@@ -361,7 +350,7 @@ async def _start(request: Request, model_id: str) -> _Reply:
         raise _invalid("the request body is not valid JSON") from None
     converse = to_chat_request(model_id, body)
     # The SigV4 access key id is the API key (auth.py); its tenant namespaces the prefix cache.
-    tenant = authenticate(request.app.state.api_keys, request.headers).tenant
+    tenant = authenticate(request.app.state, request.headers).tenant
     generation = await serving(request).chat(converse.chat, tenant=tenant)
     try:
         return _Reply(generation, converse, started)

@@ -100,4 +100,9 @@ def _as_dict(message: ChatMessage, sentinels: Sequence[tuple[int, int]] = ()) ->
                           for j, part in enumerate(message.content))
     else:
         content = message.content or ""
-    return {"role": message.role, "content": content, **({"name": message.name} if message.name else {})}
+    extra = {"name": message.name} if message.name else {}
+    if message.tool_calls:
+        extra["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    if message.tool_call_id:
+        extra["tool_call_id"] = message.tool_call_id
+    return {"role": message.role, "content": content, **extra}

@@ -1,5 +1,6 @@
-"""Request-level helpers every HTTP API shares: the serving object (503 while the models load),
-and a non-streaming answer that aborts its engine work when the client leaves first."""
+"""Request-level helpers every HTTP API shares: the serving object (503 while the models load,
+while the server drains, or once an engine has died), and a non-streaming answer that aborts its
+engine work when the client leaves first."""
 
 from __future__ import annotations
 
@@ -20,11 +21,21 @@ class ClientGone(Exception):
 
 
 def serving(request: Request) -> OpenAIServing:
-    serving = request.app.state.serving
-    if serving is None:
+    return serving_of(request.app.state)
+
+
+def serving_of(state) -> OpenAIServing:
+    """The serving object of an app's state, or the 503 that says why there is none to use."""
+    if state.draining:
+        raise APIError(503, "the server is shutting down; retry on another instance", type="service_unavailable",
+                       code="shutting_down", headers={"Retry-After": "5"})
+    if state.engine_error is not None:
+        raise APIError(503, f"the engine failed and the server is restarting: {state.engine_error}",
+                       type="service_unavailable", code="engine_dead", headers={"Retry-After": "5"})
+    if state.serving is None:
         raise APIError(503, "the model is still loading; retry shortly", type="service_unavailable",
                        code="loading", headers={"Retry-After": "2"})
-    return serving
+    return state.serving
 
 
 async def unless_disconnected(request: Request, answer: Awaitable[T], generation: Generation) -> T:

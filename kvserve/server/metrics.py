@@ -94,6 +94,8 @@ class ServerMetrics:
                                           "Prompt tokens written and pinned by cache checkpoints", labels, registry=r)
         self.rejected = Counter("kvserve:requests_rejected", "Requests rejected before running, by reason",
                                 ["reason"], registry=r)
+        self.server_aborts = Counter("kvserve:server_aborts", "Requests the server aborted while they ran, by "
+                                     "reason (stream_idle_timeout, websocket_stalled, shutdown)", ["reason"], registry=r)
         r.register(EngineStatsCollector(engine_stats))
 
     def render(self) -> bytes:

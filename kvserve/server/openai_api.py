@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from kvserve.config import ServerConfig
 from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from kvserve.outputs import RequestOutput, TokenLogprob
-from kvserve.sampling import InvalidRequestError, SamplingParams
+from kvserve.sampling import FinishReason, InvalidRequestError, SamplingParams
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.checkpoints import collect_marks, render_with_marks
-from kvserve.server.protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, ContentPart
+from kvserve.server.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, ContentPart,
+                                     check_messages, engine_dead)
 from kvserve.server.tools import TOOLS_HEADER, tool_line
 
 
@@ -33,6 +34,7 @@ class ServedModel:
     engine: AsyncEngine
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0     # accepted choices not yet finished (admission control)
+    live: set = field(default_factory=set)   # Generations not yet closed (the drain aborts them)
 
     @property
     def tokenizer(self):
@@ -78,6 +80,7 @@ class Generation:
         self.received = received
         self._last_token_time = received
         self._closed = False
+        model.live.add(self)
 
     # ---- consumption ----------------------------------------------------------------------
     async def chunks(self) -> AsyncIterator[dict]:
@@ -124,13 +127,20 @@ class Generation:
                 self.metrics.finished.labels(self.model.name, "abort").inc()
             choice.stream.abort()
         self.model.in_flight -= len(self.choices)
+        self.model.live.discard(self)
+
+    def abort(self) -> None:
+        """Abort the unfinished choices on the server's behalf (shutdown) while the consumer goes
+        on reading: each ends with finish_reason "abort", and the consumer closes as usual."""
+        for choice in self.choices:
+            choice.stream.abort()
 
     async def _pump(self, choice: _Choice, queue: asyncio.Queue) -> None:
         try:
             async for output in choice.stream:
                 await queue.put((choice, output))
         except EngineDeadError as error:
-            await queue.put(APIError(503, f"the engine failed: {error}", type="service_unavailable"))
+            await queue.put(engine_dead(error))
 
     # ---- shaping ----------------------------------------------------------------------------
     def _on_output(self, choice: _Choice, output: RequestOutput) -> dict | None:
@@ -146,6 +156,11 @@ class Generation:
         choice.cached_tokens = output.stats.num_cached_tokens
         choice.cache_write_tokens = output.stats.num_cache_write_tokens
         choice.cache_writes_by_ttl = output.stats.cache_writes_by_ttl
+        if output.finish_reason is FinishReason.ERROR:
+            choice.finish_reason = "error"
+            self.metrics.finished.labels(name, "error").inc()
+            raise APIError(500, "the engine could not run this request (the error is in the server's log); "
+                           "other requests were not affected", type="server_error", code="engine_error")
         finish = output.finish_reason.value if output.finish_reason else None
         logprobs = self._logprobs(output.logprobs) if self.logprobs is not None and output.logprobs else None
         if output.finished:
@@ -295,6 +310,7 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, tenant: str | None = None) -> Generation:
         """`tenant` (from the API key) namespaces the prefix cache: tenants never share KV."""
         model = self.model(body.model)
+        check_messages(body.messages)
         messages = with_tools(body.messages, body.tools)
         marks = collect_marks(messages)
         try:
@@ -402,8 +418,8 @@ class OpenAIServing:
     def _sampling_params(self, model: ServedModel, body, num_prompt_tokens: int, max_tokens: int | None,
                          choice: int) -> SamplingParams:
         room = model.max_model_len - num_prompt_tokens
-        if max_tokens is None:
-            max_tokens = room
+        if max_tokens is None:   # the server's cap, so that no request runs to the end of the context unasked
+            max_tokens = min(self.config.max_tokens_default, room)
         elif max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         elif max_tokens > room:

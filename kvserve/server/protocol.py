@@ -97,10 +97,28 @@ class ContentPart(_Body):
     cache_control: dict[str, Any] | None = None
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
+    """One message of OpenAI's schema. `content` is required on every role but an assistant
+    message that carries `tool_calls`; a `tool` message names the call it answers
+    (`tool_call_id`). Those role-dependent rules are checked by `check_messages` (400, as OpenAI
+    answers), the field types by pydantic (422)."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
     cache_control: dict[str, Any] | None = None   # only to reject it here with a clear 400
 
     def text_content(self) -> str:
@@ -109,6 +127,23 @@ class ChatMessage(_Body):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+def check_messages(messages: Sequence[ChatMessage]) -> None:
+    """OpenAI's role-dependent rules (400 naming the message): content is required except on an
+    assistant message with tool_calls; tool_calls only on assistant messages; a tool message
+    needs its tool_call_id."""
+    for i, message in enumerate(messages):
+        if message.tool_calls is not None and message.role != "assistant":
+            raise APIError(400, f"messages.{i}.tool_calls: only assistant messages carry tool_calls, "
+                           f"not {message.role} messages", param=f"messages.{i}.tool_calls", code="invalid_message")
+        if message.content is None and not (message.role == "assistant" and message.tool_calls):
+            raise APIError(400, f"messages.{i}.content is required for a {message.role} message (only an "
+                           "assistant message that carries tool_calls may omit it)",
+                           param=f"messages.{i}.content", code="missing_content")
+        if message.role == "tool" and not message.tool_call_id:
+            raise APIError(400, f"messages.{i}.tool_call_id is required for a tool message",
+                           param=f"messages.{i}.tool_call_id", code="missing_tool_call_id")
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -166,6 +201,11 @@ class CompletionRequest(SamplingFields):
 LIMITS_DOC = {"max_stop_strings": MAX_STOP_STRINGS, "max_top_logprobs": MAX_TOP_LOGPROBS}
 
 
+def engine_dead(error: Exception) -> APIError:
+    """The 503 of a request whose engine stopped (shut down, or died: the server restarts)."""
+    return APIError(503, str(error), type="service_unavailable", code="engine_dead", headers={"Retry-After": "5"})
+
+
 def as_api_error(error: Exception, where: str) -> APIError:
     """Any failure of a request → the APIError to answer with (unexpected ones are logged, 500)."""
     from kvserve.engine.async_engine import EngineDeadError
@@ -176,6 +216,6 @@ def as_api_error(error: Exception, where: str) -> APIError:
     if isinstance(error, InvalidRequestError):
         return APIError(400, str(error), param=error.param)
     if isinstance(error, EngineDeadError):
-        return APIError(503, f"the engine failed: {error}", type="service_unavailable")
+        return engine_dead(error)
     logging.getLogger(__name__).error("unexpected error in %s", where, exc_info=error)
     return APIError(500, "internal error", type="server_error")

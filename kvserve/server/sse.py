@@ -7,18 +7,62 @@ prefills), and abort on disconnect, around any wire format's already-encoded fra
 A client that goes away cancels the response task (Starlette listens for http.disconnect); the
 `finally` in sse_frames then closes the Generation, which aborts its engine requests before the
 next step.
+
+`StreamResponse` carries every streamed answer (SSE here, AWS event streams in bedrock.py): a
+client that stops reading fills the socket's buffers until a send blocks; a send blocked for
+--stream-idle-timeout ends the response and aborts the engine work, so such a client holds
+nothing for long (the engine never waits for it either: the mailbox merges deltas meanwhile).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
+
+from starlette.responses import StreamingResponse
 
 from kvserve.server.openai_api import Generation
 from kvserve.server.protocol import APIError
 
+log = logging.getLogger(__name__)
+
 KEEPALIVE_S = 5.0
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ClientStalled(Exception):
+    """A send stayed blocked past the idle timeout: the client has stopped reading."""
+
+
+class StreamResponse(StreamingResponse):
+    """A streamed answer that cannot outlive its client: a send blocked for `idle_timeout_s`
+    ends the response (the connection is closed), and the Generation is closed (engine abort)
+    however the response ends, even when the client left before the first frame."""
+
+    def __init__(self, frames: AsyncIterator[bytes], generation: Generation, idle_timeout_s: float,
+                 media_type: str = "text/event-stream", headers: dict[str, str] | None = None):
+        super().__init__(frames, media_type=media_type, headers={**SSE_HEADERS, **(headers or {})})
+        self.generation = generation
+        self.idle_timeout_s = idle_timeout_s
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def send_or_give_up(message) -> None:
+            try:
+                async with asyncio.timeout(self.idle_timeout_s):
+                    await send(message)
+            except TimeoutError:
+                raise ClientStalled from None
+
+        try:
+            await super().__call__(scope, receive, send_or_give_up)
+        except ClientStalled:
+            log.warning("a client read nothing for %g s (--stream-idle-timeout); its stream %s was aborted",
+                        self.idle_timeout_s, self.generation.id)
+            self.generation.metrics.server_aborts.labels("stream_idle_timeout").inc()
+        finally:
+            self.generation.close()
 
 
 def frame(data: dict | str) -> bytes:

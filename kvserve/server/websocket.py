@@ -33,15 +33,22 @@ from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 from kvserve.engine.async_engine import EngineDeadError
 from kvserve.sampling import InvalidRequestError
 from kvserve.server.openai_api import Generation, OpenAIServing
-from kvserve.server.auth import authenticate
-from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
+from kvserve.server.auth import OPEN, Principal, authenticate
+from kvserve.server.http import serving_of
+from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, engine_dead, validation_error
 
 log = logging.getLogger(__name__)
 
 ENDPOINTS = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
 MAX_ID_CHARS = 256
+
+
+class SocketStalled(Exception):
+    """A send stayed blocked past --stream-idle-timeout: the client stopped reading."""
+
+
 # What a send or receive raises once the connection is gone (starlette wraps the server's OSError).
-SOCKET_GONE = (WebSocketDisconnect, WebSocketDisconnected, OSError)
+SOCKET_GONE = (WebSocketDisconnect, WebSocketDisconnected, OSError, SocketStalled)
 
 
 class FrameError(APIError):
@@ -85,21 +92,25 @@ def register_websocket(app: FastAPI) -> None:
            400 invalid JSON / not an object / binary frame / missing or bad id / unknown type or
            endpoint / out-of-range values; 404 unknown model, or cancel of an unknown id;
            409 the id is already in flight; 413 frame larger than --max-body-bytes; 422 the body
-           fails schema validation (same message as HTTP); 429 queue full; 503 model loading or
+           fails schema validation (same message as HTTP); 429 queue full, or more than
+           --ws-max-requests requests in flight on this socket; 503 model loading, draining or
            engine stopped; 500 unexpected.
         6. Close the socket at any time: every request still in flight is aborted at once, so
            its KV blocks are free within one engine step.
+        7. Read what the server sends. A socket whose sends stay blocked for --stream-idle-timeout
+           (the client stopped reading and the buffers filled) is closed (1008) and its requests
+           are aborted. A frame far over --max-body-bytes (2x + 64 KiB) closes the socket (1009).
         """
         if not _same_origin(websocket):
             await websocket.close(code=1008)   # before accept: the handshake is answered 403
             return
         try:
-            who = authenticate(websocket.app.state.api_keys, websocket.headers, websocket.query_params)
+            who = authenticate(websocket.app.state, websocket.headers, websocket.query_params)
         except APIError:
             await websocket.close(code=1008)
             return
         await websocket.accept()
-        await Session(websocket, who.tenant).run()
+        await Session(websocket, who).run()
 
 
 def _same_origin(websocket: WebSocket) -> bool:
@@ -115,16 +126,23 @@ def _same_origin(websocket: WebSocket) -> bool:
 class Session:
     """One socket: reads frames, runs one task per request in flight, serialises every send."""
 
-    def __init__(self, websocket: WebSocket, tenant: str | None = None):
+    def __init__(self, websocket: WebSocket, principal: Principal = OPEN):
         self.websocket = websocket
-        self.tenant = tenant
-        self.max_frame_bytes = websocket.app.state.config.max_body_bytes
+        self.principal = principal
+        self.tenant = principal.tenant
+        config = websocket.app.state.config
+        self.max_frame_bytes = config.max_body_bytes
+        self.max_requests = config.ws_max_requests
+        self.send_timeout_s = config.stream_idle_timeout_s
+        self._reader: asyncio.Task | None = None       # run()'s task: cancelled when the client stalls
         self.tasks: dict[str, asyncio.Task] = {}      # request id → its task, while in flight
         self.started: set[str] = set()                # ids whose task has begun running
         self.cancelled: set[str] = set()              # ids the client cancelled, until their task ends
         self._send_lock = asyncio.Lock()
+        self._stalled = False
 
     async def run(self) -> None:
+        self._reader = asyncio.current_task()
         try:
             while True:
                 message = await self.websocket.receive()
@@ -136,6 +154,10 @@ class Session:
                     await self.send_error(error.request_id, error)
         except SOCKET_GONE:   # the socket broke mid-send or mid-receive
             return
+        except asyncio.CancelledError:
+            if not self._stalled:
+                raise
+            await self._close_quietly(1008, "the client stopped reading")
         finally:
             await self._abort_all()
 
@@ -173,6 +195,15 @@ class Session:
         if request_id in self.tasks:
             raise FrameError(409, f"request id {request_id!r} is already in flight on this socket",
                              request_id=request_id, param="id", code="duplicate_id")
+        try:   # each request counts against the key's rate, as over HTTP
+            self.websocket.app.state.rate_limits.admit(self.principal)
+        except APIError as error:
+            raise FrameError(error.status, error.message, request_id=request_id, type=error.type,
+                             code=error.code) from None
+        if len(self.tasks) >= self.max_requests:
+            raise FrameError(429, f"{len(self.tasks)} requests are already in flight on this socket, the most "
+                             f"allowed (--ws-max-requests); wait for one to finish", request_id=request_id,
+                             type="rate_limit_error", code="too_many_requests_on_socket")
         endpoint = frame.get("endpoint", "chat")
         if endpoint not in ENDPOINTS:
             raise FrameError(400, f"unknown endpoint {endpoint!r}; expected 'chat' or 'completions'",
@@ -242,8 +273,7 @@ class Session:
         except InvalidRequestError as error:
             return self.error_frame(request_id, APIError(400, str(error), param=error.param))
         except EngineDeadError as error:
-            return self.error_frame(request_id, APIError(503, f"the engine failed: {error}",
-                                                         type="service_unavailable"))
+            return self.error_frame(request_id, engine_dead(error))
         except SOCKET_GONE:
             return None   # run() sees the disconnect, ends, and cancels whatever is left
         except Exception:
@@ -254,11 +284,7 @@ class Session:
                 generation.close()
 
     def _serving(self) -> OpenAIServing:
-        serving = self.websocket.app.state.serving
-        if serving is None:
-            raise APIError(503, "the model is still loading; retry shortly", type="service_unavailable",
-                           code="loading")
-        return serving
+        return serving_of(self.websocket.app.state)
 
     async def _forward(self, request_id: str, choice: dict) -> None:
         text = choice["delta"].get("content") if "delta" in choice else choice.get("text")
@@ -272,9 +298,31 @@ class Session:
 
     # ---- server frames ----------------------------------------------------------------------
     async def send(self, frame: dict) -> None:
+        """Send one frame; a send (or the wait for the lock behind one) blocked past the idle
+        timeout means the client stopped reading: the whole socket is given up (module doc, 7)."""
         payload = json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
-        async with self._send_lock:
-            await self.websocket.send_text(payload)
+        try:
+            async with asyncio.timeout(self.send_timeout_s):
+                async with self._send_lock:
+                    await self.websocket.send_text(payload)
+        except TimeoutError:
+            self._give_up()
+            raise SocketStalled from None
+
+    def _give_up(self) -> None:
+        if self._stalled:
+            return
+        self._stalled = True
+        log.warning("a WebSocket client read nothing for %g s (--stream-idle-timeout); closing it and aborting "
+                    "its %d requests", self.send_timeout_s, len(self.tasks))
+        self.websocket.app.state.metrics.server_aborts.labels("websocket_stalled").inc(len(self.tasks))
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()   # else run() itself was sending: it sees SocketStalled and ends
+
+    async def _close_quietly(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await self.websocket.close(code=code, reason=reason)
 
     async def _send_quietly(self, frame: dict) -> None:
         """A last frame for a request: a socket that is already gone has nobody left to tell."""

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import httpx
 import torch
-import uvicorn
 
 from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
 from kvserve.engine.async_engine import AsyncEngine
 from kvserve.engine.engine import Engine
 from kvserve.model.checkpoint import Checkpoint, load_checkpoint
 from kvserve.server.app import create_app
+from kvserve.server.lifecycle import Server, uvicorn_config
 
 MODEL = "tiny"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -109,9 +109,9 @@ class ServerThread:
         self._socket.bind(("127.0.0.1", 0))
         self.port = self._socket.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on",
-                                                     timeout_graceful_shutdown=2))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
+        self.server = Server(uvicorn_config(self.app, self.config, lifespan="on", timeout_graceful_shutdown=2),
+                             self.app, self.config)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},
                                         name="uvicorn-test", daemon=True)
 
     def __enter__(self) -> "ServerThread":
@@ -120,7 +120,7 @@ class ServerThread:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._server.should_exit = True
+        self.server.should_exit = True
         self._thread.join(timeout=15)
         self._socket.close()
 

@@ -1,5 +1,6 @@
 """API keys → tenants: 401s, isolated prefix caches, admin-only cache endpoints."""
 
+import hashlib
 import json
 
 import httpx
@@ -99,8 +100,11 @@ def test_key_parsing_and_loading(tmp_path):
     good = tmp_path / "keys.json"
     good.write_text(json.dumps({"k1": {"tenant": "t1"}, "k2": {"tenant": "t2", "admin": True}}))
     keys = ApiKeys.load(good)
-    assert keys.authenticate("k2") == Principal("t2", True)
-    for bad in ["[]", "{}", '{"k": {"admin": true}}', "not json"]:
+    principal = keys.authenticate("k2")
+    assert (principal.tenant, principal.admin, principal.requests_per_minute) == ("t2", True, None)
+    assert principal.key_id == hashlib.sha256(b"k2").hexdigest()[:8]   # names the key without showing it
+    for bad in ["[]", "{}", '{"k": {"admin": true}}', "not json", '{"k": {"tenant": "t", "wieght": 2}}',
+                '{"k": {"tenant": "t", "requests_per_minute": 0}}', '{"": {"tenant": "t"}}']:
         (tmp_path / "bad.json").write_text(bad)
         with pytest.raises(ConfigError):
             ApiKeys.load(tmp_path / "bad.json")

@@ -14,6 +14,7 @@ import pytest
 import websockets
 from starlette.testclient import TestClient
 
+from kvserve.server.auth import RateLimits
 from kvserve.config import ServerConfig
 from kvserve.server.app import create_app
 from kvserve.server.websocket import Session
@@ -256,7 +257,8 @@ class ScriptedSocket:
     the server has sent `expected_sends` frames."""
 
     def __init__(self, texts: list[str], expected_sends: int):
-        self.app = SimpleNamespace(state=SimpleNamespace(config=ServerConfig(), serving=None))
+        self.app = SimpleNamespace(state=SimpleNamespace(config=ServerConfig(), serving=None, draining=False,
+                                                         engine_error=None, rate_limits=RateLimits()))
         self.incoming = [{"type": "websocket.receive", "text": t} for t in texts]
         self.sent: list[dict] = []
         self.expected_sends = expected_sends
