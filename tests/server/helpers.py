@@ -145,6 +145,14 @@ class ServerThread:
 @contextlib.contextmanager
 def serve_subprocess(*extra_args: str, timeout_s: float = 60.0) -> Iterator[str]:
     """`kvserve serve --model tiny=random:tiny --dtype float32` as a real subprocess; yields its base URL."""
+    with serve_process(*extra_args, timeout_s=timeout_s) as (base_url, _):
+        yield base_url
+
+
+@contextlib.contextmanager
+def serve_process(*extra_args: str, timeout_s: float = 60.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """As serve_subprocess, but yields (base URL, the process): for signals and exit codes. Its
+    output (stdout and stderr together) is printed when the test fails."""
     port = free_port()
     command = [sys.executable, "-m", "kvserve.cli", "serve", "--model", f"{MODEL}=random:tiny",
                "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "512", "--port", str(port), *extra_args]
@@ -153,7 +161,7 @@ def serve_subprocess(*extra_args: str, timeout_s: float = 60.0) -> Iterator[str]
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base_url, timeout_s, process)
-        yield base_url
+        yield base_url, process
     except BaseException:
         if process.poll() is None:
             process.terminate()

@@ -182,6 +182,15 @@ def marked(text: str, **control) -> dict:
     ({"model": MODEL, "max_tokens": 2, "messages": ask("hi") + [{"role": "assistant", "content": "Sure,"}]},
      400, "invalid_request_error", "prefill"),
     ({"model": MODEL, "max_tokens": 0, "messages": ask("hi")}, 400, "invalid_request_error", "max_tokens"),
+    # Anthropic's schema: content is required and must say something
+    ({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user"}]}, 400, "invalid_request_error",
+     "messages.0.content"),
+    ({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": []}]}, 400, "invalid_request_error",
+     "non-empty content"),
+    ({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": ""}]}, 400, "invalid_request_error",
+     "must be non-empty"),
+    ({"model": MODEL, "max_tokens": 2, "messages": [{"role": "system", "content": "hi"}]}, 400,
+     "invalid_request_error", "messages.0.role"),
 ])
 def test_errors_take_anthropics_shape(server, body, status, kind, message):
     response = httpx.post(f"{server.base_url}/v1/messages", json=body, timeout=30)

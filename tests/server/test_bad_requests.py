@@ -69,6 +69,22 @@ CASES = [
     Case("content-part-unknown-type",
          chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
          422, message="messages.0.content"),
+    # ---- messages against OpenAI's schema (role-dependent rules: 400) ----
+    Case("user-without-content", chat(messages=[{"role": "user"}]), 400, param="messages.0.content",
+         code="missing_content"),
+    Case("user-content-null", chat(messages=[{"role": "user", "content": None}]), 400, param="messages.0.content"),
+    Case("system-without-content", chat(messages=[{"role": "system"}, *HI]), 400, param="messages.0.content"),
+    Case("assistant-without-content-or-tool-calls", chat(messages=[*HI, {"role": "assistant"}, *HI]), 400,
+         param="messages.1.content"),
+    Case("tool-without-tool-call-id", chat(messages=[*HI, {"role": "tool", "content": "42"}]), 400,
+         param="messages.1.tool_call_id", code="missing_tool_call_id"),
+    Case("tool-calls-on-a-user-message",
+         chat(messages=[{"role": "user", "content": "hi", "tool_calls": [
+             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]),
+         400, param="messages.0.tool_calls"),
+    Case("tool-call-without-function", chat(messages=[*HI, {"role": "assistant", "tool_calls": [{"id": "c1"}]}]),
+         422, message="messages.1.tool_calls.0.function"),
+    Case("role-missing", chat(messages=[{"content": "hi"}]), 422, param="messages.0.role"),
     # ---- values out of range (400) ----
     Case("empty-messages", chat(messages=[]), 422, param="messages", message="must not be empty"),
     Case("unknown-model", chat(model="nope"), 404, param="model", code="model_not_found"),
@@ -190,6 +206,29 @@ def test_good_request_still_succeeds(client: httpx.Client, server: ServerThread)
     response = client.post(COMPLETIONS, json=completion(prompt=[72, 105], max_tokens=3, ignore_eos=True))
     assert response.status_code == 200, response.text
     assert wait_until(server.idle)
+
+
+def test_assistant_tool_calls_without_content_are_accepted(client: httpx.Client):
+    """OpenAI's one exception to `content` being required: an assistant message with tool_calls."""
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}
+    messages = [*HI, {"role": "assistant", "tool_calls": [call]}, {"role": "tool", "tool_call_id": "c1", "content": "7"}]
+    response = client.post(CHAT, json=chat(messages=messages, max_tokens=2))
+    assert response.status_code == 200, response.text
+
+
+def test_a_request_without_max_tokens_is_capped_by_max_tokens_default():
+    """Regression: a message without content used to run to the end of the context (8 k tokens,
+    minutes on a CPU). Now it is a 400, and a request that gives no max_tokens stops at
+    --max-tokens-default."""
+    with single_torch_thread(), ServerThread(ServerConfig(max_tokens_default=7)) as server, \
+            httpx.Client(base_url=server.base_url, timeout=30.0) as client:
+        body = {"model": MODEL, "messages": HI, "ignore_eos": True}
+        response = client.post(CHAT, json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 7
+        assert response.json()["choices"][0]["finish_reason"] == "length"
+        explicit = client.post(CHAT, json={**body, "max_tokens": 9}).json()   # an explicit value is not capped
+        assert explicit["usage"]["completion_tokens"] == 9
 
 
 def test_429_has_the_error_shape_and_retry_after():

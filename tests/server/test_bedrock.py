@@ -162,6 +162,10 @@ def test_stop_sequences_and_max_tokens(server):
     (dict(modelId=MODEL, messages=[{"role": "user", "content": [{"image": {"format": "png",
                                                                           "source": {"bytes": b"x"}}}]}]),
      "ValidationException"),
+    # Bedrock's schema: every message has content, and no text block is blank
+    (dict(modelId=MODEL, messages=[{"role": "user", "content": []}]), "ValidationException"),
+    (dict(modelId=MODEL, messages=[{"role": "user", "content": [{"text": "  "}]}]), "ValidationException"),
+    (dict(modelId=MODEL, messages=[{"role": "user"}]), "ValidationException"),
 ])
 def test_errors_are_botocores_modelled_exceptions(server, request_, error):
     # parameter_validation off: botocore itself refuses maxTokens 0; the server must too.
