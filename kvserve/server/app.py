@@ -108,6 +108,10 @@ def create_app(config: ServerConfig, load_models: ModelLoader, api_keys: ApiKeys
         def load() -> None:
             try:
                 engines = load_models()
+            except (ValueError, OSError) as error:   # a bad option or path: the message says it all
+                log.error("model loading failed: %s", error)
+                loop.call_soon_threadsafe(_fatal, app, f"the models could not be loaded: {error}", "load_error")
+                return
             except Exception as error:   # /health says why until the process exits
                 log.exception("model loading failed")
                 loop.call_soon_threadsafe(_fatal, app, f"the models could not be loaded: {error}", "load_error")

@@ -1,6 +1,7 @@
 """`kvserve bench compare` smoke test: the peer is a second kvserve, so CI never builds llama.cpp."""
 
 import json
+import time
 import subprocess
 import sys
 
@@ -32,3 +33,20 @@ def test_llama_server_needs_a_build_or_gives_a_clear_error(tmp_path):
          "--peer-cache", str(tmp_path / "none"), "--workload", "latency", "--num-requests", "1"],
         capture_output=True, text=True, timeout=240)
     assert out.returncode == 2 and "--install-peer" in out.stderr
+
+
+@pytest.mark.parametrize("kvserve_args, in_log", [
+    ("--dtype float32 --no-such-option", "unrecognized arguments: --no-such-option"),        # exits at once
+    ("--dtype float32 --quantization int4", "--quantization int4 runs with bfloat16"),        # cannot load its model
+])
+def test_a_server_that_cannot_start_ends_the_wait_at_once_with_its_log(kvserve_args, in_log):
+    """Regression: the bench used to wait 300 s on a server that had already failed, then said only
+    that /health was not 200."""
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "kvserve.cli", "bench", "compare", "--peer", "kvserve", "--model-path", "random:tiny",
+         "--kvserve-args", kvserve_args, "--workload", "latency", "--num-requests", "1"],
+        capture_output=True, text=True, timeout=240)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert in_log in out.stderr, out.stderr[-2000:]          # the end of the server's own log is shown
+    assert time.monotonic() - started < 60
