@@ -77,6 +77,7 @@ from kvserve.server.tools import TOOLS_HEADER, tool_line
 from kvserve.server.http import ClientGone, serving, unless_disconnected
 from kvserve.server.protocol import (APIError, as_api_error, ChatCompletionRequest, ChatMessage, ContentPart, Number,
                                      validation_error)
+from kvserve.server.openapi import request_body
 from kvserve.server.sse import StreamResponse, sse_frames
 
 log = logging.getLogger(__name__)
@@ -345,7 +346,7 @@ def _as_api_error(error: Exception) -> APIError:
 
 # ---- the endpoint -------------------------------------------------------------------------------
 def register_anthropic(app: FastAPI) -> None:
-    @app.post("/v1/messages")
+    @app.post("/v1/messages", openapi_extra=request_body(MessagesRequest))
     async def messages(request: Request) -> Response:
         """Anthropic's Messages API (see kvserve/server/anthropic_api.py)."""
         try:

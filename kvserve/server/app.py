@@ -27,6 +27,7 @@ from kvserve.sampling import InvalidRequestError
 from kvserve.server.auth import ApiKeys, Principal, RateLimits, authenticate, require_admin
 from kvserve.server.bedrock import register_bedrock
 from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from kvserve.server.openapi import install as install_openapi
 from kvserve.server.openai_api import Generation, OpenAIServing, ServedModel
 from kvserve.server.http import ClientGone, serving, unless_disconnected
 from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, as_api_error, validation_error
@@ -143,6 +144,7 @@ def create_app(config: ServerConfig, load_models: ModelLoader, api_keys: ApiKeys
     register_websocket(app)
     register_anthropic(app)
     register_bedrock(app)
+    install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes, body_timeout_s=config.body_timeout_s)
     return app
 

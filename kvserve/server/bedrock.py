@@ -56,9 +56,11 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from typing import Literal
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvserve.server import eventstream
 from kvserve.server.checkpoints import TTLS
@@ -67,6 +69,7 @@ from kvserve.server.auth import authenticate
 from kvserve.server.tools import TOOLS_HEADER, tool_line
 from kvserve.server.http import ClientGone, serving, unless_disconnected
 from kvserve.server.protocol import as_api_error, APIError, ChatCompletionRequest, validation_error
+from kvserve.server.openapi import request_body
 from kvserve.server.sse import StreamResponse
 
 log = logging.getLogger(__name__)
@@ -116,6 +119,62 @@ def _invalid(message: str, param: str | None = None) -> APIError:
 
 def _as_api_error(error: Exception) -> APIError:
     return as_api_error(error, "bedrock")
+
+
+# ---- the published request schema ----------------------------------------------------------------
+# What /docs and /openapi.json show for Converse bodies (botocore's shapes, the members kvserve
+# reads). Validation itself is to_chat_request's, which names each bad field in Bedrock's terms.
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class CachePointBlock(_Schema):
+    type: Literal["default"]
+    ttl: Literal["5m", "1h"] | None = None
+
+
+class TextContent(_Schema):
+    text: str = Field(min_length=1)
+
+
+class CachePointContent(_Schema):
+    cachePoint: CachePointBlock
+
+
+class Message(_Schema):
+    role: Literal["user", "assistant"]
+    content: list[TextContent | CachePointContent] = Field(min_length=1)
+
+
+class InferenceConfiguration(_Schema):
+    maxTokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    topP: float | None = Field(default=None, gt=0, le=1)
+    stopSequences: list[str] | None = None
+
+
+class ToolSpecification(_Schema):
+    name: str
+    description: str | None = None
+    inputSchema: dict[str, Any] | None = None
+
+
+class ToolSpecContent(_Schema):
+    toolSpec: ToolSpecification
+
+
+class ToolConfiguration(_Schema):
+    tools: list[ToolSpecContent | CachePointContent] = Field(min_length=1)
+
+
+class ConverseRequest(_Schema):
+    """A Converse / ConverseStream body."""
+
+    messages: list[Message] = Field(min_length=1)
+    system: list[TextContent | CachePointContent] | None = None
+    inferenceConfig: InferenceConfiguration | None = None
+    toolConfig: ToolConfiguration | None = None
+    additionalModelRequestFields: dict[str, Any] | None = None
 
 
 # ---- request translation ------------------------------------------------------------------------
@@ -322,7 +381,7 @@ class _Reply:
 
 # ---- routes -----------------------------------------------------------------------------------
 def register_bedrock(app: FastAPI) -> None:
-    @app.post("/model/{model_id:path}/converse")
+    @app.post("/model/{model_id:path}/converse", openapi_extra=request_body(ConverseRequest))
     async def converse(model_id: str, request: Request) -> Response:
         request_id = str(uuid.uuid4())
         try:
@@ -331,7 +390,7 @@ def register_bedrock(app: FastAPI) -> None:
             return error_response(_as_api_error(error), request_id)
         return await _respond(request, reply, request_id)
 
-    @app.post("/model/{model_id:path}/converse-stream")
+    @app.post("/model/{model_id:path}/converse-stream", openapi_extra=request_body(ConverseRequest))
     async def converse_stream(model_id: str, request: Request) -> Response:
         request_id = str(uuid.uuid4())
         try:
