@@ -41,6 +41,14 @@ FUZZ_SETTINGS = settings(max_examples=EXAMPLES, derandomize=False, database=None
                          suppress_health_check=list(HealthCheck))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    yield
+    if REPORT:
+        with open(REPORT, "w") as out:
+            json.dump(TALLY, out, indent=1, sort_keys=True)
+
+
 @pytest.fixture(scope="module")
 def server():
     config = ServerConfig(max_body_bytes=64 * 1024, header_timeout_s=5, body_timeout_s=5)
@@ -84,9 +92,6 @@ def test_no_input_gets_a_5xx_or_outlasts_its_bound(server, operation, mode):
     check()
     assert seen
     assert wait_until(server.idle, timeout_s=15), (server.in_flight(), server.engine().stats())
-    if REPORT:
-        with open(REPORT, "w") as out:
-            json.dump(TALLY, out, indent=1, sort_keys=True)
 
 
 def _frames() -> st.SearchStrategy[str | bytes]:
