@@ -1,4 +1,5 @@
-"""kvserve command line: serve | generate | bench offline | bench cache | bench step | bench perplexity | bench serve | bench compare."""
+"""kvserve command line: serve | generate | bench offline | bench cache | bench step | bench perplexity | bench serve |
+bench compare | bench soak."""
 
 from __future__ import annotations
 
@@ -246,6 +247,12 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     return run_compare(args)
 
 
+def cmd_bench_soak(args: argparse.Namespace) -> int:
+    from kvserve.bench.soak import run_soak_bench
+
+    return run_soak_bench(args)
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from kvserve.bench.serve import run_serve_bench
 
@@ -327,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_options(serve_bench)
     serve_bench.set_defaults(func=cmd_bench_serve)
+
+    soak = bench.add_parser("soak", help="mixed traffic with aborts and disconnects, then leaks, RSS, 5xx and lost "
+                                         "requests are checked")
+    from kvserve.bench.soak import add_soak_options
+
+    add_soak_options(soak)
+    soak.set_defaults(func=cmd_bench_soak)
 
     compare = bench.add_parser("compare", help="kvserve vs llama-server (or a second kvserve), same model and workload")
     from kvserve.bench.compare import add_compare_options

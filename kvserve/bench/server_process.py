@@ -44,6 +44,15 @@ def running(command: list[str], port: int, env: dict | None = None, log: Path | 
     """Start a server process, yield its base URL once /health is 200, stop it afterwards. Its
     output goes to `log` (when None, a temporary file, kept only if the server fails to start);
     `name` names it in errors."""
+    with running_process(command, port, env, log, startup_timeout_s, name) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def running_process(command: list[str], port: int, env: dict | None = None, log: Path | None = None,
+                    startup_timeout_s: float = STARTUP_TIMEOUT_S,
+                    name: str = "the server") -> Iterator[tuple[str, subprocess.Popen]]:
+    """As running(), yielding (base URL, process)."""
     temporary = log is None
     if temporary:
         handle, name_of_file = tempfile.mkstemp(prefix="kvserve-bench-", suffix=".log")
@@ -56,7 +65,7 @@ def running(command: list[str], port: int, env: dict | None = None, log: Path | 
         try:
             wait_healthy(url, process, log, startup_timeout_s, name)
             started = True
-            yield url
+            yield url, process
         finally:
             stop(process)
             if temporary and started:

@@ -150,7 +150,14 @@ class Engine:
         stats = kv.stats()
         block_bytes = sum(k.nbytes + v.nbytes for k, v in self.core.runner.kv_caches) // stats.num_blocks
         hit_rate = stats.prefix_hit_tokens / stats.prefix_queried_tokens if stats.prefix_queried_tokens else 0.0
+        try:
+            self.check_integrity()
+            integrity = "ok"
+        except AssertionError as error:   # reported, not raised: the soak bench reads it
+            integrity = f"violated: {error}"
         return {
+            "integrity": integrity,
+            "requests": {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)},
             "block_size": kv.block_size, "num_blocks": stats.num_blocks,
             "blocks": {"used": stats.num_used_blocks, "cached": stats.num_cached_blocks,
                        "pinned": stats.num_pinned_blocks, "free": stats.num_free_blocks},

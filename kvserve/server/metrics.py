@@ -88,6 +88,8 @@ class ServerMetrics:
                                            labels, buckets=TOKEN_BUCKETS, registry=r)
         self.finished = Counter("kvserve:request_success", "Finished requests by finish reason",
                                 labels + ["finished_reason"], registry=r)
+        self.admitted = Counter("kvserve:requests_admitted", "Requests (choices) handed to the engine; once the "
+                                "server is idle, equal to the sum of request_success", labels, registry=r)
         self.cache_read_tokens = Counter("kvserve:prompt_cache_read_tokens", "Prompt tokens read from the KV cache",
                                          labels, registry=r)
         self.cache_write_tokens = Counter("kvserve:prompt_cache_write_tokens",

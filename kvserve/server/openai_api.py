@@ -81,6 +81,7 @@ class Generation:
         self._last_token_time = received
         self._closed = False
         model.live.add(self)
+        metrics.admitted.labels(model.name).inc(len(self.choices))
 
     # ---- consumption ----------------------------------------------------------------------
     async def chunks(self) -> AsyncIterator[dict]:
