@@ -3,9 +3,12 @@ draining on SIGTERM, reloading the keys on SIGHUP, and a non-zero exit when an e
 
     kvserve serve ──▶ Server(uvicorn_config(app, ServerConfig))
         connection   ──▶ GuardedH11Protocol: the request line and headers must arrive within
-                         --header-timeout (else 408 and close; a slowloris holds nothing for
-                         long); at most --max-header-bytes of them (else 400); idle keep-alive
-                         connections close after --keep-alive-timeout
+                         --header-timeout of the connection opening, or of a keep-alive
+                         connection's next request beginning (else 408 and close; a slowloris
+                         holds nothing for long); at most --max-header-bytes of them (else 400);
+                         idle keep-alive connections close after --keep-alive-timeout; a closed
+                         connection whose unsent data stops draining for --stream-idle-timeout
+                         (a client that stopped reading) is aborted, not held until it reads
         SIGTERM      ──▶ drain(): /health 503 "draining"; new requests 503 + Retry-After; the
                          streams in flight may finish within --shutdown-timeout, the rest are
                          aborted (each ends with finish_reason "abort"); then exit 0
@@ -29,6 +32,7 @@ import time
 
 import h11
 import uvicorn
+from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kvserve.config import ServerConfig
@@ -43,7 +47,7 @@ _REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; 
 
 
 class ServeConfig(uvicorn.Config):
-    """uvicorn's Config, plus the header deadline the guarded protocol reads."""
+    """uvicorn's Config, plus the deadlines the guarded protocol reads."""
 
     def __init__(self, app, server: ServerConfig, **overrides):
         options = dict(
@@ -59,33 +63,50 @@ class ServeConfig(uvicorn.Config):
         options.update(overrides)
         super().__init__(app, **options)
         self.header_timeout_s = server.header_timeout_s
+        self.stream_idle_timeout_s = server.stream_idle_timeout_s
 
 
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline on each request's line and headers: armed when the
-    connection opens and after each response (a keep-alive connection's next request), disarmed
-    once the headers are complete. uvicorn itself bounds only idle keep-alive connections, so
-    without this a client trickling a byte at a time, or one connecting and sending nothing,
-    would hold its connection forever."""
+    connection opens and when the first bytes of a keep-alive connection's next request arrive
+    (until then the connection is idle, and uvicorn's keep-alive timeout closes it silently),
+    disarmed once the headers are complete. uvicorn itself bounds only idle keep-alive
+    connections, so without this a client trickling a byte at a time, or one connecting and
+    sending nothing, would hold its connection forever.
+
+    h11 bounds only an incomplete head (h11_max_incomplete_event_size); a complete one that
+    arrives in a single read is checked here against the same limit (400 and close).
+
+    The protocols (this one, and the WebSocket protocol after an upgrade) see the transport
+    through _UnstickableClose, so a connection they close cannot be held by a client that
+    stopped reading."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         self._header_timeout_s = getattr(config, "header_timeout_s", 10.0)
+        self._drain_timeout_s = getattr(config, "stream_idle_timeout_s", 30.0)
+        self._max_header_bytes = config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._h11_next_event = self.conn.next_event
+        self.conn.next_event = self._next_event   # uvicorn's handle_events reads every event through it
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+        super().connection_made(_UnstickableClose(transport, self.loop, self._drain_timeout_s))
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if self._header_deadline is None and self.conn.their_state is h11.IDLE:
+            self._arm()   # a keep-alive connection's next request begins
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:   # the request's headers are complete
             self._disarm()
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm()
+    def _next_event(self):
+        event = self._h11_next_event()
+        if type(event) is h11.Request and _head_bytes(event) > self._max_header_bytes:
+            # uvicorn answers any RemoteProtocolError with 400 and closes the connection
+            raise h11.RemoteProtocolError("the request line and headers are too large", error_status_hint=431)
+        return event
 
     def handle_websocket_upgrade(self, event) -> None:
         self._disarm()
@@ -111,6 +132,45 @@ class GuardedH11Protocol(H11Protocol):
         if self.cycle is None or self.cycle.response_complete:
             self.transport.write(_REQUEST_TIMEOUT)
         self.transport.close()
+
+
+def _head_bytes(request: h11.Request) -> int:
+    """The size of a request's line and headers, as sent with single spaces (h11 keeps no count)."""
+    line = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n")
+    return line + sum(len(name) + len(value) + 4 for name, value in request.headers) + 2
+
+
+class _UnstickableClose:
+    """A transport whose close() a client cannot hold open by not reading. asyncio's close()
+    waits for the write buffer to be sent first: for ever, if the client reads nothing (a stream
+    given up after --stream-idle-timeout, sse.py and websocket.py, closes with its buffers full).
+    Once a closed transport's unsent data has not shrunk for `stall_s`, it is aborted. Everything
+    else goes straight to the transport."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, stall_s: float):
+        self._transport = transport
+        self._loop = loop
+        self._stall_s = stall_s
+        self._watching = False
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._transport.close()
+        if not self._watching:
+            self._watching = True
+            self._watch(None)
+
+    def _watch(self, unsent_before: int | None) -> None:
+        unsent = self._transport.get_write_buffer_size()
+        if unsent == 0:   # all sent (or the connection is gone): asyncio has closed it, or will
+            return
+        if unsent_before is not None and unsent >= unsent_before:
+            log.info("a closed connection's last %d bytes were not read for %g s; aborting it", unsent, self._stall_s)
+            self._transport.abort()
+            return
+        self._loop.call_later(self._stall_s, self._watch, unsent)
 
 
 def uvicorn_config(app, server: ServerConfig, **overrides) -> ServeConfig:
