@@ -5,10 +5,10 @@ request's seeded random generator."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
+from kvserve import cpu_features
 from kvserve.attention.torch_ref import TorchPagedAttention
 from kvserve.config import DEFAULT_KV_MEMORY_BYTES, CacheConfig, ModelConfig
 from kvserve.model.llama import LlamaForCausalLM
@@ -37,18 +37,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_has_avx512_bf16() -> bool:
-    try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto → bf16 on CUDA and on CPUs with AVX512-BF16, else fp32."""
     if name != "auto":
         return DTYPES[name]
-    if device.type == "cuda" or cpu_has_avx512_bf16():
+    if device.type == "cuda" or cpu_features.native_bf16():
         return torch.bfloat16
     return torch.float32
 

@@ -1,12 +1,20 @@
 """--quantization int8 and int4 on the real default model keep its quality: perplexity of the fixed
 text within 1% of bf16 through both kernels of each, and greedy output that starts like bf16's for
-most prompts. int4 takes the GGUF's own Q4_1 groups, exactly."""
+most prompts. int4 takes the GGUF's own Q4_1 groups, exactly.
 
+Quantization runs with bf16 activations, which a CPU without AVX512-BF16 emulates slowly (a
+clean-clone suite took 13 minutes there). On such a CPU these tests shrink: perplexity over the
+text's first 384 tokens (on this text every ratio then stays within 0.6%, measured on an
+AVX512-BF16 machine), and 12 greedy tokens per answer instead of 24 (the first 8 are compared
+either way)."""
+
+import functools
 import math
 
 import pytest
 import torch
 
+from kvserve import cpu_features
 from kvserve.bench.perplexity import TEXT
 from kvserve.config import EngineConfig
 from kvserve.engine.engine import Engine
@@ -14,6 +22,9 @@ from kvserve.model import quant
 from kvserve.sampling import SamplingParams
 
 pytestmark = pytest.mark.integration
+SLOW_BF16 = not cpu_features.native_bf16()
+PERPLEXITY_TOKENS = 384 if SLOW_BF16 else None     # None: the whole text (763 tokens)
+GREEDY_TOKENS = 12 if SLOW_BF16 else 24
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly.",
              "List three prime numbers.", "Translate 'good morning' into Spanish.", "What is 12 times 7?",
@@ -27,8 +38,9 @@ def engines(default_checkpoint):
             for q in ("none", "int8", "int4")}
 
 
+@functools.cache   # bf16's figures serve both the int8 and the int4 test
 def perplexity(engine, chunk_size):
-    ids = engine.tokenizer.encode(TEXT.read_text())
+    ids = engine.tokenizer.encode(TEXT.read_text())[:PERPLEXITY_TOKENS]
     return math.exp(-engine.core.runner.score(ids, chunk_size=chunk_size).double().mean().item())
 
 
@@ -63,7 +75,7 @@ def test_perplexity_within_one_percent_of_bf16(engines, mode, max_rows):
 
 @pytest.fixture(scope="module")
 def greedy_answers(engines):
-    params = SamplingParams(max_tokens=24, temperature=0.0)
+    params = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0)
     outputs: dict[str, list[list[int]]] = {}
     for mode, engine in engines.items():
         texts = []
@@ -83,7 +95,7 @@ def test_greedy_output_equals_bf16_for_most_prompts(greedy_answers, mode):
     outputs = greedy_answers
     # Greedy decoding of a 135M model amplifies any change once two tokens nearly tie, so whole
     # answers diverge sooner or later (bf16 and fp32 themselves agree on 7 of these 12 answers over
-    # 24 tokens). Most answers must agree on their first 8 tokens, and some on all 24.
+    # 24 tokens). Most answers must agree on their first 8 tokens, and some on all of them.
     pairs = list(zip(outputs["none"], outputs[mode]))
     same_start = sum(a[:8] == b[:8] for a, b in pairs)
     same_all = sum(a == b for a, b in pairs)

@@ -1,0 +1,59 @@
+"""The x86 instruction-set level kvserve uses on this CPU, read once, and its override.
+
+    avx512     AVX-512 F/BW/VL (and, where present, AVX512-BF16: native bf16 dot products)
+    avx2       AVX2 + FMA
+    portable   neither
+
+`KVSERVE_CPU_ISA=avx512|avx2|portable` caps the level (a level the CPU lacks is an error), so that
+every path can be run and measured on a machine that has it: an AVX-512 machine also runs as an
+AVX2 one. Pure Python; nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+
+from kvserve.config import ConfigError
+
+LEVELS = ("portable", "avx2", "avx512")
+ENV = "KVSERVE_CPU_ISA"
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def detected_isa(flags: frozenset[str]) -> str:
+    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        return "avx512"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    return "portable"
+
+
+@cache
+def isa() -> str:
+    """The level in use: the CPU's best, or KVSERVE_CPU_ISA when it asks for less."""
+    best = detected_isa(cpu_flags())
+    asked = os.environ.get(ENV, "").strip().lower()
+    if not asked:
+        return best
+    if asked not in LEVELS:
+        raise ConfigError(f"{ENV}={asked!r}: expected one of {', '.join(LEVELS)}")
+    if LEVELS.index(asked) > LEVELS.index(best):
+        raise ConfigError(f"{ENV}={asked}: this CPU's best level is {best}")
+    return asked
+
+
+def native_bf16() -> bool:
+    """bf16 dot products in hardware (AVX512-BF16) at the level in use."""
+    return isa() == "avx512" and "avx512_bf16" in cpu_flags()

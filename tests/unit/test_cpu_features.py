@@ -1,0 +1,59 @@
+"""The CPU level kvserve uses: detection from /proc/cpuinfo's flags, and the KVSERVE_CPU_ISA cap."""
+
+import pytest
+
+from kvserve import cpu_features
+from kvserve.config import ConfigError
+
+ZEN4 = frozenset("fma avx2 avx512f avx512bw avx512vl avx512_bf16".split())
+ZEN3 = frozenset("fma avx2 sse4_2".split())
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    cpu_features.isa.cache_clear()
+    yield
+    cpu_features.isa.cache_clear()
+
+
+def with_flags(monkeypatch, flags, asked=None):
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: flags)
+    if asked is None:
+        monkeypatch.delenv(cpu_features.ENV, raising=False)
+    else:
+        monkeypatch.setenv(cpu_features.ENV, asked)
+    cpu_features.isa.cache_clear()
+
+
+def test_detection():
+    assert cpu_features.detected_isa(ZEN4) == "avx512"
+    assert cpu_features.detected_isa(ZEN3) == "avx2"
+    assert cpu_features.detected_isa(frozenset({"avx2"})) == "portable"   # AVX2 without FMA
+    assert cpu_features.detected_isa(frozenset({"avx512f", "avx2", "fma"})) == "avx2"   # no BW/VL
+
+
+@pytest.mark.parametrize("flags, asked, level, bf16", [
+    (ZEN4, None, "avx512", True), (ZEN4, "avx2", "avx2", False), (ZEN4, "portable", "portable", False),
+    (ZEN4 - {"avx512_bf16"}, None, "avx512", False), (ZEN3, None, "avx2", False), (ZEN3, "AVX2", "avx2", False),
+])
+def test_the_level_in_use_and_native_bf16(monkeypatch, flags, asked, level, bf16):
+    with_flags(monkeypatch, flags, asked)
+    assert cpu_features.isa() == level and cpu_features.native_bf16() is bf16
+
+
+@pytest.mark.parametrize("flags, asked, message", [(ZEN3, "avx512", "best level is avx2"),
+                                                   (ZEN4, "sse", "expected one of")])
+def test_an_override_the_cpu_cannot_honour_is_a_clear_error(monkeypatch, flags, asked, message):
+    with_flags(monkeypatch, flags, asked)
+    with pytest.raises(ConfigError, match=message):
+        cpu_features.isa()
+
+
+def test_dtype_auto_follows_native_bf16(monkeypatch):
+    import torch
+
+    from kvserve.runner.model_runner import resolve_dtype
+    with_flags(monkeypatch, ZEN4, "avx2")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    with_flags(monkeypatch, ZEN4)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
