@@ -68,7 +68,7 @@ class Engine:
 
     def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                      *, cache_salt: str | None = None, priority: int = 0,
-                     checkpoints: tuple[tuple[int, float], ...] = ()) -> Request:
+                     checkpoints: tuple[tuple[int, float], ...] = (), background: bool = False) -> Request:
         """Tokenize and validate. Touches no engine state, so any thread may call it."""
         if isinstance(prompt, str):
             if not prompt:
@@ -87,7 +87,7 @@ class Engine:
                 f"{self.max_model_len - 1} prompt tokens (--max-model-len {self.max_model_len})", "prompt")
         request_id = request_id or f"req-{next(self._ids)}"
         return Request(request_id, token_ids, params, self.eos_token_ids, cache_salt=cache_salt, priority=priority,
-                       checkpoints=checkpoints)
+                       checkpoints=checkpoints, background=background)
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

@@ -156,6 +156,10 @@ class KVCacheManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def num_sole_blocks(self, request: Request) -> int:
+        """Blocks that only this request holds: what freeing it would return to the pool."""
+        return sum(1 for block_id in self.block_ids(request.request_id) if self.pool.ref_count(block_id) == 1)
+
     # ---- verbs -------------------------------------------------------------------------------
     def match(self, request: Request) -> CacheHit:
         """The longest cached prefix of `request`: main-pool blocks, then host-tier ones, then

@@ -1,5 +1,6 @@
 """Waiting-queue orderings, one small class each. A policy decides who is admitted next and in
-which order running requests are served (the last is preempted first); the scheduler does the rest."""
+which order running requests are served (the last is preempted first); the scheduler does the rest.
+Every policy runs in two lanes (`Lanes`): foreground requests, then background ones (batch jobs)."""
 
 from __future__ import annotations
 
@@ -104,8 +105,50 @@ class PriorityPolicy:
         return iter([entry[3] for entry in self._queue])
 
 
+class Lanes:
+    """Foreground before background: one queue of the policy's kind per lane. A background request
+    (a batch job's line) is admitted only behind every waiting foreground request, and running
+    ones are served after, so preempted before, every foreground one."""
+
+    def __init__(self, make: type) -> None:
+        self._foreground: SchedulingPolicy = make()
+        self._background: SchedulingPolicy = make()
+
+    def _lane(self, request: Request) -> SchedulingPolicy:
+        return self._background if request.background else self._foreground
+
+    def add(self, request: Request) -> None:
+        self._lane(request).add(request)
+
+    def requeue(self, request: Request) -> None:
+        self._lane(request).requeue(request)
+
+    def peek(self) -> Request:
+        return (self._foreground or self._background).peek()
+
+    def pop(self) -> Request:
+        return (self._foreground or self._background).pop()
+
+    def remove(self, request: Request) -> None:
+        self._lane(request).remove(request)
+
+    def order_running(self, running: list[Request]) -> None:
+        self._foreground.order_running(running)
+        running.sort(key=lambda request: request.background)   # stable: each lane keeps its order
+
+    def foreground(self) -> Iterator[Request]:
+        return iter(self._foreground)
+
+    def __len__(self) -> int:
+        return len(self._foreground) + len(self._background)
+
+    def __iter__(self) -> Iterator[Request]:
+        yield from self._foreground
+        yield from self._background
+
+
 POLICIES = {"fcfs": FCFSPolicy, "priority": PriorityPolicy}
 
 
-def make_policy(name: str) -> SchedulingPolicy:
-    return POLICIES[name]()
+def make_policy(name: str) -> Lanes:
+    return Lanes(POLICIES[name])

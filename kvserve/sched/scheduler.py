@@ -20,6 +20,7 @@ class SchedulerStats:
     num_waiting: int
     num_preemptions: int   # since start
     kv: KVCacheStats
+    num_computed_tokens: int = 0   # tokens run through the model since start (recomputation included)
 
 
 class Scheduler:
@@ -33,6 +34,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_ids: set[str] = set()
         self._num_preemptions = 0
+        self._num_computed_tokens = 0
         self.num_prefix_waits = 0   # admissions deferred because the prefix was being computed
 
     # ---- intake ------------------------------------------------------------------------------
@@ -64,22 +66,57 @@ class Scheduler:
         first, in order; when the pool runs dry the policy's victim is preempted (its blocks are
         freed and it waits to be recomputed). New requests are admitted only from what is left,
         and not at all in a step that had to preempt.
+
+        Background requests (batch jobs) fill what foreground ones leave: before anything is
+        scheduled, running background requests give their seats and blocks to waiting foreground
+        ones (_make_room_for_foreground), and while a foreground prompt is being prefilled they
+        sit the step out, so that its first token comes as fast as on an idle engine.
         """
         self.kv.expire_pins()
+        self._make_room_for_foreground()
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
-        budget, preempted = self._schedule_running(budget, chunks)
+        budget, preempted = self._schedule_running(budget, chunks, self._foreground_prefilling())
         if not preempted:
             self._admit_waiting(budget, chunks)
         finished, self._finished_ids = frozenset(self._finished_ids), set()
         return SchedulerOutput(tuple(chunks), finished, self.kv.take_swaps())
 
-    def _schedule_running(self, budget: int, chunks: list[ScheduledChunk]) -> tuple[int, bool]:
+    def _make_room_for_foreground(self) -> None:
+        """While a waiting foreground request lacks a seat or KV blocks, the running background
+        request that would be preempted first goes back to wait (its blocks free at once)."""
+        background = [r for r in self.running if r.background]
+        if not background:
+            return
+        seats = self.config.max_num_seqs - len(self.running)
+        free = self.kv.stats().num_free_blocks
+        for request in self.waiting.foreground():
+            need = self.kv.blocks_for(request.num_tokens + 1)
+            while background and (seats < 1 or free < need):
+                victim = background.pop()
+                free += self.kv.num_sole_blocks(victim)
+                seats += 1
+                self.running.remove(victim)
+                self._requeue(victim)
+            if seats < 1 or free < need:
+                return
+            seats -= 1
+            free -= need
+
+    def _foreground_prefilling(self) -> bool:
+        """A foreground request waits for admission or is still computing its prompt."""
+        return (any(True for _ in self.waiting.foreground())
+                or any(not r.background and r.num_computed_tokens < r.num_prompt_tokens for r in self.running))
+
+    def _schedule_running(self, budget: int, chunks: list[ScheduledChunk],
+                          background_waits: bool = False) -> tuple[int, bool]:
         preempted = False
         self.waiting.order_running(self.running)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.background and background_waits:
+                break   # background requests come last in the order: none of them runs this step
             num_new = min(request.num_pending_tokens, budget)
             assert num_new > 0, request
             while not self.kv.allocate_slots(request, num_new):
@@ -106,6 +143,8 @@ class Scheduler:
         for request in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 return
+            if request.background and any(not r.background for r in self.waiting):
+                return   # background work never takes what a waiting foreground request will need
             hit = self.kv.match(request)
             usable = (request.num_tokens - 1) // self.kv.block_size    # blocks a hit may cover (see match)
             if hit.num_blocks < usable and request.block_hashes[hit.num_blocks] in in_flight:
@@ -166,6 +205,7 @@ class Scheduler:
                 continue
             request.num_computed_tokens += chunk.num_tokens
             request.num_tokens_run += chunk.num_tokens
+            self._num_computed_tokens += chunk.num_tokens
             self.kv.cache_full_blocks(request)
             self._apply_checkpoints(request)
             if not chunk.samples:
@@ -208,6 +248,10 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
+        self._requeue(request)
+
+    def _requeue(self, request: Request) -> None:
+        """A request taken off the running list waits again, to be recomputed (its blocks freed)."""
         self.kv.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
@@ -221,7 +265,8 @@ class Scheduler:
         return bool(self.requests)
 
     def stats(self) -> SchedulerStats:
-        return SchedulerStats(len(self.running), len(self.waiting), self._num_preemptions, self.kv.stats())
+        return SchedulerStats(len(self.running), len(self.waiting), self._num_preemptions, self.kv.stats(),
+                              self._num_computed_tokens)
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
