@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
 from pathlib import Path
@@ -108,6 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+DEFAULT_STATE_DIR = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "kvserve"
 
 
 def parse_model_specs(specs: list[str] | None) -> dict[str, str | None]:
@@ -145,7 +147,9 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
         keep_alive_timeout_s=args.keep_alive_timeout, max_header_bytes=args.max_header_bytes,
         stream_idle_timeout_s=args.stream_idle_timeout, ws_max_requests=args.ws_max_requests,
-        shutdown_timeout_s=args.shutdown_timeout, metrics_auth=args.metrics_auth)
+        shutdown_timeout_s=args.shutdown_timeout, metrics_auth=args.metrics_auth,
+        state_dir=args.state_dir or None, max_batch_file_bytes=args.max_batch_file_bytes,
+        max_batch_lines=args.max_batch_lines, batch_concurrency=args.batch_concurrency)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -215,6 +219,44 @@ def inject_faults(engine, faults: dict[str, int]) -> None:
             return execute(plan)
 
         runner.execute = failing_execute
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """`kvserve batch INPUT -o OUTPUT`: see kvserve/batch/offline.py."""
+    import asyncio
+    import json
+
+    from kvserve.batch import offline
+    from kvserve.batch.requests import BatchInputError, Limits
+    from kvserve.engine.async_engine import AsyncEngine
+    from kvserve.engine.engine import Engine
+    from kvserve.server.batch_api import LineExecutor
+    from kvserve.server.metrics import ServerMetrics
+    from kvserve.server.openai_api import OpenAIServing, ServedModel
+
+    config = engine_config_from_args(args)
+    server = ServerConfig(max_body_bytes=args.max_line_bytes, max_tokens_default=args.max_tokens_default)
+    limits = Limits(args.max_batch_file_bytes, args.max_line_bytes, args.max_batch_lines)
+    offline.read_lines(Path(args.input), limits)   # refuse a bad file before loading the model
+
+    async def main() -> dict:
+        engine = AsyncEngine(Engine(config))
+        try:
+            models = {"default": ServedModel("default", engine)}
+            metrics = ServerMetrics(lambda: {})
+            serving = OpenAIServing(models, server, metrics)
+            return await offline.run(Path(args.input), Path(args.output), LineExecutor(lambda: serving),
+                                     args.concurrency or config.scheduler.max_num_seqs, limits,
+                                     show_progress=not args.quiet)
+        finally:
+            engine.shutdown()
+
+    try:
+        result = asyncio.run(main())
+    except BatchInputError as error:
+        raise ConfigError(f"{args.input}: {error}") from None
+    print(json.dumps(result))
+    return 0
 
 
 def cmd_bench_offline(args: argparse.Namespace) -> int:
@@ -307,8 +349,31 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--metrics-auth", action="store_true",
                        help="/metrics needs an admin API key (needs --api-keys)")
     group.add_argument("--inject-fault", action="append", default=[], help=argparse.SUPPRESS)
+    group = serve.add_argument_group("batch jobs")
+    group.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR), metavar="DIR",
+                       help="where batch jobs live (SQLite + file contents); '' turns batch jobs off "
+                            f"(default {DEFAULT_STATE_DIR})")
+    group.add_argument("--max-batch-file-bytes", type=parse_bytes, default=200 << 20,
+                       help="largest batch input file or message-batch body (default 200MiB)")
+    group.add_argument("--max-batch-lines", type=int, default=50_000, help="most requests per batch (default 50000)")
+    group.add_argument("--batch-concurrency", type=int, default=None,
+                       help="batch lines running at once (default: --max-num-seqs)")
     add_engine_options(serve, repeat_model=True)
     serve.set_defaults(func=cmd_serve)
+
+    batch = commands.add_parser("batch", help="answer a batch file (OpenAI's batch line format) without a server; "
+                                              "resumable")
+    batch.add_argument("input", help="JSONL: {custom_id, method, url, body} per line")
+    batch.add_argument("-o", "--output", required=True, help="JSONL results (OpenAI's batch output line format)")
+    batch.add_argument("--concurrency", type=int, default=None, help="lines in flight (default: --max-num-seqs)")
+    batch.add_argument("--max-batch-file-bytes", type=parse_bytes, default=200 << 20)
+    batch.add_argument("--max-batch-lines", type=int, default=50_000)
+    batch.add_argument("--max-line-bytes", type=parse_bytes, default=4 << 20)
+    batch.add_argument("--max-tokens-default", type=int, default=4096,
+                       help="max_tokens of a line that gives none (default 4096)")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_engine_options(batch)
+    batch.set_defaults(func=cmd_batch)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     from kvserve.bench.cache import add_cache_options

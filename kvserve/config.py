@@ -202,6 +202,11 @@ class ServerConfig:
     ws_max_requests: int = 32              # requests in flight on one WebSocket; past it: 429 frame
     shutdown_timeout_s: float = 30.0       # SIGTERM: in-flight streams may finish within this
     metrics_auth: bool = False             # /metrics needs an admin key (with --api-keys)
+    # Batch jobs (kvserve/batch/): off without a state directory
+    state_dir: str | None = None           # SQLite and file contents of batch jobs
+    max_batch_file_bytes: int = 200 << 20  # an uploaded batch file (or a message batch body) at most this
+    max_batch_lines: int = 50_000          # requests per batch
+    batch_concurrency: int | None = None   # batch lines in flight at once; None: the engine's max_num_seqs
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -222,6 +227,12 @@ class ServerConfig:
             raise ConfigError(f"--shutdown-timeout must be 0 or more, got {self.shutdown_timeout_s}")
         if self.max_header_bytes < 1024:
             raise ConfigError(f"--max-header-bytes must be at least 1024, got {self.max_header_bytes}")
+        if self.max_batch_file_bytes < 1024:
+            raise ConfigError(f"--max-batch-file-bytes must be at least 1024, got {self.max_batch_file_bytes}")
+        if self.max_batch_lines < 1:
+            raise ConfigError(f"--max-batch-lines must be at least 1, got {self.max_batch_lines}")
+        if self.batch_concurrency is not None and self.batch_concurrency < 1:
+            raise ConfigError(f"--batch-concurrency must be at least 1, got {self.batch_concurrency}")
         if self.ws_max_requests < 1:
             raise ConfigError(f"--ws-max-requests must be at least 1, got {self.ws_max_requests}")
         if self.max_tokens_default < 1:

@@ -25,11 +25,14 @@ from kvserve.config import ServerConfig
 from kvserve.engine.async_engine import AsyncEngine, EngineDeadError
 from kvserve.sampling import InvalidRequestError
 from kvserve.server.auth import ApiKeys, Principal, RateLimits, authenticate, require_admin
+from kvserve.batch.runner import BatchRunner
+from kvserve.batch.store import BatchStore
+from kvserve.server.batch_api import LineExecutor, register_batch
 from kvserve.server.bedrock import register_bedrock
 from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvserve.server.openapi import install as install_openapi
 from kvserve.server.openai_api import Generation, OpenAIServing, ServedModel
-from kvserve.server.http import ClientGone, serving, unless_disconnected
+from kvserve.server.http import ClientGone, serving, serving_of, unless_disconnected
 from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, as_api_error, validation_error
 from kvserve.server.sse import StreamResponse, sse_stream
 from kvserve.server.anthropic_api import register_anthropic
@@ -50,17 +53,20 @@ class BodyLimitMiddleware:
     inside the app's receive() would reach FastAPI's body parser, which answers every read error
     with 400. Later receive() calls (http.disconnect) go straight through."""
 
-    def __init__(self, app, max_body_bytes: int, body_timeout_s: float):
+    def __init__(self, app, max_body_bytes: int, body_timeout_s: float, large_bodies: dict[str, int] | None = None):
+        """`large_bodies`: paths whose bodies may be larger (batch uploads), with their limits."""
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.default_max_body_bytes = max_body_bytes
+        self.large_bodies = large_bodies or {}
         self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.large_bodies.get(scope["path"], self.default_max_body_bytes)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            return await _send_error(send, self._too_large())
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await _send_error(send, self._too_large(limit))
         body = bytearray()
         deadline = time.monotonic() + self.body_timeout_s
         while True:
@@ -74,8 +80,8 @@ class BodyLimitMiddleware:
                 first = message
                 break
             body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:
-                return await _send_error(send, self._too_large())
+            if len(body) > limit:
+                return await _send_error(send, self._too_large(limit))
             if not message.get("more_body", False):
                 first = {"type": "http.request", "body": bytes(body), "more_body": False}
                 break
@@ -90,9 +96,9 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay_receive, send)
 
-    def _too_large(self) -> APIError:
-        return APIError(413, f"the request body exceeds {self.max_body_bytes} bytes (--max-body-bytes)",
-                        code="body_too_large")
+    def _too_large(self, limit: int) -> APIError:
+        flag = "--max-body-bytes" if limit == self.default_max_body_bytes else "--max-batch-file-bytes"
+        return APIError(413, f"the request body exceeds {limit} bytes ({flag})", code="body_too_large")
 
 
 async def _send_error(send, error: APIError) -> None:
@@ -109,12 +115,11 @@ def create_app(config: ServerConfig, load_models: ModelLoader, api_keys: ApiKeys
         def load() -> None:
             try:
                 engines = load_models()
-            except (ValueError, OSError) as error:   # a bad option or path: the message says it all
-                log.error("model loading failed: %s", error)
-                loop.call_soon_threadsafe(_fatal, app, f"the models could not be loaded: {error}", "load_error")
-                return
             except Exception as error:   # /health says why until the process exits
-                log.exception("model loading failed")
+                if isinstance(error, (ValueError, OSError)):   # a bad option or path: the message says it all
+                    log.error("model loading failed: %s", error)
+                else:
+                    log.exception("model loading failed")
                 loop.call_soon_threadsafe(_fatal, app, f"the models could not be loaded: {error}", "load_error")
                 return
             try:
@@ -125,8 +130,12 @@ def create_app(config: ServerConfig, load_models: ModelLoader, api_keys: ApiKeys
 
         threading.Thread(target=load, name="kvserve-load", daemon=True).start()
         yield
+        if app.state.batch_runner is not None:   # in-flight lines stay pending, for the next start
+            await app.state.batch_runner.stop()
         for served in app.state.models.values():
             served.engine.shutdown()
+        if app.state.batch_store is not None:
+            app.state.batch_store.close()
 
     app = FastAPI(title="kvserve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.config = config
@@ -139,13 +148,19 @@ def create_app(config: ServerConfig, load_models: ModelLoader, api_keys: ApiKeys
     app.state.on_fatal = lambda reason: None   # lifecycle.Server: exit non-zero
     app.state.metrics = ServerMetrics(lambda: {n: m.engine.stats() for n, m in app.state.models.items()})
     app.state.serving = None
+    app.state.batch_store = BatchStore(config.state_dir) if config.state_dir else None
+    app.state.batch_runner = None   # started once the models are loaded
+    app.state.metrics.add_batch_source(lambda: app.state.batch_runner)
     _install_error_handlers(app)
     _install_routes(app)
     register_websocket(app)
     register_anthropic(app)
     register_bedrock(app)
+    register_batch(app)
     install_openapi(app)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes, body_timeout_s=config.body_timeout_s)
+    batch_upload = config.max_batch_file_bytes + 65536   # the file and its multipart framing
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes, body_timeout_s=config.body_timeout_s,
+                       large_bodies={"/v1/files": batch_upload, "/v1/messages/batches": batch_upload})
     return app
 
 
@@ -156,6 +171,11 @@ def _install(app: FastAPI, engines: dict[str, AsyncEngine]) -> None:
     for name, engine in engines.items():
         engine.on_fatal(lambda error, name=name: loop.call_soon_threadsafe(
             _fatal, app, f"model {name}: {type(error).__name__}: {error}", "engine_error"))
+    if app.state.batch_store is not None:
+        capacity = min(model.capacity for model in app.state.models.values())
+        app.state.batch_runner = BatchRunner(app.state.batch_store, LineExecutor(lambda: serving_of(app.state)),
+                                             app.state.config.batch_concurrency or capacity)
+        app.state.batch_runner.start()
     log.info("serving %s", ", ".join(engines))
 
 

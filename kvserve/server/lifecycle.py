@@ -209,6 +209,8 @@ class Server(uvicorn.Server):
     async def _drain(self) -> None:
         state = self.app.state
         state.draining = True
+        if state.batch_runner is not None:   # batch lines in flight stop and stay pending, for the next start
+            await state.batch_runner.stop()
         deadline = time.monotonic() + self.server_config.shutdown_timeout_s
         log.warning("SIGTERM: draining; %d requests in flight may finish within %.0f s",
                     in_flight(state), self.server_config.shutdown_timeout_s)

@@ -35,6 +35,8 @@ class EngineStatsCollector(Collector):
         queries = CounterMetricFamily("kvserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels=["model_name"])
         hits = CounterMetricFamily("kvserve:prefix_cache_hits", "Prompt tokens served from the prefix cache", labels=["model_name"])
         preemptions = CounterMetricFamily("kvserve:num_preemptions", "Requests preempted to free KV blocks", labels=["model_name"])
+        computed = CounterMetricFamily("kvserve:computed_tokens", "Tokens run through the model (recomputation "
+                                       "included)", labels=["model_name"])
         pinned = GaugeMetricFamily("kvserve:prompt_cache_pinned_blocks", "KV blocks held by cache checkpoints", labels=["model_name"])
         expired = CounterMetricFamily("kvserve:prompt_cache_ttl_expiries", "Checkpoint pins whose TTL ran out without a hit", labels=["model_name"])
         budget = CounterMetricFamily("kvserve:prompt_cache_pin_budget_releases",
@@ -56,6 +58,7 @@ class EngineStatsCollector(Collector):
             queries.add_metric([name], kv.prefix_queried_tokens)
             hits.add_metric([name], kv.prefix_hit_tokens)
             preemptions.add_metric([name], stats.num_preemptions)
+            computed.add_metric([name], stats.num_computed_tokens)
             pinned.add_metric([name], kv.num_pinned_blocks)
             expired.add_metric([name], kv.pins_expired)
             evicted.add_metric([name, "lru", "device"], kv.blocks_evicted_lru)
@@ -65,8 +68,30 @@ class EngineStatsCollector(Collector):
             budget.add_metric([name], kv.pins_released_for_budget)
             host.add_metric([name], kv.host_hit_blocks)
             disk.add_metric([name], kv.disk_hit_blocks)
-        yield from (running, waiting, usage, blocks, queries, hits, preemptions, pinned, expired, budget, evicted,
-                    host, disk)
+        yield from (running, waiting, usage, blocks, queries, hits, preemptions, computed, pinned, expired, budget,
+                    evicted, host, disk)
+
+
+class BatchStatsCollector(Collector):
+    """Batch jobs: lines queued (pending in active batches), running, finished; output tokens (whose
+    rate is the batch tokens/s). Read at scrape time from the runner, when batch jobs are on."""
+
+    def __init__(self, runner: Callable[[], object]):
+        self._runner = runner
+
+    def collect(self) -> Iterable[Metric]:
+        runner = self._runner()
+        if runner is None:
+            return
+        queued = GaugeMetricFamily("kvserve:batch_lines_queued", "Batch lines waiting to run")
+        running = GaugeMetricFamily("kvserve:batch_lines_running", "Batch lines running as engine requests")
+        finished = CounterMetricFamily("kvserve:batch_lines_finished", "Batch lines answered (since start)")
+        tokens = CounterMetricFamily("kvserve:batch_output_tokens", "Output tokens of batch lines (since start)")
+        queued.add_metric([], runner.store.pending_total())
+        running.add_metric([], runner.num_running)
+        finished.add_metric([], runner.stats.lines_finished)
+        tokens.add_metric([], runner.stats.output_tokens)
+        yield from (queued, running, finished, tokens)
 
 
 class ServerMetrics:
@@ -99,6 +124,9 @@ class ServerMetrics:
         self.server_aborts = Counter("kvserve:server_aborts", "Requests the server aborted while they ran, by "
                                      "reason (stream_idle_timeout, websocket_stalled, shutdown)", ["reason"], registry=r)
         r.register(EngineStatsCollector(engine_stats))
+
+    def add_batch_source(self, runner: Callable[[], object]) -> None:
+        self.registry.register(BatchStatsCollector(runner))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

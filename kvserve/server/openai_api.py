@@ -308,8 +308,11 @@ class OpenAIServing:
             {"id": m.name, "object": "model", "created": m.created, "owned_by": "kvserve",
              "max_model_len": m.max_model_len} for m in self.models.values()]}
 
-    async def chat(self, body: ChatCompletionRequest, tenant: str | None = None) -> Generation:
-        """`tenant` (from the API key) namespaces the prefix cache: tenants never share KV."""
+    async def chat(self, body: ChatCompletionRequest, tenant: str | None = None,
+                   background: bool = False) -> Generation:
+        """`tenant` (from the API key) namespaces the prefix cache: tenants never share KV.
+        `background` (a batch job's line): waits behind interactive work and gives way to it,
+        and does not count against the interactive queue cap (the batch runner bounds it)."""
         model = self.model(body.model)
         check_messages(body.messages)
         messages = with_tools(body.messages, body.tools)
@@ -322,23 +325,25 @@ class OpenAIServing:
             raise APIError(400, f"the chat template rejected the messages: {error}", param="messages") from error
         checkpoints = [(position, mark.ttl_s) for position, mark in zip(positions, marks)]
         return await self._start("chat", model, body, [prompt], body.requested_max_tokens, add_special=False,
-                                 checkpoints=checkpoints, tenant=tenant)
+                                 checkpoints=checkpoints, tenant=tenant, background=background)
 
-    async def completion(self, body: CompletionRequest, tenant: str | None = None) -> Generation:
+    async def completion(self, body: CompletionRequest, tenant: str | None = None,
+                         background: bool = False) -> Generation:
         model = self.model(body.model)
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
         return await self._start("completion", model, body, body.prompts(), body.requested_max_tokens,
-                                 add_special=True, tenant=tenant)
+                                 add_special=True, tenant=tenant, background=background)
 
     async def _start(self, kind: str, model: ServedModel, body, prompts: list, max_tokens: int | None,
                      add_special: bool, checkpoints: list[tuple[int, float]] = (),
-                     tenant: str | None = None) -> Generation:
+                     tenant: str | None = None, background: bool = False) -> Generation:
         """`checkpoints`: (character position, ttl_s) in prompts[0] (chat has one prompt)."""
         received = time.monotonic()
         self._check_fields(body)
         num_choices = body.n * len(prompts)
-        self._admit(model, num_choices)
+        if not background:
+            self._admit(model, num_choices)
         model.in_flight += num_choices
         try:
             param = "messages" if kind == "chat" else "prompt"
@@ -356,7 +361,8 @@ class OpenAIServing:
                 for (ids, prompt_pins), choice_params in zip(per_choice, params):
                     streams.append(await model.engine.add(ids, choice_params,
                                                           cache_salt=cache_namespace(tenant, body.cache_salt),
-                                                          priority=body.priority, checkpoints=prompt_pins))
+                                                          priority=body.priority, checkpoints=prompt_pins,
+                                                          background=background))
             except BaseException:
                 for stream in streams:
                     stream.abort()
