@@ -166,13 +166,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--metrics-auth needs --api-keys (the admin key it asks for comes from there)")
     faults = parse_faults(args.inject_fault)
 
-    def load() -> dict[str, AsyncEngine]:
-        engines = {}
-        for name, model in models.items():
-            engine = Engine(model_engine_config(base, name, model, len(models)))
-            inject_faults(engine, faults)
-            engines[name] = AsyncEngine(engine)
-        return engines
+    def build(config: EngineConfig) -> Engine:
+        engine = Engine(config)
+        inject_faults(engine, faults)
+        return engine
+
+    def load() -> dict[str, AsyncEngine]:   # each engine is built on its own thread (see AsyncEngine)
+        return {name: AsyncEngine(lambda config=model_engine_config(base, name, model, len(models)): build(config))
+                for name, model in models.items()}
 
     def reload_keys() -> ApiKeys:
         return ApiKeys.load(args.api_keys)
@@ -240,7 +241,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     offline.read_lines(Path(args.input), limits)   # refuse a bad file before loading the model
 
     async def main() -> dict:
-        engine = AsyncEngine(Engine(config))
+        engine = await asyncio.to_thread(AsyncEngine, lambda: Engine(config))
         try:
             models = {"default": ServedModel("default", engine)}
             metrics = ServerMetrics(lambda: {})
@@ -287,6 +288,12 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     from kvserve.bench.compare import run_compare
 
     return run_compare(args)
+
+
+def cmd_bench_batch(args: argparse.Namespace) -> int:
+    from kvserve.bench.batch import run_batch_bench
+
+    return run_batch_bench(args, engine_config_from_args(args))
 
 
 def cmd_bench_soak(args: argparse.Namespace) -> int:
@@ -376,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.set_defaults(func=cmd_batch)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    from kvserve.bench.batch import add_batch_bench_options
     from kvserve.bench.cache import add_cache_options
     from kvserve.bench.offline import add_offline_options
     from kvserve.bench.perplexity import add_perplexity_options
@@ -387,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("step", "decode step time by batch size, and its host (Python) share", add_step_options, cmd_bench_step),
         ("perplexity", "perplexity of a fixed text (quality check for --quantization)", add_perplexity_options,
          cmd_bench_perplexity),
+        ("batch", "batch jobs: throughput against the engine's own, and beside interactive traffic",
+         add_batch_bench_options, cmd_bench_batch),
     ]
     for name, help_text, add_options, command in engine_benches:
         sub = bench.add_parser(name, help=help_text)

@@ -233,6 +233,7 @@ class _RecordedStream:
 
     def __init__(self, stream: RequestStream):
         self._stream = stream
+        self.quiet = stream.quiet
         self.token_ids: list[int] = []
 
     def __aiter__(self) -> "_RecordedStream":

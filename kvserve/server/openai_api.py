@@ -147,7 +147,7 @@ class Generation:
     def _on_output(self, choice: _Choice, output: RequestOutput) -> dict | None:
         name = self.model.name
         now = time.monotonic()
-        if output.token_ids:
+        if output.token_ids and not choice.stream.quiet:   # a quiet stream's timing is not per token
             if choice.num_tokens == 0:
                 self.metrics.ttft.labels(name).observe(now - self.received)
             else:
@@ -362,7 +362,7 @@ class OpenAIServing:
                     streams.append(await model.engine.add(ids, choice_params,
                                                           cache_salt=cache_namespace(tenant, body.cache_salt),
                                                           priority=body.priority, checkpoints=prompt_pins,
-                                                          background=background))
+                                                          background=background, quiet=background))
             except BaseException:
                 for stream in streams:
                     stream.abort()
