@@ -55,6 +55,9 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
     group.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
     group.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                        help="waiting-queue order: fcfs, or priority (lower `priority` values first)")
+    group.add_argument("--background-step-factor", type=float, default=2.0, metavar="K",
+                       help="while interactive requests are around, background work (batch jobs) is cut so that "
+                            "a step takes at most K one-token steps (learnt on this machine); 0: never cut")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -67,7 +70,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           disk_num_blocks=args.kv_disk_blocks, pin_budget_fraction=args.pin_budget),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                                  policy=args.scheduling_policy),
+                                  policy=args.scheduling_policy, background_step_factor=args.background_step_factor),
     )
 
 

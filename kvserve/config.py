@@ -114,6 +114,10 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_model_len: int | None = None
     policy: str = "fcfs"
+    # While foreground requests are around (and this long after), background work (batch jobs) is
+    # cut so that a step takes at most this many times a one-token step; 0: never cut.
+    background_step_factor: float = 2.0
+    interactive_linger_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -122,6 +126,8 @@ class SchedulerConfig:
             raise ConfigError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"--max-model-len must be at least 2, got {self.max_model_len}")
+        if self.background_step_factor < 0 or self.interactive_linger_s < 0:
+            raise ConfigError("--background-step-factor and the interactive linger must be 0 or more")
         if self.policy not in ("fcfs", "priority"):
             raise ConfigError(f"--scheduling-policy must be fcfs or priority; got {self.policy!r}")
 

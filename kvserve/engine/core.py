@@ -16,6 +16,7 @@ itself is broken, not a request).
 from __future__ import annotations
 
 import logging
+import time
 
 from kvserve.outputs import TokenDelta
 from kvserve.runner.model_runner import KVTransferError, ModelRunner
@@ -37,8 +38,11 @@ class EngineCore:
         return self.scheduler.update(plan, result)
 
     def _execute(self, plan: SchedulerOutput) -> ModelOutput:
+        started = time.perf_counter()
         try:
-            return self.runner.execute(plan)
+            output = self.runner.execute(plan)
+            self.scheduler.observe_step(plan, time.perf_counter() - started)
+            return output
         except KVTransferError:
             raise
         except Exception:

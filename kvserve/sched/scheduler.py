@@ -10,8 +10,29 @@ from kvserve.kv.manager import KVCacheManager, KVCacheStats
 from kvserve.outputs import TokenDelta
 from kvserve.request import Request, RequestStatus
 from kvserve.sampling import FinishReason, InvalidRequestError
+from kvserve.sched.cost import StepCostModel
 from kvserve.sched.plan import ModelOutput, ScheduledChunk, SchedulerOutput
 from kvserve.sched.policy import make_policy
+
+
+@dataclass
+class _StepBudget:
+    """The tokens one step may still take. Background requests may also take only what keeps the
+    step within `step_cap` tokens in all (None: no cap; 0: they sit the step out)."""
+
+    tokens: int
+    step_cap: int | None
+    used: int = 0
+
+    def grant(self, request: Request, wanted: int) -> int:
+        num = min(wanted, self.tokens)
+        if request.background and self.step_cap is not None:
+            num = min(num, self.step_cap - self.used)
+        return num
+
+    def spend(self, num_tokens: int) -> None:
+        self.tokens -= num_tokens
+        self.used += num_tokens
 
 
 @dataclass(frozen=True)
@@ -35,6 +56,8 @@ class Scheduler:
         self._finished_ids: set[str] = set()
         self._num_preemptions = 0
         self._num_computed_tokens = 0
+        self.cost = StepCostModel()
+        self._foreground_seen = float("-inf")   # when foreground work was last seen (monotonic)
         self.num_prefix_waits = 0   # admissions deferred because the prefix was being computed
 
     # ---- intake ------------------------------------------------------------------------------
@@ -69,14 +92,17 @@ class Scheduler:
 
         Background requests (batch jobs) fill what foreground ones leave: before anything is
         scheduled, running background requests give their seats and blocks to waiting foreground
-        ones (_make_room_for_foreground), and while a foreground prompt is being prefilled they
-        sit the step out, so that its first token comes as fast as on an idle engine.
+        ones (_make_room_for_foreground); while a foreground prompt is being prefilled they sit the
+        step out, so that its first token comes as fast as on an idle engine; and while foreground
+        requests are around, background work is cut so that a step takes at most
+        `background_step_factor` times a one-token step (the step-cost model learns what a step
+        costs here), which bounds how long a newly arriving request waits for the step in flight.
         """
         self.kv.expire_pins()
         self._make_room_for_foreground()
-        budget = self.config.max_num_batched_tokens
+        budget = _StepBudget(self.config.max_num_batched_tokens, self._background_cap())
         chunks: list[ScheduledChunk] = []
-        budget, preempted = self._schedule_running(budget, chunks, self._foreground_prefilling())
+        preempted = self._schedule_running(budget, chunks)
         if not preempted:
             self._admit_waiting(budget, chunks)
         finished, self._finished_ids = frozenset(self._finished_ids), set()
@@ -103,34 +129,52 @@ class Scheduler:
             seats -= 1
             free -= need
 
-    def _foreground_prefilling(self) -> bool:
-        """A foreground request waits for admission or is still computing its prompt."""
-        return (any(True for _ in self.waiting.foreground())
-                or any(not r.background and r.num_computed_tokens < r.num_prompt_tokens for r in self.running))
+    def _background_cap(self) -> int | None:
+        """Tokens a step may hold in all once background work joins it: 0 while a foreground prompt
+        is prefilled, the step-cost model's bound while foreground requests are around (and for
+        `interactive_linger_s` after), None (no cap) otherwise or until the model has learnt."""
+        now = time.monotonic()
+        prefilling = any(True for _ in self.waiting.foreground()) or any(
+            not r.background and r.num_computed_tokens < r.num_prompt_tokens for r in self.running)
+        if prefilling or any(not r.background for r in self.running):
+            self._foreground_seen = now
+        if prefilling:
+            return 0
+        if now - self._foreground_seen > self.config.interactive_linger_s or not self.config.background_step_factor:
+            return None
+        fit = self.cost.line()
+        if fit is None:
+            return None
+        a, b = fit
+        return self.cost.tokens_within(self.config.background_step_factor * (a + b))
 
-    def _schedule_running(self, budget: int, chunks: list[ScheduledChunk],
-                          background_waits: bool = False) -> tuple[int, bool]:
+    def observe_step(self, plan: SchedulerOutput, seconds: float) -> None:
+        """The engine core reports what each step cost (the step-cost model learns from it)."""
+        if plan.chunks:
+            self.cost.observe(plan.num_batched_tokens, seconds)
+
+    def _schedule_running(self, budget: "_StepBudget", chunks: list[ScheduledChunk]) -> bool:
+        """Serve running requests in policy order; True if a request had to be preempted."""
         preempted = False
         self.waiting.order_running(self.running)
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget.tokens > 0:
             request = self.running[i]
-            if request.background and background_waits:
-                break   # background requests come last in the order: none of them runs this step
-            num_new = min(request.num_pending_tokens, budget)
-            assert num_new > 0, request
+            num_new = budget.grant(request, request.num_pending_tokens)
+            if num_new <= 0:
+                break   # background work, left out of this step; it comes last in the order
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running[-1]   # the least important (see policy.order_running)
                 self._preempt(victim)
                 preempted = True
                 if victim is request:
-                    return budget, preempted
+                    return preempted
             chunks.append(self._chunk(request, num_new))
-            budget -= num_new
+            budget.spend(num_new)
             i += 1
-        return budget, preempted
+        return preempted
 
-    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> None:
+    def _admit_waiting(self, budget: "_StepBudget", chunks: list[ScheduledChunk]) -> None:
         """Admit waiting requests in policy order while budget and seats last.
 
         Prefix-aware: a request whose next uncached block is being computed right now by a running
@@ -141,7 +185,7 @@ class Scheduler:
             return
         in_flight = self._prefix_blocks_in_flight()
         for request in list(self.waiting):
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+            if budget.tokens <= 0 or len(self.running) >= self.config.max_num_seqs:
                 return
             if request.background and any(not r.background for r in self.waiting):
                 return   # background work never takes what a waiting foreground request will need
@@ -151,14 +195,16 @@ class Scheduler:
                 self.num_prefix_waits += 1
                 continue
             num_cached = hit.num_blocks * self.kv.block_size
-            num_new = min(request.num_tokens - num_cached, budget)
+            num_new = budget.grant(request, request.num_tokens - num_cached)
+            if num_new <= 0:
+                return   # background work, left out of this step (only background waits behind it)
             while not self.kv.allocate_slots(request, num_new, hit):
                 # Nothing running will free blocks: pinned prefixes give way rather than starve it.
                 if self.running or not self.kv.release_oldest_pin():
                     return
                 hit = self.kv.match(request)
                 num_cached = hit.num_blocks * self.kv.block_size
-                num_new = min(request.num_tokens - num_cached, budget)
+                num_new = budget.grant(request, request.num_tokens - num_cached)
             self.waiting.remove(request)
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens is None:
@@ -167,7 +213,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             chunks.append(self._chunk(request, num_new))
-            budget -= num_new
+            budget.spend(num_new)
             in_flight.update(self._uncomputed_prompt_blocks(request))
 
     def _prefix_blocks_in_flight(self) -> set[bytes]:

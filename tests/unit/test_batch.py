@@ -230,3 +230,20 @@ def test_a_new_runner_resumes_where_a_killed_one_was_and_reruns_no_finished_line
     asyncio.run(run_until(reopened, BatchRunner(reopened, second, concurrency=3), batch["id"], {"completed"}))
     assert not finished & set(second.calls)                        # finished lines never ran again
     assert sorted(finished | set(second.calls)) == list(range(12))  # every line answered
+
+
+# ---- the step-cost model ------------------------------------------------------------------------
+def test_the_step_cost_model_learns_a_line_and_bounds_a_step():
+    from kvserve.sched.cost import StepCostModel
+
+    model = StepCostModel()
+    assert model.tokens_within(1.0) is None                       # no opinion before it has seen steps
+    for _ in range(20):
+        model.observe(1, 0.022)                                   # all alike: the slope is unknown
+    assert model.line() is None
+    for tokens in [1, 8, 16, 32, 64] * 10:
+        model.observe(tokens, 0.020 + 0.001 * tokens)             # 20 ms + 1 ms per token
+    a, b = model.line()
+    assert abs(a - 0.020) < 0.002 and abs(b - 0.001) < 0.0001
+    assert model.tokens_within(2 * (a + b)) in (21, 22, 23)       # twice a one-token step: ~22 tokens
+    assert model.tokens_within(0.0) == 1
