@@ -57,7 +57,7 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
                        help="waiting-queue order: fcfs, or priority (lower `priority` values first)")
     group.add_argument("--background-step-factor", type=float, default=2.0, metavar="K",
                        help="while interactive requests are around, background work (batch jobs) is cut so that "
-                            "a step takes at most K one-token steps (learnt on this machine); 0: never cut")
+                            "a step takes at most K times the fastest recent step (default 2); 0: never cut")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -115,7 +115,7 @@ class SchedulerConfig:
     max_model_len: int | None = None
     policy: str = "fcfs"
     # While foreground requests are around (and this long after), background work (batch jobs) is
-    # cut so that a step takes at most this many times a one-token step; 0: never cut.
+    # cut so that a step takes at most this many times the fastest recent step; 0: never cut.
     background_step_factor: float = 2.0
     interactive_linger_s: float = 2.0
 

@@ -1,58 +1,58 @@
-"""What a step costs on this machine, learnt from the steps themselves: step seconds ≈ a + b × tokens.
+"""How much background work a step may carry while interactive requests are around.
 
-The engine core reports every step it runs (tokens scheduled, seconds taken); the fit is an
-exponentially weighted least-squares line over them, so it follows the machine, the model and the
-context lengths as they drift. The scheduler asks it how many tokens fit in a time budget; until it
-has seen enough varied steps it answers None (no opinion), and the caller keeps its default.
+A request that arrives waits for the step in flight to end before its prompt can run, so the
+length of the steps bounds how much background work (batch jobs) can slow its first token. The
+governor keeps steps that carry background work within `factor` times the fastest recent step
+without any (a foreground prefill, which background work sits out, or a foreground decode alone),
+whatever the machine, model or context:
 
-    seconds
-      │            ·  ·
-      │       · ·        a = the fixed cost of a step (weights read once, launch, Python)
-      │   ·  ·           b = the cost of one more token in it
-      │ ·
-      └──────────────── tokens
+    after a governed step with background work in it:   longer than the target → budget × 0.7
+                                                        within it              → budget + 1
+    target = factor × the shortest of the last `window` steps that carried no background work
 
-Pure Python (no torch).
+The budget counts background units: a decoding request is one, a prompt token of a prefill chunk
+a quarter (it shares the step's weight reads with the chunk's other tokens). Additive increase,
+multiplicative decrease: it settles just under the target and follows drift (longer contexts,
+another model), without a model of what a step costs. Pure Python (no torch).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 
-MIN_STEPS = 8             # steps seen before the fit is trusted
-MIN_SPREAD_TOKENS = 4.0   # ... and they must differ in size by this much (else b is unknown)
+PREFILL_TOKEN_UNITS = 0.25
+DECREASE = 0.7
 
 
-class StepCostModel:
-    def __init__(self, half_life_steps: float = 200.0):
-        self._decay = math.exp(math.log(0.5) / half_life_steps)
-        self._n = self._w = self._x = self._y = self._xx = self._xy = 0.0
+class BackgroundGovernor:
+    def __init__(self, factor: float, maximum: int, window: int = 64):
+        self.factor = factor
+        self.maximum = maximum
+        self.budget = float(maximum)          # background units a step may carry
+        self._floor: deque[float] = deque(maxlen=window)   # recent steps without background work
 
-    def observe(self, num_tokens: int, seconds: float) -> None:
-        d = self._decay
-        self._n += 1
-        self._w = d * self._w + 1.0
-        self._x = d * self._x + num_tokens
-        self._y = d * self._y + seconds
-        self._xx = d * self._xx + num_tokens * num_tokens
-        self._xy = d * self._xy + num_tokens * seconds
+    @staticmethod
+    def units(decode_rows: int, prefill_tokens: int) -> float:
+        return decode_rows + PREFILL_TOKEN_UNITS * prefill_tokens
 
-    def line(self) -> tuple[float, float] | None:
-        """(a, b) in seconds and seconds per token, or None while the fit is not trustworthy."""
-        if self._n < MIN_STEPS:
-            return None
-        mean_x, mean_y = self._x / self._w, self._y / self._w
-        var_x = self._xx / self._w - mean_x * mean_x
-        if var_x < MIN_SPREAD_TOKENS ** 2:
-            return None
-        b = max((self._xy / self._w - mean_x * mean_y) / var_x, 1e-9)
-        a = max(mean_y - b * mean_x, 0.0)
-        return a, b
+    @property
+    def target_s(self) -> float | None:
+        return self.factor * min(self._floor) if self._floor else None
 
-    def tokens_within(self, seconds: float) -> int | None:
-        """How many tokens a step may hold and still take at most `seconds` (at least 1)."""
-        fit = self.line()
-        if fit is None:
-            return None
-        a, b = fit
-        return max(1, int((seconds - a) / b))
+    def observe(self, seconds: float, background_units: float, governed: bool = True) -> None:
+        """One step ran, carrying `background_units` of background work; `governed`: the step was
+        planned under the budget (only those steps move it)."""
+        if background_units <= 0:
+            self._floor.append(seconds)
+            return
+        target = self.target_s
+        if not governed or target is None:
+            return
+        if seconds > target:
+            self.budget = max(1.0, self.budget * DECREASE)
+        else:
+            self.budget = min(float(self.maximum), self.budget + 1.0)
+
+    def allowance(self) -> float:
+        return math.floor(self.budget)

@@ -10,29 +10,31 @@ from kvserve.kv.manager import KVCacheManager, KVCacheStats
 from kvserve.outputs import TokenDelta
 from kvserve.request import Request, RequestStatus
 from kvserve.sampling import FinishReason, InvalidRequestError
-from kvserve.sched.cost import StepCostModel
+from kvserve.sched.cost import PREFILL_TOKEN_UNITS, BackgroundGovernor
 from kvserve.sched.plan import ModelOutput, ScheduledChunk, SchedulerOutput
 from kvserve.sched.policy import make_policy
 
 
 @dataclass
 class _StepBudget:
-    """The tokens one step may still take. Background requests may also take only what keeps the
-    step within `step_cap` tokens in all (None: no cap; 0: they sit the step out)."""
+    """The tokens one step may still take. Background requests may also take only `background`
+    units of work in all (BackgroundGovernor.units; None: no limit; 0: they sit the step out)."""
 
     tokens: int
-    step_cap: int | None
-    used: int = 0
+    background: float | None = None
 
     def grant(self, request: Request, wanted: int) -> int:
         num = min(wanted, self.tokens)
-        if request.background and self.step_cap is not None:
-            num = min(num, self.step_cap - self.used)
-        return num
+        if not request.background or self.background is None:
+            return num
+        if num == 1:
+            return 1 if self.background >= 1 else 0
+        return min(num, int(self.background / PREFILL_TOKEN_UNITS))
 
-    def spend(self, num_tokens: int) -> None:
+    def spend(self, request: Request, num_tokens: int) -> None:
         self.tokens -= num_tokens
-        self.used += num_tokens
+        if request.background and self.background is not None:
+            self.background -= BackgroundGovernor.units(*((1, 0) if num_tokens == 1 else (0, num_tokens)))
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ class Scheduler:
         self._finished_ids: set[str] = set()
         self._num_preemptions = 0
         self._num_computed_tokens = 0
-        self.cost = StepCostModel()
+        self.governor = BackgroundGovernor(config.background_step_factor, config.max_num_seqs)
+        self._governed = False                  # the step being planned carries governed background work
         self._foreground_seen = float("-inf")   # when foreground work was last seen (monotonic)
         self.num_prefix_waits = 0   # admissions deferred because the prefix was being computed
 
@@ -95,12 +98,14 @@ class Scheduler:
         ones (_make_room_for_foreground); while a foreground prompt is being prefilled they sit the
         step out, so that its first token comes as fast as on an idle engine; and while foreground
         requests are around, background work is cut so that a step takes at most
-        `background_step_factor` times a one-token step (the step-cost model learns what a step
-        costs here), which bounds how long a newly arriving request waits for the step in flight.
+        `background_step_factor` times the fastest recent step (BackgroundGovernor), which bounds
+        how long a newly arriving request waits for the step in flight.
         """
         self.kv.expire_pins()
         self._make_room_for_foreground()
-        budget = _StepBudget(self.config.max_num_batched_tokens, self._background_cap())
+        background = self._background_allowance()
+        self._governed = background is not None and background > 0
+        budget = _StepBudget(self.config.max_num_batched_tokens, background)
         chunks: list[ScheduledChunk] = []
         preempted = self._schedule_running(budget, chunks)
         if not preempted:
@@ -129,29 +134,31 @@ class Scheduler:
             seats -= 1
             free -= need
 
-    def _background_cap(self) -> int | None:
-        """Tokens a step may hold in all once background work joins it: 0 while a foreground prompt
-        is prefilled, the step-cost model's bound while foreground requests are around (and for
-        `interactive_linger_s` after), None (no cap) otherwise or until the model has learnt."""
+    def _background_allowance(self) -> float | None:
+        """Background work a step may carry: none while a foreground prompt is prefilled; the
+        governor's budget while foreground requests are around (and `interactive_linger_s` after);
+        no limit otherwise."""
         now = time.monotonic()
         prefilling = any(True for _ in self.waiting.foreground()) or any(
             not r.background and r.num_computed_tokens < r.num_prompt_tokens for r in self.running)
         if prefilling or any(not r.background for r in self.running):
             self._foreground_seen = now
         if prefilling:
-            return 0
+            return 0.0
         if now - self._foreground_seen > self.config.interactive_linger_s or not self.config.background_step_factor:
             return None
-        fit = self.cost.line()
-        if fit is None:
-            return None
-        a, b = fit
-        return self.cost.tokens_within(self.config.background_step_factor * (a + b))
+        return self.governor.allowance()
 
     def observe_step(self, plan: SchedulerOutput, seconds: float) -> None:
-        """The engine core reports what each step cost (the step-cost model learns from it)."""
-        if plan.chunks:
-            self.cost.observe(plan.num_batched_tokens, seconds)
+        """The engine core reports how long each step took (the background governor learns)."""
+        if not plan.chunks:
+            return
+        rows = prefill = 0
+        for chunk in plan.chunks:
+            request = self.requests.get(chunk.request_id)
+            if request is not None and request.background:
+                rows, prefill = (rows + 1, prefill) if chunk.num_tokens == 1 else (rows, prefill + chunk.num_tokens)
+        self.governor.observe(seconds, BackgroundGovernor.units(rows, prefill), self._governed)
 
     def _schedule_running(self, budget: "_StepBudget", chunks: list[ScheduledChunk]) -> bool:
         """Serve running requests in policy order; True if a request had to be preempted."""
@@ -170,7 +177,7 @@ class Scheduler:
                 if victim is request:
                     return preempted
             chunks.append(self._chunk(request, num_new))
-            budget.spend(num_new)
+            budget.spend(request, num_new)
             i += 1
         return preempted
 
@@ -213,7 +220,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             chunks.append(self._chunk(request, num_new))
-            budget.spend(num_new)
+            budget.spend(request, num_new)
             in_flight.update(self._uncomputed_prompt_blocks(request))
 
     def _prefix_blocks_in_flight(self) -> set[bytes]:

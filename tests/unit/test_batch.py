@@ -232,18 +232,20 @@ def test_a_new_runner_resumes_where_a_killed_one_was_and_reruns_no_finished_line
     assert sorted(finished | set(second.calls)) == list(range(12))  # every line answered
 
 
-# ---- the step-cost model ------------------------------------------------------------------------
-def test_the_step_cost_model_learns_a_line_and_bounds_a_step():
-    from kvserve.sched.cost import StepCostModel
+# ---- the background governor --------------------------------------------------------------------
+def test_the_governor_keeps_steps_with_background_work_near_the_target():
+    from kvserve.sched.cost import BackgroundGovernor
 
-    model = StepCostModel()
-    assert model.tokens_within(1.0) is None                       # no opinion before it has seen steps
-    for _ in range(20):
-        model.observe(1, 0.022)                                   # all alike: the slope is unknown
-    assert model.line() is None
-    for tokens in [1, 8, 16, 32, 64] * 10:
-        model.observe(tokens, 0.020 + 0.001 * tokens)             # 20 ms + 1 ms per token
-    a, b = model.line()
-    assert abs(a - 0.020) < 0.002 and abs(b - 0.001) < 0.0001
-    assert model.tokens_within(2 * (a + b)) in (21, 22, 23)       # twice a one-token step: ~22 tokens
-    assert model.tokens_within(0.0) == 1
+    governor = BackgroundGovernor(factor=2.0, maximum=64)
+    assert governor.allowance() == 64 and governor.target_s is None
+    governor.observe(0.020, 0)                                   # a foreground step alone: the floor
+    assert governor.target_s == 0.040
+    for step in range(200):                                      # a machine where a step costs 20 ms + 1 ms a unit,
+        units = governor.allowance() if step % 10 else 0         # and now and then a foreground step alone
+        governor.observe(0.020 + 0.001 * units, units)
+    assert 10 <= governor.allowance() <= 20                       # settles just under 20 units (a 40 ms step)
+    before = governor.allowance()
+    governor.observe(0.5, 0)                                      # steps without background work do not move it,
+    governor.observe(0.9, 10, governed=False)                     # nor steps planned without the budget
+    assert governor.allowance() == before and governor.target_s == 0.040
+    assert BackgroundGovernor.units(3, 8) == 5.0
