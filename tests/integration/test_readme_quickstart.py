@@ -28,13 +28,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     makefile = (README.parent / "Makefile").read_text()
     assert "$(VENV)/bin/kvserve serve\n" in makefile, "make serve must run plain `kvserve serve`"
     port = free_port()
     kvserve = Path(sys.executable).parent / "kvserve"
+    # The default --state-dir (batch jobs) lives under XDG_STATE_HOME: a fresh one per run.
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path_factory.mktemp("state"))}
     proc = subprocess.Popen([str(kvserve), "serve", "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     try:
@@ -69,9 +71,18 @@ def test_curl_streams(server):
 
 
 def test_openai_snippet_runs(server):
-    [snippet] = [b for b in code_blocks("python") if "from openai import OpenAI" in b]
+    [snippet] = [b for b in code_blocks("python") if "from openai import OpenAI" in b and "batches" not in b]
     out = subprocess.run([sys.executable, "-c", on_port(snippet, server)], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     assert re.search(r"\[\d+ tokens, \d+ cached\]", out.stdout)
+
+
+def test_batch_snippet_runs(server):
+    [snippet] = [b for b in code_blocks("python") if "client.batches.create" in b]
+    out = subprocess.run([sys.executable, "-c", on_port(snippet, server)], capture_output=True, text=True,
+                         timeout=180, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert out.returncode == 0, out.stderr
+    answers = out.stdout.strip().splitlines()
+    assert [a.split()[0] for a in answers] == ["doc-0", "doc-1"] and all(len(a.split()) > 2 for a in answers)
