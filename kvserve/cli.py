@@ -165,6 +165,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     models = parse_model_specs(args.model)
     base = engine_config_from_args(args)
     server = server_config_from_args(args)
+    if args.state_dir == str(DEFAULT_STATE_DIR):
+        try:
+            DEFAULT_STATE_DIR.mkdir(parents=True, exist_ok=True)
+        except OSError as error:   # a read-only home, say: serve without batch jobs rather than not at all
+            logging.getLogger("kvserve").warning("batch jobs are off: the default --state-dir %s cannot be "
+                                                 "created (%s)", DEFAULT_STATE_DIR, error)
+            server = dataclasses.replace(server, state_dir=None)
     if server.metrics_auth and not args.api_keys:
         raise ConfigError("--metrics-auth needs --api-keys (the admin key it asks for comes from there)")
     faults = parse_faults(args.inject_fault)

@@ -28,36 +28,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kvserve.batch import formats
-from kvserve.batch.requests import ENDPOINTS, BatchInputError, Limits, group_key, parse_jsonl
+from kvserve.batch.requests import ENDPOINTS, BatchInputError, Limits, parse_jsonl, validate_lines
 from kvserve.batch.runner import Execute, Retry
-from kvserve.batch.store import Line
-
-ANONYMOUS = "-"
+from kvserve.batch.store import ANONYMOUS, Line, write_atomically
 
 
 def read_lines(path: Path, limits: Limits) -> list[tuple[str, Line]]:
-    """(endpoint, line) per input line; BatchInputError names a bad one."""
-    objects = parse_jsonl(path.read_bytes(), limits)
-    seen: set[str] = set()
-    lines = []
-    for index, obj in enumerate(objects):
-        number = obj["_line"]
-        custom_id = obj.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            raise BatchInputError("custom_id must be a non-empty string", number, "custom_id")
-        if custom_id in seen:
-            raise BatchInputError(f"custom_id {custom_id!r} is used twice", number, "custom_id")
-        seen.add(custom_id)
-        if obj.get("method", "POST") != "POST":
-            raise BatchInputError(f"method must be POST, got {obj.get('method')!r}", number, "method")
-        if obj.get("url") not in ENDPOINTS:
-            raise BatchInputError(f"url must be one of {', '.join(ENDPOINTS)}, got {obj.get('url')!r}", number, "url")
-        body = obj.get("body")
-        if not isinstance(body, dict):
-            raise BatchInputError("body must be a JSON object", number, "body")
-        body = {**body, "model": None}   # one model is served here, whatever the line names
-        lines.append((obj["url"], Line(index, custom_id, body, group_key(body))))
-    return lines
+    """(endpoint, line) per input line; BatchInputError names a bad one. One model is served
+    here, whatever a line names."""
+    lines = validate_lines(parse_jsonl(path.read_bytes(), limits), ENDPOINTS, lambda model: True)
+    return [(url, Line(line.line_no, line.custom_id, {**line.body, "model": None}, line.group_key))
+            for url, line in lines]
 
 
 def answered(output: Path) -> dict[str, bytes]:
@@ -118,7 +99,7 @@ async def run(input_path: Path, output: Path, execute: Execute, concurrency: int
         await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
         os.fsync(out.fileno())
     bar.close()
-    _write_in_input_order(output, [done[line.custom_id] for _, line in lines])
+    write_atomically(output, [done[line.custom_id] for _, line in lines])   # in input order
     wall_s = time.monotonic() - started
     errors = sum(1 for record in done.values() if json.loads(record)["response"] is None
                  or json.loads(record)["response"]["status_code"] != 200)
@@ -132,13 +113,4 @@ async def run(input_path: Path, output: Path, execute: Execute, concurrency: int
 def _keep_complete_lines(output: Path, done: dict[str, bytes]) -> None:
     """Drop a torn last line (a run killed mid-write) before appending."""
     if output.exists() and output.stat().st_size != sum(len(r) for r in done.values()):
-        _write_in_input_order(output, list(done.values()))
-
-
-def _write_in_input_order(output: Path, records: list[bytes]) -> None:
-    partial = output.with_name(f".{output.name}.partial")
-    with open(partial, "wb") as out:
-        out.writelines(records)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(partial, output)
+        write_atomically(output, done.values())

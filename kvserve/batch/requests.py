@@ -79,8 +79,15 @@ def parse_jsonl(content: bytes, limits: Limits) -> list[dict]:
 
 
 def validate_openai(objects: list[dict], endpoint: str, known_model: Callable[[str | None], bool]) -> list[Line]:
+    """The lines of a batch on `endpoint` (every line's url must be it)."""
     if endpoint not in ENDPOINTS:
         raise BatchInputError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}", param="endpoint")
+    return [line for _, line in validate_lines(objects, (endpoint,), known_model)]
+
+
+def validate_lines(objects: list[dict], urls: tuple[str, ...],
+                   known_model: Callable[[str | None], bool]) -> list[tuple[str, Line]]:
+    """(url, line) for each line object, whose url must be one of `urls`."""
     seen: set[str] = set()
     lines = []
     for index, obj in enumerate(objects):
@@ -88,13 +95,14 @@ def validate_openai(objects: list[dict], endpoint: str, known_model: Callable[[s
         custom_id = _custom_id(obj.get("custom_id"), number, seen)
         if obj.get("method", "POST") != "POST":
             raise BatchInputError(f"method must be POST, got {obj.get('method')!r}", number, "method")
-        if obj.get("url") != endpoint:
-            raise BatchInputError(f"url must be the batch's endpoint {endpoint!r}, got {obj.get('url')!r}", number, "url")
+        if obj.get("url") not in urls:
+            expected = f"the batch's endpoint {urls[0]!r}" if len(urls) == 1 else f"one of {', '.join(urls)}"
+            raise BatchInputError(f"url must be {expected}, got {obj.get('url')!r}", number, "url")
         body = obj.get("body")
         if not isinstance(body, dict):
             raise BatchInputError("body must be a JSON object", number, "body")
         _check_model(body.get("model"), known_model, number)
-        lines.append(Line(index, custom_id, body, group_key(body)))
+        lines.append((obj["url"], Line(index, custom_id, body, group_key(body))))
     return lines
 
 

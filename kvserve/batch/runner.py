@@ -17,6 +17,7 @@ keeps this package free of the engine and of torch.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvserve.batch import formats
-from kvserve.batch.store import BatchStore, Line
+from kvserve.batch.store import BatchStore, Line, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class Retry(Exception):
 
 Execute = Callable[[dict, Line], Awaitable[Outcome]]
 RETRY_DELAY_S = 1.0
+ENDS_FROM = {"completed": ("finalizing",), "cancelled": ("cancelling",), "expired": ("in_progress",)}
+MAX_LINE_FAILURES = 3   # unexpected failures of one line (or of writing a batch's results) before it errs
 
 
 @dataclass
@@ -64,6 +67,8 @@ class BatchRunner:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self._failures: dict[tuple[str, int], int] = {}   # unexpected failures per line, in this process
+        self._finalize_failures: dict[str, int] = {}
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -86,11 +91,11 @@ class BatchRunner:
 
     async def _run(self) -> None:
         while not self._stopping:
+            self._wake.clear()   # before the tick: a wake() during it is kept for the wait below
             try:
                 await self._tick()
             except Exception:   # a bad batch must not stop the others; the store keeps the state
                 log.exception("the batch runner's tick failed; retrying")
-            self._wake.clear()
             try:
                 async with asyncio.timeout(TICK_S):
                     await self._wake.wait()
@@ -99,23 +104,26 @@ class BatchRunner:
 
     # ---- one look at the store --------------------------------------------------------------------
     async def _tick(self) -> None:
+        """Each active batch, oldest first, read afresh right before acting on it (a cancel may
+        land while the tick awaits another batch's end); every transition is conditional on the
+        status it leaves, so a concurrent cancel is never overwritten."""
         free = self.concurrency - self.num_running
-        for batch in self.store.active_batches():
+        for batch_id in [batch["id"] for batch in self.store.active_batches()]:
+            batch = self.store.get_batch(batch_id)
+            if batch["status"] == "validating" and self.store.set_status(batch_id, "in_progress", expect=("validating",)):
+                batch = self.store.get_batch(batch_id)
             status = batch["status"]
-            if status == "validating":
-                self.store.set_status(batch["id"], "in_progress")
-                status = "in_progress"
             if status == "cancelling":
                 await self._end(batch, "cancelled", "cancelled")
             elif status == "finalizing":
                 await self._finalize(batch, "completed")
-            elif time.time() >= batch["expires_at"]:
+            elif status == "in_progress" and time.time() >= batch["expires_at"]:
                 await self._end(batch, "expired", "expired")
-            else:
+            elif status == "in_progress":
                 free -= self._fill(batch, free)
-                if not self._in_flight.get(batch["id"]) and not self.store.counts(batch["id"])["pending"]:
-                    self.store.set_status(batch["id"], "finalizing")
-                    await self._finalize(batch, "completed")
+                if not self._in_flight.get(batch_id) and not self.store.counts(batch_id)["pending"]:
+                    if self.store.set_status(batch_id, "finalizing", expect=("in_progress",)):
+                        await self._finalize(self.store.get_batch(batch_id), "completed")
 
     def _fill(self, batch: dict, free: int) -> int:
         if free <= 0 or self._stopping:
@@ -139,9 +147,18 @@ class BatchRunner:
         except Retry as reason:
             log.info("batch %s line %d: %s; it stays pending", batch["id"], line.line_no, reason)
             await asyncio.sleep(RETRY_DELAY_S)
-        except Exception:
-            log.exception("batch %s line %d failed unexpectedly; it stays pending", batch["id"], line.line_no)
-            await asyncio.sleep(RETRY_DELAY_S)   # no hot loop on a line that keeps failing
+        except Exception as error:   # a bug the line triggers: a few tries, then its own error record
+            key = (batch["id"], line.line_no)
+            self._failures[key] = self._failures.get(key, 0) + 1
+            log.exception("batch %s line %d failed unexpectedly (try %d of %d)", batch["id"], line.line_no,
+                          self._failures[key], MAX_LINE_FAILURES)
+            if self._failures[key] >= MAX_LINE_FAILURES:
+                self.store.finish_line(batch["id"], line.line_no, "errored", 500, {"error": {
+                    "message": f"the server could not run this request ({type(error).__name__})",
+                    "type": "server_error", "param": None, "code": "internal_error"}})
+                self._failures.pop(key)
+            else:
+                await asyncio.sleep(RETRY_DELAY_S)   # no hot loop on a line that keeps failing
         finally:
             tasks = self._in_flight.get(batch["id"], {})
             tasks.pop(line.line_no, None)
@@ -160,26 +177,40 @@ class BatchRunner:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _finalize(self, batch: dict, status: str) -> None:
-        """Write the OpenAI result files (Anthropic reads results from the store), then the end status."""
+        """Write the OpenAI result files (Anthropic reads results from the store), then the end
+        status. A batch whose files cannot be written (a full disk, say) is retried a few times,
+        then ends `failed` with the reason."""
         fields: dict[str, Any] = {}
-        if batch["api"] == "openai":
-            fields = await asyncio.to_thread(self._write_result_files, batch)
-        self.store.set_status(batch["id"], status, **fields)
+        try:
+            if batch["api"] == "openai":
+                fields = await asyncio.to_thread(self._write_result_files, batch)
+        except Exception as error:
+            self._finalize_failures[batch["id"]] = self._finalize_failures.get(batch["id"], 0) + 1
+            log.exception("batch %s: writing its results failed (try %d of %d)", batch["id"],
+                          self._finalize_failures[batch["id"]], MAX_LINE_FAILURES)
+            if self._finalize_failures[batch["id"]] < MAX_LINE_FAILURES:
+                return
+            status, fields = "failed", {"errors": json.dumps({"object": "list", "data": [
+                {"code": "finalize_failed", "message": f"the results could not be written: {error}"}]})}
+        self.store.set_status(batch["id"], status, expect=ENDS_FROM.get(status), **fields)
         self._in_flight.pop(batch["id"], None)
+        self._finalize_failures.pop(batch["id"], None)
         log.info("batch %s %s: %s", batch["id"], status, self.store.counts(batch["id"]))
 
     def _write_result_files(self, batch: dict) -> dict:
-        output, errors = [], []
-        for line in self.store.lines(batch["id"]):
-            to_output, record = formats.openai_result_line(batch["id"], line)
-            (output if to_output else errors).append(record)
+        """The output file (the 200s) and the error file (the rest), each written in one pass over
+        the lines (never all of them in memory)."""
         fields = {}
-        for name, records, column in (("output", output, "output_file_id"), ("errors", errors, "error_file_id")):
-            if records:
-                file_id = f"file-{batch['id'].removeprefix('batch_')}-{name}"
-                size = self.store.write_file_from(self.store.file_path(file_id), records)
-                if self.store.get_file(file_id, batch["tenant"]) is None:   # a finalize again after a crash
-                    self.store.add_file_row(file_id, batch["tenant"], "batch_output", f"{batch['id']}_{name}.jsonl",
-                                            size)
-                fields[column] = file_id
+        for name, to_output, column in (("output", True, "output_file_id"), ("errors", False, "error_file_id")):
+            records = (record for is_output, record in
+                       (formats.openai_result_line(batch["id"], line) for line in self.store.lines(batch["id"]))
+                       if is_output is to_output)
+            file_id = f"file-{batch['id'].removeprefix('batch_')}-{name}"
+            size = write_atomically(self.store.file_path(file_id), records)
+            if not size:
+                self.store.file_path(file_id).unlink(missing_ok=True)
+                continue
+            if self.store.get_file(file_id, batch["tenant"]) is None:   # a finalize again after a crash
+                self.store.add_file_row(file_id, batch["tenant"], "batch_output", f"{batch['id']}_{name}.jsonl", size)
+            fields[column] = file_id
         return fields

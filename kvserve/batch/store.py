@@ -16,6 +16,7 @@ One connection, guarded by a lock, shared by the event loop and worker threads. 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -26,6 +27,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from kvserve.config import ConfigError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -47,6 +50,7 @@ CREATE TABLE IF NOT EXISTS lines (
 CREATE INDEX IF NOT EXISTS lines_pending ON lines (batch_id, state, group_key, line_no);
 """
 
+ANONYMOUS = "-"   # the tenant of files and batches made when no API keys are configured
 PENDING = "pending"
 LINE_STATES = (PENDING, "succeeded", "errored", "cancelled", "expired")
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")   # batches the runner still works on
@@ -70,11 +74,43 @@ def new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(12)
 
 
+def write_atomically(path: Path, chunks: Iterable[bytes]) -> int:
+    """A file's whole content from chunks, under a temporary name, fsync'ed, then renamed into
+    place: a reader sees all of it or none. Returns its size."""
+    partial = path.with_name(f".{path.name}.partial")
+    size = 0
+    with open(partial, "wb") as out:
+        for chunk in chunks:
+            out.write(chunk)
+            size += len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, path)
+    return size
+
+
+class StateDirBusy(ConfigError):
+    """Another process holds the state directory: two servers would run the same batches."""
+
+
 class BatchStore:
     def __init__(self, state_dir: str | Path):
+        """Holds the directory's lock file (flock: released if the process dies) for its life."""
         self.root = Path(state_dir)
         self.files_dir = self.root / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True)
+        self._owner = open(self.root / "lock", "a+")   # noqa: SIM115 (held until close)
+        try:
+            fcntl.flock(self._owner.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._owner.seek(0)
+            holder = self._owner.read().strip() or "another process"
+            self._owner.close()
+            raise StateDirBusy(f"the state directory {self.root} is in use by {holder}; give each server its own "
+                               "--state-dir") from None
+        self._owner.truncate(0)
+        self._owner.write(f"pid {os.getpid()}\n")
+        self._owner.flush()
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.root / "batch.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -86,16 +122,13 @@ class BatchStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._owner.close()   # releases the directory
 
     # ---- files ------------------------------------------------------------------------------------
     def create_file(self, tenant: str, purpose: str, filename: str, content: bytes, prefix: str = "file-") -> dict:
         file_id = new_id(prefix)
-        self._write_atomically(self.files_dir / file_id, content)
-        row = {"id": file_id, "tenant": tenant, "purpose": purpose, "filename": filename, "bytes": len(content),
-               "created_at": int(time.time())}
-        with self._lock:
-            self._db.execute("INSERT INTO files VALUES (:id, :tenant, :purpose, :filename, :bytes, :created_at)", row)
-        return row
+        write_atomically(self.files_dir / file_id, [content])
+        return self.add_file_row(file_id, tenant, purpose, filename, len(content))
 
     def get_file(self, file_id: str, tenant: str) -> dict | None:
         with self._lock:
@@ -156,7 +189,8 @@ class BatchStore:
         query, args = "SELECT * FROM batches WHERE tenant = ? AND api = ?", [tenant, api]
         if after:
             with self._lock:
-                anchor = self._db.execute("SELECT created_at, id FROM batches WHERE id = ?", (after,)).fetchone()
+                anchor = self._db.execute("SELECT created_at, id FROM batches WHERE id = ? AND tenant = ? AND api = ?",
+                                          (after, tenant, api)).fetchone()
             if anchor is not None:
                 query += " AND (created_at < ? OR (created_at = ? AND id < ?))"
                 args += [anchor["created_at"], anchor["created_at"], anchor["id"]]
@@ -171,14 +205,17 @@ class BatchStore:
                                     ACTIVE).fetchall()
         return [self._batch(r) for r in rows]
 
-    def set_status(self, batch_id: str, status: str, **fields: Any) -> None:
-        """The status, its `<status>_at` time, and any other columns given."""
+    def set_status(self, batch_id: str, status: str, expect: tuple[str, ...] | None = None, **fields: Any) -> bool:
+        """The status, its `<status>_at` time, and any other columns given; only from a status in
+        `expect` when given. True if the batch changed."""
         columns = {"status": status, f"{status}_at": int(time.time()), **fields}
-        if status in ("validating",):
-            columns.pop("validating_at")
         assignments = ", ".join(f"{name} = ?" for name in columns)
+        query, args = f"UPDATE batches SET {assignments} WHERE id = ?", [*columns.values(), batch_id]
+        if expect is not None:
+            query += f" AND status IN ({', '.join('?' * len(expect))})"
+            args += list(expect)
         with self._lock:
-            self._db.execute(f"UPDATE batches SET {assignments} WHERE id = ?", [*columns.values(), batch_id])
+            return bool(self._db.execute(query, args).rowcount)
 
     # ---- lines ------------------------------------------------------------------------------------
     def pending_lines(self, batch_id: str, skip: set[int], limit: int) -> list[Line]:
@@ -254,27 +291,6 @@ class BatchStore:
         return Line(row["line_no"], row["custom_id"], json.loads(row["body"]), row["group_key"], row["state"],
                     row["status_code"], json.loads(row["result"]) if row["result"] is not None else None,
                     row["output_tokens"])
-
-    def _write_atomically(self, path: Path, content: bytes) -> None:
-        partial = path.with_name(f".{path.name}.partial")
-        with open(partial, "wb") as out:
-            out.write(content)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, path)
-
-    def write_file_from(self, path: Path, chunks: Iterable[bytes]) -> int:
-        """Write a (large) file's content from chunks, atomically; returns its size."""
-        partial = path.with_name(f".{path.name}.partial")
-        size = 0
-        with open(partial, "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
-                size += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, path)
-        return size
 
     def add_file_row(self, file_id: str, tenant: str, purpose: str, filename: str, size: int) -> dict:
         row = {"id": file_id, "tenant": tenant, "purpose": purpose, "filename": filename, "bytes": size,

@@ -49,8 +49,10 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
 
 
 def kvserve_command(model_path: str, port: int, extra: str) -> list[str]:
+    """`kvserve serve` for a bench: batch jobs off (no state shared with the user's own server),
+    unless `extra` gives a --state-dir."""
     return [sys.executable, "-m", "kvserve.cli", "serve", "--model", f"bench={model_path}", "--port", str(port),
-            *extra.split()]
+            "--state-dir", "", *extra.split()]
 
 
 def llama_server_binary(cache: Path, install: bool) -> Path:

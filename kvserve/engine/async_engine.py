@@ -222,6 +222,11 @@ class AsyncEngine:
         with self._lock:   # from here on, add() and call() raise instead of queueing
             self._ended, self.error = ended, fatal
             listeners = list(self._fatal_listeners) if fatal is not None else []
+        for listener in listeners:   # first: the server says why before its clients hear of it
+            try:
+                listener(fatal)
+            except Exception:
+                log.exception("an on_fatal listener failed")
         self._fail_all(ended)
         while True:   # answer calls still queued, so no awaiting caller hangs
             try:
@@ -231,11 +236,6 @@ class AsyncEngine:
             if kind == "call":
                 _, future = arg
                 future.get_loop().call_soon_threadsafe(_settle, future, None, ended)
-        for listener in listeners:
-            try:
-                listener(fatal)
-            except Exception:
-                log.exception("an on_fatal listener failed")
 
     def _apply_commands(self, block: bool) -> None:
         try:

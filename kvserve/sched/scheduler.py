@@ -190,7 +190,7 @@ class Scheduler:
         side by side. Requests behind it are still considered."""
         if not self.waiting:
             return
-        in_flight = self._prefix_blocks_in_flight()
+        in_flight = self._prefix_blocks_in_flight({chunk.request_id for chunk in chunks})
         for request in list(self.waiting):
             if budget.tokens <= 0 or len(self.running) >= self.config.max_num_seqs:
                 return
@@ -223,9 +223,12 @@ class Scheduler:
             budget.spend(request, num_new)
             in_flight.update(self._uncomputed_prompt_blocks(request))
 
-    def _prefix_blocks_in_flight(self) -> set[bytes]:
-        """Hashes of the full prompt blocks running prefills have yet to compute."""
-        return {h for r in self.running for h in self._uncomputed_prompt_blocks(r)}
+    def _prefix_blocks_in_flight(self, scheduled: set[str]) -> set[bytes]:
+        """Hashes of the full prompt blocks running prefills have yet to compute. A background
+        prefill that sits this step out does not count: a foreground request must not wait for a
+        block that background work, held back while that foreground request waits, never computes."""
+        return {h for r in self.running if not r.background or r.request_id in scheduled
+                for h in self._uncomputed_prompt_blocks(r)}
 
     def _uncomputed_prompt_blocks(self, request: Request) -> list[bytes]:
         if not self.kv.prefix_caching or request.num_computed_tokens >= request.num_prompt_tokens:

@@ -41,6 +41,7 @@ from kvserve.server.websocket import register_websocket
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
+MAX_LARGE_BODIES = 2   # batch uploads received at once
 ModelLoader = Callable[[], dict[str, AsyncEngine]]
 
 
@@ -51,19 +52,43 @@ class BodyLimitMiddleware:
 
     The body is read here, whole, and replayed to the app as one message: an error raised from
     inside the app's receive() would reach FastAPI's body parser, which answers every read error
-    with 400. Later receive() calls (http.disconnect) go straight through."""
+    with 400. Later receive() calls (http.disconnect) go straight through.
 
-    def __init__(self, app, max_body_bytes: int, body_timeout_s: float, large_bodies: dict[str, int] | None = None):
-        """`large_bodies`: paths whose bodies may be larger (batch uploads), with their limits."""
+    Large bodies (batch uploads, up to --max-batch-file-bytes) are read only for a client that
+    `admit_large` lets in (a valid key, within its rate), and at most MAX_LARGE_BODIES at once
+    (429 past that), so that nobody can make the server hold many of them."""
+
+    def __init__(self, app, max_body_bytes: int, body_timeout_s: float, large_bodies: dict[str, int] | None = None,
+                 admit_large: Callable[[dict], None] | None = None):
+        """`large_bodies`: paths whose bodies may be larger, with their limits; `admit_large(scope)`
+        raises the APIError that refuses a client before its large body is read."""
         self.app = app
         self.default_max_body_bytes = max_body_bytes
         self.large_bodies = large_bodies or {}
+        self.admit_large = admit_large
         self.body_timeout_s = body_timeout_s
+        self._large_in_progress = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.large_bodies.get(scope["path"], self.default_max_body_bytes)
+        if scope["path"] not in self.large_bodies or scope["method"] != "POST":
+            return await self._read(scope, receive, send, self.default_max_body_bytes)
+        try:
+            if self.admit_large is not None:
+                self.admit_large(scope)
+            if self._large_in_progress >= MAX_LARGE_BODIES:
+                raise APIError(429, f"{MAX_LARGE_BODIES} large uploads are being received already; retry shortly",
+                               type="rate_limit_error", code="uploads_busy", headers={"Retry-After": "2"})
+        except APIError as error:
+            return await _send_error(send, error)
+        self._large_in_progress += 1
+        try:
+            return await self._read(scope, receive, send, self.large_bodies[scope["path"]])
+        finally:
+            self._large_in_progress -= 1
+
+    async def _read(self, scope, receive, send, limit: int):
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return await _send_error(send, self._too_large(limit))
@@ -160,7 +185,8 @@ def create_app(config: ServerConfig, load_models: ModelLoader, api_keys: ApiKeys
     install_openapi(app)
     batch_upload = config.max_batch_file_bytes + 65536   # the file and its multipart framing
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes, body_timeout_s=config.body_timeout_s,
-                       large_bodies={"/v1/files": batch_upload, "/v1/messages/batches": batch_upload})
+                       large_bodies={"/v1/files": batch_upload, "/v1/messages/batches": batch_upload},
+                       admit_large=lambda scope: authenticate_scope(app, scope))
     return app
 
 
@@ -184,6 +210,15 @@ def _fatal(app: FastAPI, reason: str, field: str) -> None:
     if getattr(app.state, field) is None:
         setattr(app.state, field, reason)
     app.state.on_fatal(reason)
+
+
+def authenticate_scope(app: FastAPI, scope: dict) -> Principal:
+    """Who sends this request, from its ASGI scope (before the app has a Request for it)."""
+    from starlette.datastructures import Headers
+
+    principal = authenticate(app.state, Headers(scope=scope))
+    scope.setdefault("state", {})["principal"] = principal   # charged once: the route reuses it
+    return principal
 
 
 def principal(request: Request) -> Principal:

@@ -24,6 +24,7 @@ pending and runs again after the restart.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -36,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kvserve.batch import formats
 from kvserve.batch.requests import BatchInputError, Limits, parse_jsonl, validate_anthropic, validate_openai
 from kvserve.batch.runner import Outcome, Retry
-from kvserve.batch.store import BatchStore, Line
+from kvserve.batch.store import ANONYMOUS, BatchStore, Line
 from kvserve.server.anthropic_api import AnthropicMessage, MessagesRequest
 from kvserve.server.anthropic_api import error_body as anthropic_error_body
 from kvserve.server.anthropic_api import to_chat_request
@@ -44,9 +45,11 @@ from kvserve.server.auth import authenticate
 from kvserve.server.http import serving_of
 from kvserve.server.openai_api import OpenAIServing
 from kvserve.server.openapi import request_body
-from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
+from kvserve.engine.async_engine import EngineDeadError
+from kvserve.sampling import InvalidRequestError
+from kvserve.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, as_api_error,
+                                     validation_error)
 
-ANONYMOUS = "-"   # the tenant of every file and batch when no keys are configured
 WINDOW = re.compile(r"^(\d+)([mh])$")
 MAX_WINDOW_S = 7 * 24 * 3600
 RETRYABLE = {"loading", "shutting_down", "engine_dead", "queue_full"}
@@ -89,7 +92,8 @@ class LineExecutor:
             if batch["api"] == "anthropic":
                 return await self._anthropic(serving, line.body, tenant)
             return await self._openai(serving, batch["endpoint"], line.body, tenant)
-        except APIError as error:
+        except (APIError, InvalidRequestError, EngineDeadError) as failure:   # answered as a direct request is
+            error = as_api_error(failure, "batch")
             if error.code in RETRYABLE or error.status == 429:
                 raise Retry(error.message) from None
             body = anthropic_error_body(error) if batch["api"] == "anthropic" else error.body()
@@ -150,11 +154,16 @@ def register_batch(app: FastAPI) -> None:
         if upload is None or isinstance(upload, str):
             raise APIError(400, "`file` must be an uploaded file", param="file")
         content = await upload.read()
+        limits, filename = _limits(request), upload.filename or "batch.jsonl"
+
+        def check_and_store() -> dict:   # off the event loop: a large file takes a while
+            parse_jsonl(content, limits)
+            return store.create_file(tenant, "batch", filename, content)
+
         try:
-            parse_jsonl(content, _limits(request))
+            return formats.file_object(await asyncio.to_thread(check_and_store))
         except BatchInputError as error:
             raise APIError(400, str(error), param=error.param, code="invalid_batch_file") from None
-        return formats.file_object(store.create_file(tenant, "batch", upload.filename or "batch.jsonl", content))
 
     @app.get("/v1/files")
     async def list_files(request: Request, purpose: str | None = None):
@@ -182,15 +191,20 @@ def register_batch(app: FastAPI) -> None:
         store, tenant = _store(request), _tenant(request)
         window_s = _window(body.completion_window)
         _file(request, body.input_file_id, param="input_file_id")
-        content = store.file_path(body.input_file_id).read_bytes()
+        limits, known_model = _limits(request), _known_model(request)
+
+        def check_and_store() -> dict:   # off the event loop: up to --max-batch-lines rows
+            content = store.file_path(body.input_file_id).read_bytes()
+            lines = validate_openai(parse_jsonl(content, limits), body.endpoint, known_model)
+            return store.create_batch(tenant=tenant, api="openai", endpoint=body.endpoint,
+                                      completion_window=body.completion_window, window_s=window_s, lines=lines,
+                                      input_file_id=body.input_file_id, metadata=body.metadata)
+
         try:
-            lines = validate_openai(parse_jsonl(content, _limits(request)), body.endpoint, _known_model(request))
+            batch = await asyncio.to_thread(check_and_store)
         except BatchInputError as error:
             raise APIError(400, str(error), param=error.param, code="invalid_batch_file") from None
-        batch = store.create_batch(tenant=tenant, api="openai", endpoint=body.endpoint,
-                                   completion_window=body.completion_window, window_s=window_s, lines=lines,
-                                   input_file_id=body.input_file_id, metadata=body.metadata)
-        _runner(request).wake()
+        _wake(request)
         return formats.openai_batch(batch, store.counts(batch["id"]))
 
     @app.get("/v1/batches")
@@ -221,13 +235,18 @@ def register_batch(app: FastAPI) -> None:
             except ValueError:
                 raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
             requests = data.get("requests") if isinstance(data, dict) else None
+            limits, known_model = _limits(request), _known_model(request)
+
+            def check_and_store() -> dict:
+                lines = validate_anthropic(requests, known_model, limits)
+                return store.create_batch(tenant=tenant, api="anthropic", endpoint="/v1/messages",
+                                          completion_window="24h", window_s=24 * 3600, lines=lines, prefix="msgbatch_")
+
             try:
-                lines = validate_anthropic(requests, _known_model(request), _limits(request))
+                batch = await asyncio.to_thread(check_and_store)
             except BatchInputError as error:
                 raise APIError(400, str(error), param=error.param) from None
-            batch = store.create_batch(tenant=tenant, api="anthropic", endpoint="/v1/messages",
-                                       completion_window="24h", window_s=24 * 3600, lines=lines, prefix="msgbatch_")
-            _runner(request).wake()
+            _wake(request)
             return _message_batch(request, batch)
         except APIError as error:
             return _anthropic_error(error)
@@ -279,12 +298,18 @@ def _store(request: Request) -> BatchStore:
     return store
 
 
-def _runner(request: Request):
-    return request.app.state.batch_runner
+def _wake(request: Request) -> None:
+    """Tell the runner there is work (it is None while the models load: it starts later anyway)."""
+    if request.app.state.batch_runner is not None:
+        request.app.state.batch_runner.wake()
 
 
 def _tenant(request: Request) -> str:
-    return authenticate(request.app.state, request.headers).tenant or ANONYMOUS
+    """The request's tenant, authenticated once per request (a rate limit charges each call; an
+    upload was authenticated before its body was read, app.BodyLimitMiddleware)."""
+    if not hasattr(request.state, "principal"):
+        request.state.principal = authenticate(request.app.state, request.headers)
+    return request.state.principal.tenant or ANONYMOUS
 
 
 def _file(request: Request, file_id: str, param: str = "file_id") -> dict:
@@ -305,10 +330,9 @@ def _batch(request: Request, batch_id: str, api: str) -> dict:
 def _cancel(request: Request, batch_id: str, api: str) -> dict:
     store = _store(request)
     batch = _batch(request, batch_id, api)
-    if batch["status"] in ("validating", "in_progress"):
-        store.set_status(batch_id, "cancelling")
-        _runner(request).wake()
-    elif batch["status"] not in ("cancelling", "cancelled"):
+    if store.set_status(batch_id, "cancelling", expect=("validating", "in_progress")):
+        _wake(request)
+    elif (batch := store.get_batch(batch_id))["status"] not in ("cancelling", "cancelled"):
         raise APIError(409, f"batch {batch_id} is {batch['status']}; only a running batch can be cancelled",
                        param="batch_id", code="batch_not_running")
     return store.get_batch(batch_id)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 import threading
 import time
@@ -182,6 +183,7 @@ class Server(uvicorn.Server):
 
     def __init__(self, config: ServeConfig, app, server: ServerConfig, reload_keys=None):
         super().__init__(config)
+        redact_keys_in_logs()
         self.app = app
         self.server_config = server
         self.reload_keys = reload_keys
@@ -239,6 +241,28 @@ class Server(uvicorn.Server):
             log.error("SIGHUP: the keys file was not reloaded (%s); the previous keys stay in force", error)
         else:
             log.warning("SIGHUP: API keys reloaded (%d keys)", len(self.app.state.api_keys))
+
+
+_KEY_IN_URL = re.compile(r"(api_key=)[^&\s\"']+")
+
+
+class _RedactKeys(logging.Filter):
+    """Hides `?api_key=` values (WebSocket clients in browsers put their key there) in uvicorn's
+    access and connection lines, which --verbose shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_KEY_IN_URL.sub(r"\1***", arg) if isinstance(arg, str) else arg for arg in record.args)
+        if isinstance(record.msg, str):
+            record.msg = _KEY_IN_URL.sub(r"\1***", record.msg)
+        return True
+
+
+def redact_keys_in_logs() -> None:
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RedactKeys) for f in logger.filters):
+            logger.addFilter(_RedactKeys())
 
 
 def in_flight(state) -> int:

@@ -87,7 +87,7 @@ class BatchStatsCollector(Collector):
         running = GaugeMetricFamily("kvserve:batch_lines_running", "Batch lines running as engine requests")
         finished = CounterMetricFamily("kvserve:batch_lines_finished", "Batch lines answered (since start)")
         tokens = CounterMetricFamily("kvserve:batch_output_tokens", "Output tokens of batch lines (since start)")
-        queued.add_metric([], runner.store.pending_total())
+        queued.add_metric([], max(0, runner.store.pending_total() - runner.num_running))
         running.add_metric([], runner.num_running)
         finished.add_metric([], runner.stats.lines_finished)
         tokens.add_metric([], runner.stats.output_tokens)

@@ -34,6 +34,7 @@ class ServedModel:
     engine: AsyncEngine
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0     # accepted choices not yet finished (admission control)
+    background_in_flight: int = 0   # ... of which background (batch) ones: not held against the queue cap
     live: set = field(default_factory=set)   # Generations not yet closed (the drain aborts them)
 
     @property
@@ -65,9 +66,11 @@ class Generation:
     """One accepted request: its choices' engine streams, consumed as OpenAI chunk dicts."""
 
     def __init__(self, kind: str, model: ServedModel, streams: list[RequestStream], prompt_lengths: list[int],
-                 include_usage: bool, logprobs: int | None, metrics: ServerMetrics, received: float):
+                 include_usage: bool, logprobs: int | None, metrics: ServerMetrics, received: float,
+                 background: bool = False):
         """`streams` holds n choices per prompt, prompt-major; `prompt_lengths` one entry per prompt."""
         self.kind = kind
+        self.background = background
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.model = model
@@ -128,6 +131,8 @@ class Generation:
                 self.metrics.finished.labels(self.model.name, "abort").inc()
             choice.stream.abort()
         self.model.in_flight -= len(self.choices)
+        if self.background:
+            self.model.background_in_flight -= len(self.choices)
         self.model.live.discard(self)
 
     def abort(self) -> None:
@@ -345,6 +350,7 @@ class OpenAIServing:
         if not background:
             self._admit(model, num_choices)
         model.in_flight += num_choices
+        model.background_in_flight += num_choices if background else 0
         try:
             param = "messages" if kind == "chat" else "prompt"
             token_lists, pins = [], []
@@ -369,9 +375,10 @@ class OpenAIServing:
                 raise
         except BaseException:
             model.in_flight -= num_choices
+            model.background_in_flight -= num_choices if background else 0
             raise
         return Generation(kind, model, streams, [len(ids) for ids in token_lists], body.include_usage,
-                          body.num_logprobs, self.metrics, received)
+                          body.num_logprobs, self.metrics, received, background)
 
     def _check_fields(self, body) -> None:
         if not 1 <= body.n <= self.config.max_n:
@@ -384,7 +391,7 @@ class OpenAIServing:
 
     def _admit(self, model: ServedModel, num_choices: int) -> None:
         limit = model.capacity + self.config.max_queued_requests
-        if model.in_flight + num_choices > limit:
+        if model.in_flight - model.background_in_flight + num_choices > limit:
             self.metrics.rejected.labels("queue_full").inc()
             raise APIError(429, f"the server is at capacity ({model.in_flight} requests in flight, limit {limit}); "
                            f"retry later", type="rate_limit_error", code="queue_full",

@@ -128,8 +128,7 @@ class Session:
 
     def __init__(self, websocket: WebSocket, principal: Principal = OPEN):
         self.websocket = websocket
-        self.principal = principal
-        self.tenant = principal.tenant
+        self.tenant = principal.tenant   # as of the handshake; each request frame authenticates again
         config = websocket.app.state.config
         self.max_frame_bytes = config.max_body_bytes
         self.max_requests = config.ws_max_requests
@@ -195,11 +194,7 @@ class Session:
         if request_id in self.tasks:
             raise FrameError(409, f"request id {request_id!r} is already in flight on this socket",
                              request_id=request_id, param="id", code="duplicate_id")
-        try:   # each request counts against the key's rate, as over HTTP
-            self.websocket.app.state.rate_limits.admit(self.principal)
-        except APIError as error:
-            raise FrameError(error.status, error.message, request_id=request_id, type=error.type,
-                             code=error.code) from None
+        tenant = self._authenticate(request_id)
         if len(self.tasks) >= self.max_requests:
             raise FrameError(429, f"{len(self.tasks)} requests are already in flight on this socket, the most "
                              f"allowed (--ws-max-requests); wait for one to finish", request_id=request_id,
@@ -218,7 +213,20 @@ class Session:
             invalid = validation_error(error.errors())
             raise FrameError(invalid.status, invalid.message, request_id=request_id, param=invalid.param,
                              code=invalid.code) from None
-        self.tasks[request_id] = asyncio.create_task(self._serve(request_id, endpoint, parsed))
+        self.tasks[request_id] = asyncio.create_task(self._serve(request_id, endpoint, parsed, tenant))
+
+    def _authenticate(self, request_id: str) -> str | None:
+        """Each request frame is authenticated again, as an HTTP request is: a key revoked by a
+        SIGHUP reload stops working on sockets already open, and each request counts against the
+        key's rate."""
+        state = self.websocket.app.state
+        if state.api_keys is None:
+            return self.tenant
+        try:
+            return authenticate(state, self.websocket.headers, self.websocket.query_params).tenant
+        except APIError as error:
+            raise FrameError(error.status, error.message, request_id=request_id, type=error.type,
+                             code=error.code) from None
 
     def _cancel(self, request_id: str) -> None:
         task = self.tasks.get(request_id)
@@ -233,13 +241,14 @@ class Session:
         # else: cancelling a task that never ran would skip its body; _serve sees the mark instead
 
     # ---- one request ------------------------------------------------------------------------
-    async def _serve(self, request_id: str, endpoint: str, body: ChatCompletionRequest | CompletionRequest) -> None:
+    async def _serve(self, request_id: str, endpoint: str, body: ChatCompletionRequest | CompletionRequest,
+                     tenant: str | None) -> None:
         """Runs in its own task, one per request in flight. The id is released before the last frame
         goes out, so a client may reuse it as soon as it reads `done`, `cancelled` or `error`.
         Cancelled by a cancel frame (→ `cancelled`) or by the socket closing (→ nobody left to tell)."""
         self.started.add(request_id)
         try:
-            last = await self._generate(request_id, endpoint, body)
+            last = await self._generate(request_id, endpoint, body, tenant)
         except asyncio.CancelledError:
             if request_id not in self.cancelled:
                 raise
@@ -251,8 +260,8 @@ class Session:
         if last is not None:
             await self._send_quietly(last)
 
-    async def _generate(self, request_id: str, endpoint: str,
-                        body: ChatCompletionRequest | CompletionRequest) -> dict | None:
+    async def _generate(self, request_id: str, endpoint: str, body: ChatCompletionRequest | CompletionRequest,
+                        tenant: str | None) -> dict | None:
         """Start the Generation and forward its deltas → the last frame (`done` or `error`), or None
         when the socket is gone. The Generation is closed (engine abort) before this returns or raises."""
         generation: Generation | None = None
@@ -261,7 +270,7 @@ class Session:
                 raise asyncio.CancelledError
             serving = self._serving()
             start = serving.chat if endpoint == "chat" else serving.completion
-            generation = await start(body, self.tenant)
+            generation = await start(body, tenant)
             async with contextlib.aclosing(generation.chunks()) as chunks:
                 async for chunk in chunks:
                     for choice in chunk["choices"]:

@@ -132,3 +132,20 @@ def test_while_foreground_requests_decode_background_work_is_cut_to_the_governor
     for plan in with_foreground[1:]:                                              # its decode: 1 + 5
         assert foreground in [c.request_id for c in plan] and len(plan) == 6, [c.request_id for c in plan]
     engine.check_integrity()
+
+
+def test_a_foreground_request_never_waits_for_a_prefix_that_held_back_background_work_is_computing():
+    """A background line and an interactive request share a long prompt prefix; the line is still
+    prefilling it, in small chunks, when the interactive request arrives. The interactive request
+    must compute the prefix itself (the line sits out its prefill), not wait for the line forever."""
+    engine = make_engine(max_num_seqs=8, max_num_batched_tokens=16)
+    shared = "Shared instructions for every request: answer briefly and politely. " * 3
+    engine.add(shared + "batch document", LONG, background=True)
+    engine.step()                                               # the line has begun its prefill
+    interactive = engine.add(shared + "interactive question", SHORT)
+    tokens = []
+    for _ in range(200):
+        tokens += [t for o in engine.step() if o.request_id == interactive for t in o.token_ids]
+        if interactive not in engine.scheduler.requests:
+            break
+    assert tokens == solo(shared + "interactive question", SHORT)

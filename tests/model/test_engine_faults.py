@@ -54,13 +54,26 @@ def run_tokens_without_fault(budget: int) -> list[list[int]]:
     return [tokens_of(o) for o in run_all(make_engine(max_num_batched_tokens=budget), PROMPTS, GREEDY)]
 
 
-def test_a_step_in_which_every_request_fails_alone_is_fatal():
+def test_steps_that_fail_for_every_request_over_different_prompts_are_fatal():
     engine = make_engine()
     engine.core.runner.execute = lambda plan: (_ for _ in ()).throw(RuntimeError("the device is gone"))
-    for prompt in PROMPTS[:2]:
+    for prompt in PROMPTS[:2]:                 # one at a time, as on a quiet server
         engine.add(prompt, GREEDY)
-    with pytest.raises(RuntimeError, match="every request of the step failed alone"):
+        [output] = engine.step()
+        assert output.finish_reason is FinishReason.ERROR
+    engine.add(PROMPTS[2], GREEDY)
+    with pytest.raises(RuntimeError, match="3 steps in a row failed for every request"):
         engine.step()
+
+
+def test_a_client_retrying_one_poisonous_prompt_does_not_kill_the_engine():
+    engine = make_engine()
+    poison_runner(engine)
+    for _ in range(5):
+        engine.add("retry " + chr(POISON), GREEDY)
+        [output] = engine.step()
+        assert output.finish_reason is FinishReason.ERROR
+    assert tokens_of(run_all(engine, PROMPTS[:1], GREEDY)[0]) == run_tokens_without_fault(512)[0]
 
 
 def test_a_failed_kv_copy_is_fatal_not_isolated():

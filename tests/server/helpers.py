@@ -155,7 +155,8 @@ def serve_process(*extra_args: str, timeout_s: float = 60.0) -> Iterator[tuple[s
     output (stdout and stderr together) is printed when the test fails."""
     port = free_port()
     command = [sys.executable, "-m", "kvserve.cli", "serve", "--model", f"{MODEL}=random:tiny",
-               "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "512", "--port", str(port), *extra_args]
+               "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "512", "--port", str(port),
+               "--state-dir", "", *extra_args]   # batch jobs off unless a test gives its own directory
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"

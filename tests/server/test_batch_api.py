@@ -208,3 +208,31 @@ def test_without_a_state_dir_batch_jobs_are_off():
     with single_torch_thread(), ServerThread(ServerConfig()) as server:
         response = httpx.get(f"{server.base_url}/v1/batches")
         assert response.status_code == 404 and "--state-dir" in response.json()["error"]["message"]
+
+
+def test_a_line_the_engine_refuses_is_its_own_error_record_and_rates_are_charged_once(tmp_path):
+    """Regressions: a line whose prompt ids are out of the vocabulary was retried forever; a batch
+    call authenticated (and charged the key's rate) twice; batch lines in flight counted against the
+    interactive queue cap, so interactive requests got 429s while a batch ran."""
+    config = ServerConfig(state_dir=str(tmp_path), max_queued_requests=0, batch_concurrency=6)
+    keys = ApiKeys({"sk-slow": Principal("slow", False, requests_per_minute=3)})
+    with single_torch_thread(), ServerThread(config, api_keys=keys, max_num_seqs=2, step_delay_s=0.01) as server:
+        client = openai_client(server, "sk-slow")
+        lines = [{"custom_id": "bad-ids", "url": "/v1/completions",
+                  "body": {"model": MODEL, "prompt": [10**9], "max_tokens": 3}}]
+        lines += [{"custom_id": f"long-{i}", "url": "/v1/completions",
+                   "body": {"model": MODEL, "prompt": f"line {i}", "max_tokens": 300, "ignore_eos": True}}
+                  for i in range(6)]
+        uploaded = client.files.create(file=("l.jsonl", jsonl(lines)), purpose="batch")          # 1st request
+        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",   # 2nd: not 3rd
+                                      completion_window="24h")
+        assert wait_until(lambda: server.app.state.models[MODEL].background_in_flight > 2, timeout_s=30)
+        interactive = httpx.post(f"{server.base_url}/v1/completions", headers={"Authorization": "Bearer sk-slow"},
+                                 json={"model": MODEL, "prompt": "now", "max_tokens": 2}, timeout=30)
+        assert interactive.status_code == 200, interactive.text                                # 3rd request
+        with pytest.raises(openai.RateLimitError):
+            client.batches.retrieve(batch.id)                                                   # 4th: over the rate
+        done = wait_for(lambda: server.app.state.batch_store.get_batch(batch.id), lambda b: b["status"] == "completed")
+        errors = [json.loads(x) for x in server.app.state.batch_store.file_path(done["error_file_id"]).read_text()
+                  .splitlines()]
+        assert [e["custom_id"] for e in errors] == ["bad-ids"] and errors[0]["response"]["status_code"] == 400

@@ -133,3 +133,38 @@ def test_no_key_and_no_prompt_text_reach_the_logs(tmp_path):
     assert "failed in the engine step" in output          # the engine error was logged ...
     for secret in (secret_key, other_key, prompt):
         assert secret not in output, f"{secret!r} reached the log:\n{output[-3000:]}"   # ... without them
+
+
+def test_a_key_revoked_by_a_reload_stops_working_on_an_open_websocket():
+    import asyncio
+
+    import websockets
+
+    keys = ApiKeys({"sk-old": Principal("t", False)})
+    with single_torch_thread(), ServerThread(api_keys=keys) as server:
+        url = server.base_url.replace("http", "ws") + "/v1/ws?api_key=sk-old"
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+        async def scenario():
+            async with websockets.connect(url) as socket:
+                await socket.send(json.dumps({"type": "request", "id": "a", "body": body}))
+                while json.loads(await socket.recv())["type"] != "done":
+                    pass
+                server.app.state.api_keys = ApiKeys({"sk-new": Principal("t", False)})   # as SIGHUP does
+                await socket.send(json.dumps({"type": "request", "id": "b", "body": body}))
+                return json.loads(await socket.recv())
+
+        refused = asyncio.run(scenario())
+        assert refused["type"] == "error" and refused["status"] == 401 and refused["id"] == "b"
+
+
+def test_keys_in_websocket_urls_are_hidden_in_verbose_logs():
+    import logging
+
+    from kvserve.server.lifecycle import redact_keys_in_logs
+
+    redact_keys_in_logs()
+    record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, '%s - "WebSocket %s" [accepted]',
+                               (("127.0.0.1", 5), "/v1/ws?api_key=sk-SECRET&x=1"), None)
+    assert all(f.filter(record) for f in logging.getLogger("uvicorn.error").filters)
+    assert "sk-SECRET" not in record.getMessage() and "api_key=***" in record.getMessage()

@@ -123,7 +123,8 @@ def test_files_are_written_whole_and_deleted_with_their_row(tmp_path):
     assert store.get_file(row["id"], "u") is None
     (store.files_dir / f".{row['id']}x.partial").write_bytes(b"torn")            # a write a crash cut short
     assert store.delete_file(row["id"], "t") and not store.file_path(row["id"]).exists()
-    BatchStore(tmp_path)
+    store.close()
+    BatchStore(tmp_path).close()
     assert not list(store.files_dir.glob(".*.partial"))
 
 
@@ -226,6 +227,7 @@ def test_a_new_runner_resumes_where_a_killed_one_was_and_reruns_no_finished_line
     asyncio.run(crash())
     finished = {line.line_no for line in store.lines(batch["id"]) if line.state == "succeeded"}
     second = FakeExecutor()
+    store.close()   # as the killed process's lock goes with it
     reopened = BatchStore(tmp_path)
     asyncio.run(run_until(reopened, BatchRunner(reopened, second, concurrency=3), batch["id"], {"completed"}))
     assert not finished & set(second.calls)                        # finished lines never ran again
@@ -249,3 +251,56 @@ def test_the_governor_keeps_steps_with_background_work_near_the_target():
     governor.observe(0.9, 10, governed=False)                     # nor steps planned without the budget
     assert governor.allowance() == before and governor.target_s == 0.040
     assert BackgroundGovernor.units(3, 8) == 5.0
+
+
+# ---- review findings: the runner never loops forever, transitions never overwrite a cancel -------------
+def test_a_line_that_keeps_failing_unexpectedly_ends_as_an_error_record(tmp_path, monkeypatch):
+    import kvserve.batch.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "RETRY_DELAY_S", 0.01)
+    store = BatchStore(tmp_path)
+    batch = make_batch(store, 3)
+
+    class Broken(FakeExecutor):
+        async def __call__(self, batch, line):
+            if line.line_no == 1:
+                self.calls.append(1)
+                raise KeyError("a bug this line triggers")
+            return await super().__call__(batch, line)
+
+    executor = Broken()
+    done = asyncio.run(run_until(store, BatchRunner(store, executor, concurrency=2), batch["id"], {"completed"}))
+    assert executor.calls.count(1) == runner_module.MAX_LINE_FAILURES
+    [bad] = [json.loads(x) for x in store.file_path(done["error_file_id"]).read_text().splitlines()]
+    assert bad["custom_id"] == "c1" and bad["response"]["status_code"] == 500
+
+
+def test_a_batch_whose_results_cannot_be_written_ends_failed(tmp_path, monkeypatch):
+    import kvserve.batch.runner as runner_module
+
+    def full_disk(path, chunks):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner_module, "write_atomically", full_disk)
+    store = BatchStore(tmp_path)
+    batch = make_batch(store, 2)
+    done = asyncio.run(run_until(store, BatchRunner(store, FakeExecutor(), concurrency=2), batch["id"], {"failed"}))
+    assert done["failed_at"] and "No space left" in json.dumps(done["errors"])
+
+
+def test_status_changes_are_conditional(tmp_path):
+    store = BatchStore(tmp_path)
+    batch = make_batch(store, 1)
+    assert store.set_status(batch["id"], "cancelling", expect=("validating", "in_progress"))
+    assert not store.set_status(batch["id"], "in_progress", expect=("validating",))   # a stale runner's step
+    assert store.get_batch(batch["id"])["status"] == "cancelling"
+
+
+def test_one_state_directory_one_server(tmp_path):
+    from kvserve.batch.store import StateDirBusy
+
+    first = BatchStore(tmp_path)
+    with pytest.raises(StateDirBusy, match="in use by pid"):
+        BatchStore(tmp_path)
+    first.close()
+    BatchStore(tmp_path).close()                                  # free again once its holder is gone
