@@ -258,7 +258,7 @@ class ScriptedSocket:
 
     def __init__(self, texts: list[str], expected_sends: int):
         self.app = SimpleNamespace(state=SimpleNamespace(config=ServerConfig(), serving=None, draining=False,
-                                                         engine_error=None, rate_limits=RateLimits()))
+                                                         engine_error=None, rate_limits=RateLimits(), api_keys=None))
         self.incoming = [{"type": "websocket.receive", "text": t} for t in texts]
         self.sent: list[dict] = []
         self.expected_sends = expected_sends
