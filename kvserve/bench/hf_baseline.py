@@ -24,14 +24,21 @@ def hf_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
                   tie_word_embeddings=c.tie_word_embeddings)
     if c.architecture == "qwen2":
         config = transformers.Qwen2Config(**common)
-        model = transformers.Qwen2ForCausalLM(config)
+        model_class = transformers.Qwen2ForCausalLM
     else:   # llama, mistral (no sliding window): the same computation
         config = transformers.LlamaConfig(head_dim=c.head_dim, attention_bias=c.attention_bias, **common)
-        model = transformers.LlamaForCausalLM(config)
-    missing, unexpected = model.load_state_dict(checkpoint.weights, strict=False)
+        model_class = transformers.LlamaForCausalLM
+    # Built without storage, then given the checkpoint's tensors (no random init of a billion
+    # parameters, no copy); the rotary tables, computed at construction, are built again for real.
+    with torch.device("meta"):
+        model = model_class(config)
+    missing, unexpected = model.load_state_dict(checkpoint.weights, strict=False, assign=True)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     if c.tie_word_embeddings:
-        model.tie_weights()
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not meta, f"left without storage: {meta[:5]}"
     return model.to(dtype).eval()
 
 

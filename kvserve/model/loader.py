@@ -40,6 +40,7 @@ import torch
 from gguf import GGUFReader
 
 from kvserve.config import ConfigError, ModelConfig
+from kvserve.model import gguf_dequant, registry
 
 
 class ModelLoadError(ValueError):
@@ -92,16 +93,34 @@ _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def resolve_model_path(model: str | None) -> Path:
-    """None -> the embedded default GGUF; a str -> an existing GGUF file or Hugging Face directory."""
+    """None -> the embedded default GGUF; a registered name (`kvserve.model.registry`) -> its verified
+    GGUF file, assembled from its part packages once; a str -> an existing GGUF file or Hugging Face
+    directory."""
     if model is None:
         return _default_model_path()
+    registered = registry.lookup(model)
+    if registered is not None:
+        return _registered_model_path(registered)
     path = Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(
             f"model path {model!r} does not exist; give a GGUF file, a Hugging Face model directory "
-            "(config.json + *.safetensors), or no model for the embedded default")
+            f"(config.json + *.safetensors), a registered model ({', '.join(registry.REGISTRY)}), "
+            "or no model for the embedded default")
     _model_format(path)  # raises on a file that is not GGUF or a directory without config.json
     return path
+
+
+def _registered_model_path(model: registry.RegisteredModel) -> Path:
+    from tqdm import tqdm
+
+    # Verifying takes about a second per GB; assembling, a few. The bar shows on a terminal only.
+    with tqdm(total=model.size, unit="B", unit_scale=True, desc=f"verifying {model.name}", disable=None,
+              leave=False) as bar:
+        try:
+            return registry.resolve(model, progress=bar.update)
+        except registry.ModelIntegrityError as error:
+            raise ModelLoadError(str(error)) from None
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -447,6 +466,12 @@ def _hf_name_for_gguf(gguf_name: str) -> str | None:
 def _dequantize(path: Path, tensor: gguf.ReaderTensor) -> torch.Tensor:
     """One GGUF tensor as fp32 in PyTorch layout ([out, in] for matrices)."""
     type_name = getattr(tensor.tensor_type, "name", str(tensor.tensor_type))
+    torch_shape = tuple(int(d) for d in reversed(tensor.shape))
+    if gguf_dequant.supported(type_name):    # the common block formats, in torch on every core
+        try:
+            return gguf_dequant.dequantize(tensor.data, type_name, torch_shape)
+        except ValueError as error:
+            raise ModelLoadError(f"GGUF file {path}: tensor {tensor.name!r}: {error}") from error
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as error:
@@ -454,7 +479,6 @@ def _dequantize(path: Path, tensor: gguf.ReaderTensor) -> torch.Tensor:
             f"GGUF file {path}: tensor {tensor.name!r} has quantization type {type_name}, "
             f"which cannot be dequantized ({error})") from error
     # ggml lists dimensions fastest-first ([in, out]); numpy/PyTorch list them slowest-first.
-    torch_shape = tuple(int(d) for d in reversed(tensor.shape))
     if values.shape != torch_shape:
         raise ModelLoadError(
             f"GGUF file {path}: tensor {tensor.name!r} ({type_name}) dequantized to shape {values.shape}, "
