@@ -143,7 +143,10 @@ def model_engine_config(base: EngineConfig, name: str, model: str | None, num_mo
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    models = parse_model_specs(getattr(args, "model", None))
     return ServerConfig(
+        routers=parse_routers(getattr(args, "router", []), models),
+        cost_weights=parse_cost_weights(getattr(args, "cost_weight", []), models),
         host=args.host, port=args.port, max_queued_requests=args.max_queued_requests,
         max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n,
         cache_min_tokens=args.cache_min_tokens, max_tokens_default=args.max_tokens_default,
@@ -153,6 +156,51 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         shutdown_timeout_s=args.shutdown_timeout, metrics_auth=args.metrics_auth,
         state_dir=args.state_dir or None, max_batch_file_bytes=args.max_batch_file_bytes,
         max_batch_lines=args.max_batch_lines, batch_concurrency=args.batch_concurrency)
+
+
+def parse_routers(specs: list[str], models: dict[str, str | None]) -> tuple:
+    """--router specs → RouterConfigs. A router over the registered Qwen2.5-Coder pair uses the
+    calibration shipped with kvserve unless it names its own."""
+    import dataclasses as dc
+
+    from kvserve.routing.predictor import Calibration
+    from kvserve.routing.router import RouterConfigError, parse_router_spec
+
+    routers = []
+    for spec in specs:
+        try:
+            config = parse_router_spec(spec, list(models))
+        except RouterConfigError as error:
+            raise ConfigError(str(error)) from None
+        if config.calibration is None:
+            shipped = SHIPPED_CALIBRATIONS.get(tuple(models[name] for name in config.models))
+            if shipped is not None and shipped.is_file():
+                config = dc.replace(config, calibration=str(shipped))
+        if config.calibration is not None:
+            Calibration.load(config.calibration)      # a bad file fails now, not at the first request
+        if config.name in [r.name for r in routers]:
+            raise ConfigError(f"--router: the name {config.name!r} is used twice")
+        routers.append(config)
+    return tuple(routers)
+
+
+SHIPPED_CALIBRATIONS = {("qwen-coder-0.5b", "qwen-coder-1.5b"):
+                        Path(__file__).parent / "routing" / "data" / "qwen-coder-pair.json"}
+
+
+def parse_cost_weights(specs: list[str], models: dict[str, str | None]) -> tuple[tuple[str, float], ...]:
+    weights = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not sep or name not in models or not weight >= 0:
+            raise ConfigError(f"--cost-weight {spec!r}: expected NAME=WEIGHT with a served model's name and a "
+                              f"weight >= 0; served: {', '.join(models)}")
+        weights[name] = weight
+    return tuple(weights.items())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -366,6 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--metrics-auth", action="store_true",
                        help="/metrics needs an admin API key (needs --api-keys)")
     group.add_argument("--inject-fault", action="append", default=[], help=argparse.SUPPRESS)
+    group = serve.add_argument_group("routers (virtual models over a small and a large model)")
+    group.add_argument("--router", action="append", default=[],
+                       metavar="NAME=SMALL,LARGE[,key=value...]",
+                       help="a router clients name as a model, repeatable; options: tolerance (0..1, default "
+                            "0.1), fallback, escalation (stream|before|off), predict (on|off), hold (tokens held "
+                            "back and scored, default 24), window (tokens per later check, default 32), "
+                            "calibration (a JSON file from `kvserve bench routing --calibrate`)")
+    group.add_argument("--cost-weight", action="append", default=[], metavar="NAME=WEIGHT",
+                       help="the cost of a token on a model, repeatable (default: its parameter count in billions)")
     group = serve.add_argument_group("batch jobs")
     group.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR), metavar="DIR",
                        help="where batch jobs live (SQLite + file contents); '' turns batch jobs off "
@@ -391,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
     add_engine_options(batch)
     batch.set_defaults(func=cmd_batch)
+
+    models = commands.add_parser("models", help="registered models: list them, or assemble and verify them from "
+                                                "their installed part packages")
+    models.add_argument("action", choices=("list", "assemble"))
+    models.add_argument("names", nargs="*", help="registered model names (default: all)")
+    models.set_defaults(func=cmd_models)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     from kvserve.bench.batch import add_batch_bench_options
@@ -427,12 +490,51 @@ def build_parser() -> argparse.ArgumentParser:
     add_soak_options(soak)
     soak.set_defaults(func=cmd_bench_soak)
 
+    routing = bench.add_parser("routing", help="the labelled set through small-only, large-only, routing before "
+                                               "generation and routing with escalation: accuracy, cost, TTFT")
+    from kvserve.bench.routing import add_routing_options
+
+    add_routing_options(routing)
+    routing.set_defaults(func=cmd_bench_routing)
+
     compare = bench.add_parser("compare", help="kvserve vs llama-server (or a second kvserve), same model and workload")
     from kvserve.bench.compare import add_compare_options
 
     add_compare_options(compare)
     compare.set_defaults(func=cmd_bench_compare)
     return parser
+
+
+def cmd_bench_routing(args: argparse.Namespace) -> int:
+    from kvserve.bench.routing import run_routing_bench
+
+    return run_routing_bench(args)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """`list`: each registered model and whether its verified file is in the models directory;
+    `assemble`: build (or re-verify) each one from its installed parts, with a progress bar."""
+    from tqdm import tqdm
+
+    from kvserve.model import registry
+
+    unknown = [name for name in args.names if name not in registry.REGISTRY]
+    if unknown:
+        raise ConfigError(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(registry.REGISTRY)}")
+    chosen = [registry.REGISTRY[name] for name in args.names or registry.REGISTRY]
+    for model in chosen:
+        path = registry.models_dir() / model.filename
+        if args.action == "list":
+            state = "assembled" if path.exists() else "not assembled"
+            print(f"{model.name:18} {model.size / 1e9:5.2f} GB  {model.title}, {model.license}; {state} ({path})")
+            continue
+        with tqdm(total=model.size, unit="B", unit_scale=True, desc=model.name) as bar:
+            try:
+                path = registry.resolve(model, progress=bar.update)
+            except registry.ModelIntegrityError as error:
+                raise ConfigError(str(error)) from None
+        print(f"{model.name}: {path} (SHA-256 verified)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -213,6 +213,9 @@ class ServerConfig:
     max_batch_file_bytes: int = 200 << 20  # an uploaded batch file (or a message batch body) at most this
     max_batch_lines: int = 50_000          # requests per batch
     batch_concurrency: int | None = None   # batch lines in flight at once; None: the engine's max_num_seqs
+    # Routers (kvserve/routing/): RouterConfigs, and cost weights by model name (default: parameters / 1e9)
+    routers: tuple = ()
+    cost_weights: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

@@ -210,7 +210,8 @@ def anthropic_usage(usage: dict[str, Any], output_tokens: int | None = None) -> 
     written = usage["cache_creation_input_tokens"]
     return {"input_tokens": max(0, usage["prompt_tokens"] - read - written),
             "cache_creation_input_tokens": written, "cache_read_input_tokens": read,
-            "output_tokens": usage["completion_tokens"] if output_tokens is None else output_tokens}
+            "output_tokens": usage["completion_tokens"] if output_tokens is None else output_tokens,
+            "cost": usage["cost"]}    # kvserve's weighted cost (README: cost accounting)
 
 
 def matched_stop(text: str, stop_sequences: Sequence[str]) -> str | None:
@@ -281,13 +282,19 @@ class AnthropicMessage:
                 yield event
         stop_reason, stop_sequence = self._stop()
         yield "content_block_stop", {"type": "content_block_stop", "index": 0}
-        yield "message_delta", {"type": "message_delta",
-                                "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                                "usage": anthropic_usage(self.generation.usage())}
+        delta = {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                 "usage": anthropic_usage(self.generation.usage())}
+        choice = self.generation.choices[0]
+        routing = self.generation.routing(choice)
+        if routing is not None:   # a router answered: which model, and the routing record
+            delta["model"] = self.generation.answering_model(choice)
+            delta["routing"] = routing
+        yield "message_delta", delta
         yield "message_stop", {"type": "message_stop"}
 
     def _opening(self) -> list[tuple[str, dict]]:
-        message = {"id": self.id, "type": "message", "role": "assistant", "model": self.generation.model.name,
+        model = self.generation.answering_model(self.generation.choices[0])
+        message = {"id": self.id, "type": "message", "role": "assistant", "model": model,
                    "content": [], "stop_reason": None, "stop_sequence": None,
                    "usage": anthropic_usage(self.generation.usage(), output_tokens=0)}
         return [("message_start", {"type": "message_start", "message": message}),
@@ -323,6 +330,9 @@ class AnthropicMessage:
             elif name == "message_delta":
                 message.update(data["delta"])
                 message["usage"] = data["usage"]
+                if "routing" in data:
+                    message["model"] = data["model"]
+                    message["routing"] = data["routing"]
         return message
 
 

@@ -32,6 +32,8 @@ from kvserve.server.bedrock import register_bedrock
 from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvserve.server.openapi import install as install_openapi
 from kvserve.server.openai_api import Generation, OpenAIServing, ServedModel
+from kvserve.routing.router import Router
+from kvserve.server.routers import RoutedModel
 from kvserve.server.http import ClientGone, serving, serving_of, unless_disconnected
 from kvserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, as_api_error, validation_error
 from kvserve.server.sse import StreamResponse, sse_stream
@@ -191,8 +193,16 @@ def create_app(config: ServerConfig, load_models: ModelLoader, api_keys: ApiKeys
 
 
 def _install(app: FastAPI, engines: dict[str, AsyncEngine]) -> None:
-    app.state.models = {name: ServedModel(name, engine) for name, engine in engines.items()}
-    app.state.serving = OpenAIServing(app.state.models, app.state.config, app.state.metrics)
+    weights = dict(app.state.config.cost_weights)
+    app.state.models = {name: ServedModel(name, engine, weight=weights.get(name)) for name, engine in engines.items()}
+    try:
+        routers = {config.name: RoutedModel(Router(config), app.state.models, app.state.metrics)
+                   for config in app.state.config.routers}
+    except ValueError as error:    # the pair does not share a tokenizer, say
+        log.error("%s", error)
+        _fatal(app, f"the routers could not be built: {error}", "load_error")
+        return
+    app.state.serving = OpenAIServing(app.state.models, app.state.config, app.state.metrics, routers)
     loop = asyncio.get_running_loop()
     for name, engine in engines.items():
         engine.on_fatal(lambda error, name=name: loop.call_soon_threadsafe(
@@ -202,7 +212,7 @@ def _install(app: FastAPI, engines: dict[str, AsyncEngine]) -> None:
         app.state.batch_runner = BatchRunner(app.state.batch_store, LineExecutor(lambda: serving_of(app.state)),
                                              app.state.config.batch_concurrency or capacity)
         app.state.batch_runner.start()
-    log.info("serving %s", ", ".join(engines))
+    log.info("serving %s", ", ".join([*engines, *(f"{name} (router)" for name in routers)]))
 
 
 def _fatal(app: FastAPI, reason: str, field: str) -> None:
@@ -243,6 +253,11 @@ def _install_routes(app: FastAPI) -> None:
     @app.get("/v1/models")
     async def models(request: Request, _: Principal = Depends(principal)):
         return serving(request).list_models()
+
+    @app.get("/v1/routers")
+    async def routers(request: Request, _: Principal = Depends(principal)):
+        """The routers (virtual models) and their settings: models, tolerance, fallback, escalation."""
+        return serving(request).list_routers()
 
     @app.get("/metrics")
     async def metrics(request: Request):

@@ -353,11 +353,28 @@ class _Reply:
     def metrics(self) -> dict:
         return {"latencyMs": int((time.monotonic() - self.started) * 1000)}
 
+    def trace(self) -> dict | None:
+        """A router's answer: the model that answered, as Bedrock's prompt routers report it."""
+        choice = self.generation.choices[0]
+        if choice.routed is None:
+            return None
+        return {"promptRouter": {"invokedModelId": self.generation.answering_model(choice)}}
+
+    def _with_routing(self, reply: dict) -> dict:
+        trace = self.trace()
+        if trace is not None:
+            reply["trace"] = trace
+            reply["additionalModelResponseFields"] = {
+                "routing": self.generation.routing(self.generation.choices[0]),
+                "cost": self.generation.cost()}
+        return reply
+
     async def response(self) -> dict:
         result = await self.generation.result()
         text = result["choices"][0]["message"]["content"]
-        return {"output": {"message": {"role": "assistant", "content": [{"text": text}]}},
-                "stopReason": self.stop_reason, "usage": self.usage(), "metrics": self.metrics()}
+        return self._with_routing({"output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+                                   "stopReason": self.stop_reason, "usage": self.usage(),
+                                   "metrics": self.metrics()})
 
     async def events(self) -> AsyncIterator[bytes]:
         """The ConverseStream events; an error midway ends the stream with an exception message."""
@@ -372,7 +389,10 @@ class _Reply:
                                                     {"delta": {"text": text}, "contentBlockIndex": 0})
             yield eventstream.event("contentBlockStop", {"contentBlockIndex": 0})
             yield eventstream.event("messageStop", {"stopReason": self.stop_reason})
-            yield eventstream.event("metadata", {"usage": self.usage(), "metrics": self.metrics()})
+            metadata = {"usage": self.usage(), "metrics": self.metrics()}
+            if self.trace() is not None:
+                metadata["trace"] = self.trace()
+            yield eventstream.event("metadata", metadata)
         except Exception as error:   # the engine failed midway: tell the client in-band
             yield stream_exception(_as_api_error(error))
         finally:   # also on disconnect: StreamingResponse cancels this generator

@@ -123,6 +123,15 @@ class ServerMetrics:
                                 ["reason"], registry=r)
         self.server_aborts = Counter("kvserve:server_aborts", "Requests the server aborted while they ran, by "
                                      "reason (stream_idle_timeout, websocket_stalled, shutdown)", ["reason"], registry=r)
+        # Routers and cost (kvserve/routing/): model_name is the router (or model) the client named.
+        self.routing_seconds = Histogram(
+            "kvserve:routing_overhead_seconds", "Time routing adds to a routed answer: kind=decision is the "
+            "computation, kind=holdback the wait from the small model's first token to its release or escalation",
+            labels + ["kind"], buckets=(0.0001, 0.001) + LATENCY_BUCKETS, registry=r)
+        self.routing_decisions = Counter("kvserve:routing_decisions", "Routed answers by the model that finished "
+                                         "them and why", labels + ["answered_by", "reason"], registry=r)
+        self.weighted_cost = Counter("kvserve:weighted_cost", "Weighted cost of answers: the sum over the models "
+                                     "that ran of cost weight x (prompt + generated tokens)", labels, registry=r)
         r.register(EngineStatsCollector(engine_stats))
 
     def add_batch_source(self, runner: Callable[[], object]) -> None:

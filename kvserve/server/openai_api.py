@@ -36,6 +36,7 @@ class ServedModel:
     in_flight: int = 0     # accepted choices not yet finished (admission control)
     background_in_flight: int = 0   # ... of which background (batch) ones: not held against the queue cap
     live: set = field(default_factory=set)   # Generations not yet closed (the drain aborts them)
+    weight: float | None = None              # cost weight (None: from the parameter count)
 
     @property
     def tokenizer(self):
@@ -49,6 +50,30 @@ class ServedModel:
     def capacity(self) -> int:
         return self.engine.engine.config.scheduler.max_num_seqs
 
+    @property
+    def cost_weight(self) -> float:
+        """Cost of a token on this model: --cost-weight, else its parameter count in billions."""
+        if self.weight is None:
+            self.weight = parameter_count(self.engine.engine.config.model, self.engine.engine.model_config) / 1e9
+        return self.weight
+
+
+def parameter_count(source: str | None, config) -> int:
+    """A registered model's published parameter count, else the count of its weights."""
+    from kvserve.model import registry
+    from kvserve.model.loader import expected_shapes
+
+    registered = registry.lookup(source) if source else None
+    if registered is not None:
+        return registered.parameters
+    total = 0
+    for shape in expected_shapes(config).values():
+        count = 1
+        for dim in shape:
+            count *= dim
+        total += count
+    return total
+
 
 @dataclass
 class _Choice:
@@ -60,6 +85,7 @@ class _Choice:
     cache_write_tokens: int = 0
     cache_writes_by_ttl: tuple[tuple[float, int], ...] = ()
     finish_reason: str | None = None
+    routed: object = None      # the RoutedStream of a routed choice (stream may wrap it)
 
 
 class Generation:
@@ -75,8 +101,10 @@ class Generation:
         self.created = int(time.time())
         self.model = model
         n = len(streams) // len(prompt_lengths)
-        self.choices = [_Choice(i, i // n, s) for i, s in enumerate(streams)]
+        self.choices = [_Choice(i, i // n, s, routed=s if hasattr(s, "decision") else None)
+                        for i, s in enumerate(streams)]
         self.prompt_tokens = sum(prompt_lengths)
+        self.prompt_lengths = list(prompt_lengths)
         self.include_usage = include_usage
         self.logprobs = logprobs
         self.metrics = metrics
@@ -126,6 +154,11 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        self.metrics.weighted_cost.labels(self.model.name).inc(self.cost()["weighted"])
+        for choice in self.choices:
+            if choice.routed is not None and choice.finish_reason is not None:
+                self.metrics.routing_decisions.labels(self.model.name, self.answering_model(choice),
+                                                      choice.routed.decision.reason).inc()
         for choice in self.choices:
             if choice.finish_reason is None:   # cut short (client gone, engine failed): nobody reads its last delta
                 self.metrics.finished.labels(self.model.name, "abort").inc()
@@ -175,7 +208,38 @@ class Generation:
         if not output.text and not output.finished and logprobs is None:
             return None
         delta = {"content": output.text} if self.kind == "chat" else output.text
-        return self._chunk(choice.index, delta, finish, logprobs)
+        chunk = self._chunk(choice.index, delta, finish, logprobs, self.answering_model(choice))
+        routing = self.routing(choice) if output.finished else None
+        if routing is not None:
+            chunk["routing"] = routing
+        return chunk
+
+    # ---- routing and cost -------------------------------------------------------------------
+    def answering_model(self, choice: _Choice) -> str:
+        """The model that wrote the choice's latest text: a router's choice, or the model named."""
+        return choice.routed.answering_model if choice.routed is not None else self.model.name
+
+    def routing(self, choice: _Choice) -> dict | None:
+        """The routing record of a routed choice (None for a model named directly)."""
+        return choice.routed.decision.to_json() if choice.routed is not None else None
+
+    def cost(self) -> dict:
+        """Weighted cost: cost weight x (prompt + generated tokens) of every model run, prompt
+        tokens once per prompt; a routed answer counts the tokens of every model that ran for
+        it, the ones thrown away by an escalation included."""
+        by_model: dict[str, float] = {}
+        seen: set[int] = set()
+        for c in self.choices:
+            if c.routed is not None:
+                members = self.model.members
+                for run in c.routed.runs:
+                    tokens = run["prompt_tokens"] + run["output_tokens"]
+                    by_model[run["model"]] = by_model.get(run["model"], 0.0) + members[run["model"]].cost_weight * tokens
+                continue
+            tokens = c.num_tokens + (self.prompt_lengths[c.prompt_index] if c.prompt_index not in seen else 0)
+            seen.add(c.prompt_index)
+            by_model[self.model.name] = by_model.get(self.model.name, 0.0) + self.model.cost_weight * tokens
+        return {"weighted": round(sum(by_model.values()), 3), "by_model": {k: round(v, 3) for k, v in by_model.items()}}
 
     def _observe_finished(self, output: RequestOutput, finish: str) -> None:
         name = self.model.name
@@ -188,7 +252,7 @@ class Generation:
         if output.stats.queue_time_s is not None:
             self.metrics.queue_time.labels(name).observe(output.stats.queue_time_s)
 
-    def _chunk(self, index: int, delta, finish: str | None, logprobs) -> dict:
+    def _chunk(self, index: int, delta, finish: str | None, logprobs, model: str | None = None) -> dict:
         choice = {"index": index, "logprobs": logprobs, "finish_reason": finish}
         if self.kind == "chat":
             choice["delta"] = delta
@@ -196,7 +260,8 @@ class Generation:
         else:
             choice["text"] = delta
             obj = "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model.name, "choices": [choice]}
+        return {"id": self.id, "object": obj, "created": self.created, "model": model or self.model.name,
+                "choices": [choice]}
 
     def usage(self) -> dict:
         """Prompt tokens count once per prompt (not per choice); so do cached ones (first choice's)."""
@@ -215,12 +280,13 @@ class Generation:
                 "cache_read_input_tokens": cached, "cache_creation_input_tokens": written,
                 # Anthropic's breakdown of the written tokens by checkpoint TTL
                 "cache_creation": {"ephemeral_5m_input_tokens": by_ttl[300.0],
-                                   "ephemeral_1h_input_tokens": by_ttl[3600.0]}}
+                                   "ephemeral_1h_input_tokens": by_ttl[3600.0]},
+                "cost": self.cost()}
 
     def _usage_chunk(self) -> dict:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model.name,
-                "choices": [], "usage": self.usage()}
+        return {"id": self.id, "object": obj, "created": self.created,
+                "model": self.answering_model(self.choices[0]), "choices": [], "usage": self.usage()}
 
     def _logprobs(self, entries: tuple[TokenLogprob, ...]) -> dict:
         decode = self.model.tokenizer.decode
@@ -252,8 +318,15 @@ class Generation:
                 choices.append({"index": choice.index, "text": text, "logprobs": logprobs,
                                 "finish_reason": choice.finish_reason})
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model.name,
-                "choices": choices, "usage": self.usage()}
+        response = {"id": self.id, "object": obj, "created": self.created,
+                    "model": self.answering_model(self.choices[0]), "choices": choices, "usage": self.usage()}
+        routing = [self.routing(choice) for choice in self.choices]
+        if routing[0] is not None:
+            response["routing"] = routing[0]
+            if len(routing) > 1:
+                for entry, record in zip(choices, routing):
+                    entry["routing"] = record
+        return response
 
 
 def _join_logprobs(parts: list[dict], kind: str) -> dict | None:
@@ -295,23 +368,34 @@ def cache_namespace(tenant: str | None, cache_salt: str | None) -> str | None:
 class OpenAIServing:
     """Turns validated bodies into Generations, enforcing every server limit."""
 
-    def __init__(self, models: dict[str, ServedModel], config: ServerConfig, metrics: ServerMetrics):
+    def __init__(self, models: dict[str, ServedModel], config: ServerConfig, metrics: ServerMetrics,
+                 routers: dict | None = None):
+        """`routers`: name → RoutedModel (server/routers.py), virtual models clients name like models."""
         self.models = models
         self.config = config
         self.metrics = metrics
+        self.routers = routers or {}
 
     def model(self, name: str | None) -> ServedModel:
         if name is None:
             return next(iter(self.models.values()))
+        if name in self.routers:
+            return self.routers[name]
         if name not in self.models:
-            raise APIError(404, f"model {name!r} does not exist; available: {', '.join(self.models)}",
+            known = ", ".join([*self.models, *self.routers])
+            raise APIError(404, f"model {name!r} does not exist; available: {known}",
                            type="not_found_error", param="model", code="model_not_found")
         return self.models[name]
 
     def list_models(self) -> dict:
-        return {"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": m.created, "owned_by": "kvserve",
-             "max_model_len": m.max_model_len} for m in self.models.values()]}
+        entries = [{"id": m.name, "object": "model", "created": m.created, "owned_by": "kvserve",
+                    "max_model_len": m.max_model_len} for m in self.models.values()]
+        entries += [{"id": r.name, "object": "model", "created": r.created, "owned_by": "kvserve-router",
+                     "max_model_len": r.max_model_len, "router": r.describe()} for r in self.routers.values()]
+        return {"object": "list", "data": entries}
+
+    def list_routers(self) -> dict:
+        return {"object": "list", "data": [r.describe() for r in self.routers.values()]}
 
     async def chat(self, body: ChatCompletionRequest, tenant: str | None = None,
                    background: bool = False) -> Generation:

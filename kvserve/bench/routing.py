@@ -1,0 +1,339 @@
+"""`kvserve bench routing`: the labelled set (bench/data/routing_eval.jsonl) through four ways of
+answering, on one server holding the small and the large model:
+
+    small      every item answered by the small model (through a router that never escalates,
+               so its routing record carries the prompt signals)
+    large      every item answered by the large model
+    predict    routing before generation only (router option escalation=off)
+    cascade    routing before generation, escalation after the held-back prefix, hand-off while
+               streaming (the default router)
+
+Each item is a streamed, greedy chat completion through the OpenAI API. Reported per mode:
+accuracy (each answer graded: code by running its tests in a sandboxed subprocess, arithmetic by
+exact number, facts by accepted answers), weighted cost (usage.cost, the sum over models that ran
+of cost weight x tokens), TTFT p50/p95 and the share of answers each model finished; and the
+ratios the routing goal is stated in: cascade accuracy / large accuracy and cascade cost / large
+cost.
+
+`--calibrate FILE` first fits the router's estimates (routing/predictor.py) on the small and
+large runs, writes them to FILE, and then runs predict and cascade on a server that uses FILE.
+It also reports a 2-fold cross-validated estimate (fitted on one half, replayed on the other from
+the recorded answers), since the in-sample figures are fitted on the very items they score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from kvserve.bench.routing_eval import EvalItem, grade_many, load_items
+from kvserve.bench.serve import percentile
+from kvserve.bench.server_process import free_port, running
+from kvserve.routing.predictor import ANSWER_SIGNALS, PROMPT_SIGNALS, Calibration, Logistic, answer_scores
+
+MAX_TOKENS = {"code": 384, "arithmetic": 64, "fact": 48}
+MODES = ("small", "large", "predict", "cascade")
+
+
+def add_routing_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--small", default="qwen-coder-0.5b", help="the small model (default qwen-coder-0.5b)")
+    parser.add_argument("--large", default="qwen-coder-1.5b", help="the large model (default qwen-coder-1.5b)")
+    parser.add_argument("--kvserve-args", default="--quantization int4",
+                        help="extra options of the started server (default: --quantization int4)")
+    parser.add_argument("--tolerance", type=float, default=None, help="the routers' tolerance (default: the "
+                                                                       "router's default)")
+    parser.add_argument("--calibration", default=None, help="a calibration file for the routers (default: the one "
+                                                            "shipped for the pair, if any)")
+    parser.add_argument("--calibrate", default=None, metavar="FILE",
+                        help="fit the routers' estimates on this run's small and large answers, write them to "
+                             "FILE, and run predict and cascade with them")
+    parser.add_argument("--hold", type=int, default=None, help="tokens held back and scored (router option hold)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N items of a seeded shuffle")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
+    parser.add_argument("--out", default=None, help="write every answer (JSONL) here")
+    parser.add_argument("--plot", default=None, help="accuracy vs cost of each mode, as a PNG")
+    parser.add_argument("--json-only", action="store_true")
+
+
+@dataclass
+class Answer:
+    item: EvalItem
+    mode: str
+    text: str = ""
+    ttft_s: float | None = None
+    model: str | None = None              # the model that finished the answer
+    cost: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    routing: dict | None = None
+    logprobs: list[float] = field(default_factory=list)
+    first_top: list[float] = field(default_factory=list)
+    error: str | None = None
+    correct: bool = False
+
+
+async def ask(http, url: str, model: str, item: EvalItem, mode: str, want_logprobs: bool) -> Answer:
+    body = {"model": model, "messages": [{"role": "user", "content": item.prompt}], "temperature": 0,
+            "max_tokens": MAX_TOKENS[item.kind], "stream": True, "stream_options": {"include_usage": True}}
+    if want_logprobs:
+        body.update(logprobs=True, top_logprobs=5)
+    answer = Answer(item, mode)
+    start = time.monotonic()
+    parts: list[str] = []
+    try:
+        async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                answer.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return answer
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                    answer.cost = usage["cost"]["weighted"]
+                    answer.prompt_tokens, answer.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+                for choice in chunk.get("choices", ()):
+                    text = choice.get("delta", {}).get("content")
+                    if text:
+                        if answer.ttft_s is None:
+                            answer.ttft_s = time.monotonic() - start
+                        parts.append(text)
+                    for entry in (choice.get("logprobs") or {}).get("content") or ():
+                        if not answer.logprobs:
+                            answer.first_top = [t["logprob"] for t in entry["top_logprobs"]]
+                        answer.logprobs.append(entry["logprob"])
+                    if choice.get("finish_reason") is not None:
+                        answer.model = chunk["model"]
+                        answer.routing = chunk.get("routing")
+    except Exception as error:   # noqa: BLE001 - one failed item is reported, the run goes on
+        answer.error = f"{type(error).__name__}: {error}"
+    answer.text = "".join(parts)
+    return answer
+
+
+async def run_mode(url: str, model: str, mode: str, items: list[EvalItem], concurrency: int,
+                   want_logprobs: bool, quiet: bool) -> list[Answer]:
+    import httpx
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for index, item in enumerate(items):
+        queue.put_nowait((index, item))
+    answers: list[Answer | None] = [None] * len(items)
+    bar = tqdm(total=len(items), desc=mode, unit="item", disable=quiet, file=sys.stderr)
+
+    async def worker(http) -> None:
+        while not queue.empty():
+            index, item = queue.get_nowait()
+            answers[index] = await ask(http, url, model, item, mode, want_logprobs)
+            bar.update(1)
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=30.0)) as http:
+        await asyncio.gather(*(worker(http) for _ in range(concurrency)))
+    bar.close()
+    done = [a for a in answers if a is not None]
+    for answer, correct in zip(done, grade_many([a.item for a in done], [a.text for a in done])):
+        answer.correct = correct and answer.error is None
+    return done
+
+
+def summarize(answers: list[Answer]) -> dict:
+    ttfts = [a.ttft_s for a in answers if a.ttft_s is not None]
+    models: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    for a in answers:
+        models[a.model or "none"] = models.get(a.model or "none", 0) + 1
+        if a.routing is not None:
+            reasons[a.routing["reason"]] = reasons.get(a.routing["reason"], 0) + 1
+    by_kind = {}
+    for kind in sorted({a.item.kind for a in answers}):
+        some = [a for a in answers if a.item.kind == kind]
+        by_kind[kind] = round(sum(a.correct for a in some) / len(some), 4)
+    return {"items": len(answers), "accuracy": round(sum(a.correct for a in answers) / max(1, len(answers)), 4),
+            "accuracy_by_kind": by_kind, "weighted_cost": round(sum(a.cost for a in answers), 1),
+            "ttft_ms_p50": _ms(percentile(ttfts, 50)), "ttft_ms_p95": _ms(percentile(ttfts, 95)),
+            "share": {m: round(n / len(answers), 4) for m, n in sorted(models.items())},
+            "reasons": reasons, "errors": sum(a.error is not None for a in answers)}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+# ---- calibration ------------------------------------------------------------------------------
+def training_rows(small: list[Answer], large: list[Answer], hold: int) -> list[dict]:
+    """One row per item: prompt signals, the small answer's scores over its first `hold` tokens,
+    and whether each model's answer was right."""
+    large_by_id = {a.item.id: a for a in large}
+    rows = []
+    for a in small:
+        if a.routing is None or a.item.id not in large_by_id:
+            continue
+        rows.append({"id": a.item.id, "signals": dict(a.routing.get("signals", {})),
+                     "answer": answer_scores(a.logprobs[:hold]), "small_ok": a.correct,
+                     "large_ok": large_by_id[a.item.id].correct, "small_cost": a.cost,
+                     "prompt_tokens": a.prompt_tokens, "small_tokens": a.completion_tokens,
+                     "large_cost": large_by_id[a.item.id].cost})
+    return rows
+
+
+def fit(rows: list[dict], hold: int) -> Calibration:
+    signals = [r["signals"] for r in rows]
+    return Calibration(
+        p_small=Logistic.fit(signals, [r["small_ok"] for r in rows], PROMPT_SIGNALS),
+        p_large=Logistic.fit(signals, [r["large_ok"] for r in rows], PROMPT_SIGNALS),
+        q_small=Logistic.fit([{**r["signals"], **r["answer"]} for r in rows], [r["small_ok"] for r in rows],
+                             ANSWER_SIGNALS),
+        hold_tokens=hold, source="kvserve bench routing --calibrate")
+
+
+def replay(calibration: Calibration, rows: list[dict], tolerance: float) -> dict:
+    """The cascade's outcome replayed from recorded answers (hand-offs are not replayed: an
+    escalation here is always from scratch, which is what a held-back answer gets)."""
+    correct, cost, large_share = 0, 0.0, 0
+    for r in rows:
+        p_small, p_large = calibration.p_small(r["signals"]), calibration.p_large(r["signals"])
+        go_small = p_small >= p_large - tolerance
+        keep = go_small and calibration.q_small({**r["signals"], **r["answer"]}) >= p_large - tolerance
+        correct += r["small_ok"] if keep else r["large_ok"]
+        # the small model's share of its cost that ran: prompt + 1 token, or + the held-back prefix
+        ran = r["prompt_tokens"] + (min(calibration.hold_tokens, r["small_tokens"]) if go_small else 1)
+        small_part = r["small_cost"] * ran / max(1, r["prompt_tokens"] + r["small_tokens"])
+        cost += r["small_cost"] if keep else small_part + r["large_cost"]
+        large_share += not keep
+    n = max(1, len(rows))
+    return {"accuracy": round(correct / n, 4), "weighted_cost": round(cost, 1), "large_share": round(large_share / n, 4)}
+
+
+def cross_validated(rows: list[dict], hold: int, tolerance: float, seed: int) -> dict:
+    """2-fold: fit on one half, replay the other, both ways; summed."""
+    shuffled = rows[:]
+    random.Random(seed).shuffle(shuffled)
+    halves = [shuffled[::2], shuffled[1::2]]
+    totals = {"accuracy": 0.0, "weighted_cost": 0.0, "large_share": 0.0}
+    for train, test in ((halves[0], halves[1]), (halves[1], halves[0])):
+        result = replay(fit(train, hold), test, tolerance)
+        for key in totals:
+            totals[key] += result[key] * (len(test) if key != "weighted_cost" else 1)
+    n = max(1, len(rows))
+    large = {"accuracy": sum(r["large_ok"] for r in rows) / n, "weighted_cost": sum(r["large_cost"] for r in rows)}
+    return {"accuracy": round(totals["accuracy"] / n, 4), "weighted_cost": round(totals["weighted_cost"], 1),
+            "large_share": round(totals["large_share"] / n, 4),
+            "accuracy_vs_large": round(totals["accuracy"] / n / max(1e-9, large["accuracy"]), 4),
+            "cost_vs_large": round(totals["weighted_cost"] / max(1e-9, large["weighted_cost"]), 4)}
+
+
+# ---- the run ----------------------------------------------------------------------------------
+def server_command(args: argparse.Namespace, port: int, calibration: str | None) -> list[str]:
+    options = []
+    if args.tolerance is not None:
+        options.append(f"tolerance={args.tolerance}")
+    if args.hold is not None:
+        options.append(f"hold={args.hold}")
+    if calibration:
+        options.append(f"calibration={calibration}")
+    extra = "".join("," + o for o in options)
+    return [sys.executable, "-m", "kvserve.cli", "serve", "--port", str(port), "--state-dir", "",
+            "--model", f"small={args.small}", "--model", f"large={args.large}",
+            "--router", "probe=small,large,predict=off,escalation=off",
+            "--router", f"predict=small,large,escalation=off{extra}",
+            "--router", f"cascade=small,large{extra}", *shlex.split(args.kvserve_args)]
+
+
+def run_routing_bench(args: argparse.Namespace) -> int:
+    items = load_items()
+    random.Random(args.seed).shuffle(items)
+    if args.limit:
+        items = items[:args.limit]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"--modes: unknown {', '.join(sorted(unknown))}; known: {', '.join(MODES)}")
+    if args.calibrate:
+        modes = list(dict.fromkeys(["small", "large", *modes]))
+    targets = {"small": "probe", "large": "large", "predict": "predict", "cascade": "cascade"}
+    answers: dict[str, list[Answer]] = {}
+    started = time.monotonic()
+
+    def run(url: str, mode: str) -> None:
+        answers[mode] = asyncio.run(run_mode(url, targets[mode], mode, items, args.concurrency,
+                                             want_logprobs=mode == "small", quiet=args.json_only))
+
+    port = free_port()
+    first = [m for m in modes if m in ("small", "large")] if args.calibrate else modes
+    with running(server_command(args, port, args.calibration), port, name="kvserve") as url:
+        for mode in first:
+            run(url, mode)
+    result: dict = {"bench": "routing", "items": len(items), "seed": args.seed, "small": args.small,
+                    "large": args.large, "kvserve_args": args.kvserve_args}
+    if args.calibrate:
+        hold = args.hold or 24
+        rows = training_rows(answers["small"], answers["large"], hold)
+        calibration = fit(rows, hold)
+        calibration.save(args.calibrate, items=len(rows), small=args.small, large=args.large, seed=args.seed)
+        tolerance = args.tolerance if args.tolerance is not None else 0.1
+        result["cross_validated_cascade"] = cross_validated(rows, hold, tolerance, args.seed)
+        rest = [m for m in modes if m not in first]
+        if rest:
+            port = free_port()
+            with running(server_command(args, port, args.calibrate), port, name="kvserve") as url:
+                for mode in rest:
+                    run(url, mode)
+    result["modes"] = {mode: summarize(answers[mode]) for mode in modes if mode in answers}
+    if "large" in result["modes"]:
+        large = result["modes"]["large"]
+        for mode, summary in result["modes"].items():
+            summary["accuracy_vs_large"] = round(summary["accuracy"] / max(1e-9, large["accuracy"]), 4)
+            summary["cost_vs_large"] = round(summary["weighted_cost"] / max(1e-9, large["weighted_cost"]), 4)
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            for mode, some in answers.items():
+                for a in some:
+                    f.write(json.dumps({"mode": mode, "id": a.item.id, "correct": a.correct, "model": a.model,
+                                        "cost": a.cost, "ttft_s": a.ttft_s, "routing": a.routing, "error": a.error,
+                                        "text": a.text}) + "\n")
+    if args.plot:
+        plot(result, args.plot)
+    if not args.json_only:
+        print_table(result)
+    print(json.dumps(result))
+    return 0
+
+
+def print_table(result: dict) -> None:
+    print(f"{'mode':9} {'accuracy':>8} {'vs large':>8} {'cost':>10} {'vs large':>8} {'TTFT p50':>9} "
+          f"{'TTFT p95':>9}  answered by")
+    for mode, s in result["modes"].items():
+        share = ", ".join(f"{m} {v:.0%}" for m, v in s["share"].items())
+        print(f"{mode:9} {s['accuracy']:8.1%} {s.get('accuracy_vs_large', math.nan):8.1%} {s['weighted_cost']:10.0f} "
+              f"{s.get('cost_vs_large', math.nan):8.1%} {s['ttft_ms_p50'] or 0:7.0f}ms {s['ttft_ms_p95'] or 0:7.0f}ms"
+              f"  {share}")
+
+
+def plot(result: dict, path: str) -> None:
+    from kvserve.bench.serve import load_pyplot
+
+    plt = load_pyplot()
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for mode, s in result["modes"].items():
+        axes.scatter(s["weighted_cost"], s["accuracy"] * 100, s=60)
+        axes.annotate(mode, (s["weighted_cost"], s["accuracy"] * 100), textcoords="offset points", xytext=(6, 4))
+    axes.set_xlabel("weighted cost (cost weight x tokens)")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(f"routing: {result['items']} labelled items")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)

@@ -1,0 +1,94 @@
+"""Routers as virtual models on the HTTP APIs (`--router chat=small,large`).
+
+A `RoutedModel` stands where a `ServedModel` stands: requests name it in `model` (or Bedrock's
+`modelId`), admission, tokenizing and sampling parameters are the same, and its `engine.add`
+returns a `RoutedStream` (kvserve/routing/escalation.py) in place of one engine's stream. So
+every API (OpenAI, Anthropic, Bedrock, WebSocket, batch) routes without a line of its own;
+each reports the answering model and the routing record its own way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from kvserve.routing.escalation import RoutedStream
+from kvserve.routing.router import Router
+from kvserve.sampling import InvalidRequestError
+
+
+@dataclass
+class RoutedModel:
+    router: Router
+    members: dict          # model name → ServedModel, the router's models
+    metrics: object
+    created: int = field(default_factory=lambda: int(time.time()))
+    in_flight: int = 0
+    background_in_flight: int = 0
+    live: set = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        small, large = (self.members[name] for name in self.router.config.models)
+        if not same_tokenizer(small.tokenizer, large.tokenizer):
+            raise InvalidRequestError(f"router {self.name!r}: {small.name} and {large.name} do not share a tokenizer, "
+                                      "so one cannot continue the other's answer")
+        self.engine = _RouterEngine(self)
+
+    @property
+    def name(self) -> str:
+        return self.router.name
+
+    @property
+    def tokenizer(self):
+        return self.members[self.router.config.small].tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return min(m.max_model_len for m in self.members.values())
+
+    @property
+    def capacity(self) -> int:
+        return self.members[self.router.config.small].capacity
+
+    @property
+    def cost_weight(self) -> float:
+        return self.members[self.router.config.large].cost_weight
+
+    def describe(self) -> dict:
+        return {**self.router.describe(), "created": self.created,
+                "cost_weights": {name: m.cost_weight for name, m in self.members.items()}}
+
+
+class _RouterEngine:
+    """The `engine.add` of a RoutedModel."""
+
+    def __init__(self, routed: RoutedModel):
+        self.routed = routed
+
+    @property
+    def engine(self):
+        """The small model's engine, for what the pair shares (end tokens, tokenizer)."""
+        return self.routed.members[self.routed.router.config.small].engine.engine
+
+    async def add(self, prompt: list[int], params, **kwargs) -> RoutedStream:
+        routed = self.routed
+        tokenizer = routed.tokenizer
+        # The lexical signals look at the end of the prompt: the latest turn, not the system prompt.
+        text = tokenizer.decode(list(prompt[-256:]), skip_special_tokens=True)
+        metrics = routed.metrics
+
+        def observe(kind: str, seconds: float) -> None:
+            metrics.routing_seconds.labels(routed.name, kind).observe(seconds)
+
+        return RoutedStream(routed.router, routed.members, list(prompt), text, params, kwargs,
+                            lambda ids: tokenizer.decode(ids, skip_special_tokens=False), observe)
+
+
+def same_tokenizer(a, b) -> bool:
+    """The same vocabulary and special tokens: probed by size, end tokens and a few encodings."""
+    probes = ["Hello, world!", "def f(x):\n    return x * 2\n", "12345 + 678 = ?", "naïve 日本語 😀"]
+    try:
+        return (a.vocab_size == b.vocab_size and a.eos_token_ids == b.eos_token_ids
+                and all(a.encode(p) == b.encode(p) for p in probes))
+    except AttributeError:
+        return a is b

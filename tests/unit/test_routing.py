@@ -1,0 +1,257 @@
+"""Routing decisions and RoutedStream over scripted engines (no model): every path a routed answer
+can take, what the client sees on each, and the accounting of what each model ran."""
+
+import asyncio
+import math
+
+import pytest
+
+from kvserve.outputs import RequestOutput, RequestStats, TokenLogprob
+from kvserve.routing.escalation import RoutedStream
+from kvserve.routing.predictor import Calibration, Logistic, answer_scores, prompt_signals
+from kvserve.routing.router import Router, RouterConfigError, parse_router_spec
+from kvserve.sampling import FinishReason, SamplingParams
+
+CONFIDENT, DOUBTFUL = -0.05, -4.0     # token log-probabilities
+
+
+class FakeStream:
+    def __init__(self, engine, request_id, prompt, params):
+        self.engine, self.request_id, self.prompt, self.params = engine, request_id, list(prompt), params
+        self.produced = 0
+        self.aborted = False
+        self.done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.done:
+            raise StopAsyncIteration
+        await asyncio.sleep(0)
+        stats = lambda: RequestStats(len(self.prompt), 0, self.produced, len(self.prompt) + self.produced)  # noqa: E731
+        if self.aborted:
+            self.done = True
+            return RequestOutput(self.request_id, "", (), None, FinishReason.ABORT, stats())
+        token, logprob = self.engine.script[self.produced] if self.produced < len(self.engine.script) else (0, 0.0)
+        self.produced += 1
+        finish = None
+        if token == 0 or self.produced >= self.params.max_tokens:
+            finish = FinishReason.STOP if token == 0 else FinishReason.LENGTH
+            self.done = True
+        logprobs = None
+        if self.params.logprobs is not None:
+            top = tuple((token + k, logprob - k) for k in range(self.params.logprobs))
+            logprobs = (TokenLogprob(token, logprob, top),)
+        return RequestOutput(self.request_id, f"<{self.engine.name}{token}>", (token,), logprobs, finish, stats())
+
+    def abort(self):
+        self.aborted = True
+
+
+class FakeEngine:
+    def __init__(self, name, script):
+        self.name, self.script = name, script     # script: [(token, logprob)], token 0 ends the answer
+        self.started: list[FakeStream] = []
+
+    async def add(self, prompt, params, **kwargs):
+        stream = FakeStream(self, f"{self.name}-{len(self.started)}", prompt, params)
+        self.started.append(stream)
+        return stream
+
+
+class Member:
+    def __init__(self, engine):
+        self.engine = engine
+
+
+def calibration(p_small=0.0, p_large=0.0):
+    """p_* as logits; q_small: even odds at a lowest-decile log-probability of -1."""
+    return Calibration(Logistic({}, p_small), Logistic({}, p_large), Logistic({"low_logprob": 4.0}, 4.0))
+
+
+def route(small_script, large_script, spec="chat=small,large", p_small=0.0, p_large=0.0, max_tokens=64,
+          logprobs=None, abort_after=None):
+    small, large = FakeEngine("s", small_script), FakeEngine("L", large_script)
+    router = Router(parse_router_spec(spec, ["small", "large"]), calibration(p_small, p_large))
+    stream = RoutedStream(router, {"small": Member(small), "large": Member(large)}, [101, 102, 103], "Say hi",
+                          SamplingParams(max_tokens=max_tokens, logprobs=logprobs), {"priority": 0},
+                          decode=lambda ids: "".join(chr(65 + t % 26) for t in ids))
+
+    async def consume():
+        outputs = []
+        async for output in stream:
+            outputs.append(output)
+            if abort_after is not None and sum(len(o.token_ids) for o in outputs) >= abort_after:
+                stream.abort()
+        return outputs
+
+    outputs = asyncio.run(consume())
+    assert outputs[-1].finished and all(not o.finished for o in outputs[:-1])
+    return stream, outputs, small, large
+
+
+def text(outputs):
+    return "".join(o.text for o in outputs)
+
+
+def tokens(outputs):
+    return [t for o in outputs for t in o.token_ids]
+
+
+def confident(n, start=1):
+    return [(start + i, CONFIDENT) for i in range(n)] + [(0, CONFIDENT)]
+
+
+def test_a_confident_small_answer_is_kept():
+    stream, outputs, small, large = route(confident(30), confident(5, 50))
+    assert tokens(outputs) == list(range(1, 31)) + [0]
+    assert not large.started
+    assert stream.decision.to_json()["escalated"] is False
+    assert stream.decision.segments == [{"model": "small", "start": 0, "end": 31}]
+    assert stream.answering_model == "small"
+    assert outputs[-1].finish_reason is FinishReason.STOP
+
+
+def test_predicted_hard_goes_to_the_large_model_before_any_token():
+    stream, outputs, small, large = route(confident(30), confident(5, 50), p_small=-3.0, p_large=2.0)
+    assert tokens(outputs) == [50, 51, 52, 53, 54, 0]
+    assert small.started[0].aborted and small.started[0].produced == 1      # prefill + one token only
+    assert large.started[0].prompt == [101, 102, 103]
+    d = stream.decision
+    assert (d.chosen, d.escalated, d.reason) == ("large", True, "predicted")
+    assert d.segments == [{"model": "large", "start": 0, "end": 6}]
+    assert [r["model"] for r in stream.runs] == ["small", "large"] and stream.runs[0]["shown"] == 0
+
+
+def test_a_doubtful_prefix_escalates_before_the_client_sees_a_token():
+    script = [(1, CONFIDENT), (2, DOUBTFUL), (3, DOUBTFUL)] + confident(40, 4)
+    stream, outputs, small, large = route(script, confident(3, 60), spec="chat=small,large,hold=8")
+    assert tokens(outputs) == [60, 61, 62, 0]
+    assert "<s" not in text(outputs)
+    assert small.started[0].produced == 8 and small.started[0].aborted
+    assert large.started[0].prompt == [101, 102, 103]                      # from scratch
+    assert (stream.decision.reason, stream.decision.escalated) == ("low_confidence", True)
+    assert stream.decision.scores["q_small"] < 0.5
+
+
+def test_a_doubtful_window_hands_off_and_the_large_model_continues():
+    script = confident(12)[:-1] + [(13, DOUBTFUL)] * 8 + confident(20, 30)
+    stream, outputs, small, large = route(script, confident(4, 70), spec="chat=small,large,hold=4,window=8")
+    sent = tokens(outputs)
+    handed = large.started[0].prompt
+    assert handed[:3] == [101, 102, 103] and handed[3:] == sent[:len(handed) - 3]    # continues what was sent
+    assert sent[len(handed) - 3:] == [70, 71, 72, 73, 0]
+    assert sent[:11] == list(range(1, 12))
+    d = stream.decision
+    assert (d.reason, d.escalated) == ("handoff", True)
+    assert d.segments == [{"model": "small", "start": 0, "end": len(handed) - 3},
+                          {"model": "large", "start": len(handed) - 3, "end": len(sent)}]
+    assert large.started[0].params.max_tokens == 64 - (len(handed) - 3)
+
+
+def test_escalation_off_never_escalates_and_predict_off_never_predicts():
+    script = [(1, DOUBTFUL)] * 5 + [(0, DOUBTFUL)]
+    stream, outputs, _, large = route(script, confident(3, 60), spec="chat=small,large,escalation=off")
+    assert tokens(outputs) == [1, 1, 1, 1, 1, 0] and not large.started
+    stream, outputs, _, large = route(confident(3), confident(3, 60), spec="chat=small,large,predict=off",
+                                      p_small=-5.0, p_large=5.0)
+    assert tokens(outputs) == [1, 2, 3, 0] and not large.started
+
+
+def test_tolerance_one_keeps_the_small_model_tolerance_zero_does_not():
+    _, outputs, _, large = route(confident(3), confident(3, 60), spec="chat=small,large,tolerance=1",
+                                 p_small=-5.0, p_large=5.0)
+    assert not large.started
+    _, outputs, _, large = route(confident(3), confident(3, 60), spec="chat=small,large,tolerance=0",
+                                 p_small=-0.1, p_large=0.0)
+    assert large.started
+
+
+def test_client_logprobs_only_as_asked():
+    _, outputs, _, _ = route(confident(3), [], logprobs=None)
+    assert all(o.logprobs is None for o in outputs)
+    _, outputs, _, _ = route(confident(3), [], logprobs=2)
+    assert all(len(e.top) == 2 for o in outputs for e in o.logprobs)
+
+
+def test_an_abort_while_held_back_ends_the_answer_and_starts_nothing():
+    stream, outputs, small, large = route(confident(40), confident(3, 60), spec="chat=small,large,hold=30",
+                                          abort_after=0)
+    assert outputs[-1].finish_reason is FinishReason.ABORT
+    assert small.started[0].aborted and not large.started
+
+
+def test_an_abort_after_a_handoff_reaches_the_large_model():
+    script = confident(5)[:-1] + [(9, DOUBTFUL)] * 8 + confident(5, 30)
+    stream, outputs, small, large = route(script, confident(40, 70), spec="chat=small,large,hold=2,window=4",
+                                          abort_after=12)
+    assert outputs[-1].finish_reason is FinishReason.ABORT
+    assert large.started and large.started[0].aborted
+
+
+def test_the_fallback_answers_when_the_small_model_cannot_start():
+    small, large = FakeEngine("s", confident(3)), FakeEngine("L", confident(2, 80))
+
+    async def refuse(*args, **kwargs):
+        raise RuntimeError("engine is dead")
+
+    small.add = refuse
+    router = Router(parse_router_spec("chat=small,large", ["small", "large"]), calibration())
+    stream = RoutedStream(router, {"small": Member(small), "large": Member(large)}, [1, 2], "x",
+                          SamplingParams(max_tokens=8), {}, decode=str)
+
+    async def consume():
+        return [o async for o in stream]
+
+    assert tokens(asyncio.run(consume())) == [80, 81, 0]
+    assert stream.decision.reason == "fallback"
+
+
+def test_stats_count_the_original_prompt_and_every_token_sent():
+    script = confident(12)[:-1] + [(13, DOUBTFUL)] * 8 + confident(20, 30)
+    stream, outputs, _, large = route(script, confident(4, 70), spec="chat=small,large,hold=4,window=8")
+    stats = outputs[-1].stats
+    assert stats.num_prompt_tokens == 3
+    assert stats.num_output_tokens == len(tokens(outputs))
+    assert sum(r["shown"] for r in stream.runs) == len(tokens(outputs))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("chat", "expected NAME=SMALL,LARGE"),
+    ("chat=small", "exactly two models"),
+    ("chat=small,small", "must differ"),
+    ("chat=small,nope", "no served model is named 'nope'"),
+    ("small=small,large", "already a model's name"),
+    ("chat=small,large,tolerance=2", "between 0 and 1"),
+    ("chat=small,large,tolerance=x", "could not convert"),
+    ("chat=small,large,fallback=other", "fallback must be"),
+    ("chat=small,large,escalation=later", "escalation must be"),
+    ("chat=small,large,bogus=1", "unknown option"),
+    ("chat=small,large,hold=0", "at least 1"),
+    ("chat=small,large,predict=maybe", "on or off"),
+])
+def test_bad_router_specs_say_what_is_wrong(spec, message):
+    with pytest.raises(RouterConfigError, match=message):
+        parse_router_spec(spec, ["small", "large"])
+
+
+def test_signals_and_scores():
+    signals = prompt_signals("Write a Python function def f(x)", 12, math.log(0.9), [math.log(0.9), math.log(0.1)])
+    assert signals["code"] == 1.0 and 0.3 < signals["first_token_entropy"] < 0.34
+    scores = answer_scores([-0.1] * 9 + [-5.0])
+    assert scores["low_logprob"] == -5.0 and scores["mean_logprob"] == pytest.approx(-0.59)
+    assert answer_scores([]) == {"mean_logprob": 0.0, "low_logprob": 0.0}
+
+
+def test_logistic_fit_separates_and_round_trips(tmp_path):
+    rows = [{"x": i / 10} for i in range(-20, 21)]
+    labels = [r["x"] > 0.3 for r in rows]
+    model = Logistic.fit(rows, labels, ["x"])
+    assert model({"x": 1.5}) > 0.9 and model({"x": -1.0}) < 0.1
+    calibration_ = Calibration(model, model, model, hold_tokens=16)
+    calibration_.save(tmp_path / "c.json")
+    loaded = Calibration.load(tmp_path / "c.json")
+    assert loaded.p_small({"x": 1.5}) == pytest.approx(model({"x": 1.5})) and loaded.hold_tokens == 16
+    with pytest.raises(ValueError, match="cannot read the routing calibration"):
+        Calibration.load(tmp_path / "missing.json")
