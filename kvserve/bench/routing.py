@@ -41,7 +41,7 @@ from kvserve.bench.serve import percentile
 from kvserve.bench.server_process import free_port, running
 from kvserve.routing.predictor import ANSWER_SIGNALS, PROMPT_SIGNALS, Calibration, Logistic, answer_scores
 
-MAX_TOKENS = {"code": 384, "arithmetic": 64, "fact": 48}
+MAX_TOKENS = {"code": 384, "arithmetic": 256, "fact": 48}
 MODES = ("small", "large", "predict", "cascade")
 
 
@@ -235,6 +235,16 @@ def cross_validated(rows: list[dict], hold: int, tolerance: float, seed: int) ->
             "cost_vs_large": round(totals["weighted_cost"] / max(1e-9, large["weighted_cost"]), 4)}
 
 
+def oracle(rows: list[dict]) -> dict:
+    """The bound no router can pass on these answers: the large model exactly where the small one
+    is wrong and the large one right, the small model (its whole cost, nothing else) elsewhere."""
+    cost = sum(r["large_cost"] if (r["large_ok"] and not r["small_ok"]) else r["small_cost"] for r in rows)
+    correct = sum(r["small_ok"] or r["large_ok"] for r in rows)
+    large_correct = max(1, sum(r["large_ok"] for r in rows))
+    return {"accuracy_vs_large": round(correct / large_correct, 4),
+            "cost_vs_large": round(cost / max(1e-9, sum(r["large_cost"] for r in rows)), 4)}
+
+
 # ---- the run ----------------------------------------------------------------------------------
 def server_command(args: argparse.Namespace, port: int, calibration: str | None) -> list[str]:
     options = []
@@ -285,6 +295,10 @@ def run_routing_bench(args: argparse.Namespace) -> int:
         calibration.save(args.calibrate, items=len(rows), small=args.small, large=args.large, seed=args.seed)
         tolerance = args.tolerance if args.tolerance is not None else 0.1
         result["cross_validated_cascade"] = cross_validated(rows, hold, tolerance, args.seed)
+        # The trade-off a --router tolerance picks from (2-fold cross-validated replays).
+        result["tolerance_curve"] = {f"{t:.1f}": cross_validated(rows, hold, t, args.seed)
+                                     for t in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)}
+        result["oracle"] = oracle(rows)
         rest = [m for m in modes if m not in first]
         if rest:
             port = free_port()
@@ -303,8 +317,10 @@ def run_routing_bench(args: argparse.Namespace) -> int:
             for mode, some in answers.items():
                 for a in some:
                     f.write(json.dumps({"mode": mode, "id": a.item.id, "correct": a.correct, "model": a.model,
-                                        "cost": a.cost, "ttft_s": a.ttft_s, "routing": a.routing, "error": a.error,
-                                        "text": a.text}) + "\n")
+                                        "cost": a.cost, "prompt_tokens": a.prompt_tokens,
+                                        "completion_tokens": a.completion_tokens, "ttft_s": a.ttft_s,
+                                        "routing": a.routing, "error": a.error, "text": a.text,
+                                        "logprobs": a.logprobs}) + "\n")
     if args.plot:
         plot(result, args.plot)
     if not args.json_only:

@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import random
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -319,8 +320,18 @@ def soak(url: str, model: str, pid: int | None, args: argparse.Namespace) -> dic
     rss_start = rss_mib(pid)
     books = Books()
     started = time.monotonic()
+    curve, stop = [], threading.Event()     # RSS each minute: a line is a leak, a curve that flattens a cache
+
+    def sample() -> None:
+        while not stop.wait(60.0):
+            curve.append(_round(rss_mib(pid)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     with tqdm(desc=f"soak {args.minutes:g} min", unit="req", disable=args.json_only) as bar:
         asyncio.run(_traffic(url, model, args, books, bar))
+    stop.set()
+    sampler.join()
     wall_s = time.monotonic() - started
     state = settle(url)
     rss_end = rss_mib(pid)
@@ -341,7 +352,8 @@ def soak(url: str, model: str, pid: int | None, args: argparse.Namespace) -> dic
             "server_errors": len(books.server_errors), "lost": len(books.lost), "unexpected": len(books.unexpected),
             "server_admitted": state["server_admitted"], "server_finished": state["server_finished"],
             "rss_mib": {"after_warm_up": _round(rss_start), "end": _round(rss_end),
-                        "growth": _round(None if rss_start is None or rss_end is None else rss_end - rss_start)},
+                        "growth": _round(None if rss_start is None or rss_end is None else rss_end - rss_start),
+                        "each_minute": curve},
             "state": state["models"], "checks": checks, "passed": all(checks.values()),
             "examples": {"server_errors": books.server_errors[:5], "lost": books.lost[:5],
                          "unexpected": books.unexpected[:5]}}
@@ -368,7 +380,7 @@ def print_summary(result: dict) -> None:
             ("abandoned before an answer", result["abandoned_before_an_answer"]),
             ("5xx", result["server_errors"]), ("lost", result["lost"]),
             ("server admitted / finished", (result["server_admitted"], result["server_finished"])),
-            ("RSS MiB (warm, end, growth)", tuple(result["rss_mib"].values()))]
+            ("RSS MiB (warm, end, growth)", tuple(result["rss_mib"][k] for k in ("after_warm_up", "end", "growth")))]
     for name, value in rows:
         print(f"  {name:<30} {value}")
     for name, ok in result["checks"].items():

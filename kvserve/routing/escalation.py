@@ -55,7 +55,8 @@ class RoutedStream:
         self.prompt_ids = list(prompt_ids)
         self.prompt_text = prompt_text
         self.params = params
-        self.add_kwargs = add_kwargs
+        # Never quiet inside: the routing reads the small model's answer token by token.
+        self.add_kwargs = {k: v for k, v in add_kwargs.items() if k != "quiet"}
         self.decode = decode
         self.observe = observe or (lambda name, seconds: None)
         config = router.config
@@ -63,6 +64,7 @@ class RoutedStream:
         self.decision = Decision(router=config.name, chosen=config.small)
         self.runs: list[dict] = self.decision.runs    # {"model", "prompt_tokens", "cached_tokens", "output_tokens", "shown"}
         self._current = None                   # the engine stream being read
+        self._run_open = None                  # (model, prompt tokens, tokens sent before it) of the run not yet accounted
         self._aborted = False
         self._done = False
         self._sent: list[int] = []             # tokens the client has
@@ -85,7 +87,15 @@ class RoutedStream:
         return self._done
 
     def abort(self) -> None:
-        """Cancel the request, whichever model is running it (idempotent)."""
+        """Cancel the request, whichever model is running it (idempotent). A run cut short is
+        accounted with what it had sent (its final stats may never be read)."""
+        if self._current is not None and self._run_open is not None and not self._done:
+            model, prompt_tokens, sent_before = self._run_open
+            shown = len(self._sent) - sent_before
+            self.runs.append({"model": model, "prompt_tokens": prompt_tokens, "cached_tokens": 0,
+                              "output_tokens": shown, "shown": shown})
+            self.decision.segments = _segments(self.runs)
+            self._run_open = None
         self._aborted = True
         if self._current is not None:
             self._current.abort()
@@ -159,7 +169,9 @@ class RoutedStream:
                 self._record(config.small, output, shown=len(self._sent))
                 yield self._client_view(output, config.small)
                 return
-            if config.escalation == "stream" and not self._aborted:
+            # No hand-off when stop strings are set: text held back as a possible stop string's
+            # start could not be carried over to the large model's detokenizer.
+            if config.escalation == "stream" and not self._aborted and not self.params.stop:
                 while not pending_handoff and len(tokens) - checked >= config.window_tokens:
                     window = answer_scores(logprobs[checked:checked + config.window_tokens])
                     checked += config.window_tokens
@@ -171,7 +183,7 @@ class RoutedStream:
             yield self._client_view(output, config.small)
             # Hand off at a token boundary that ends a whole character: the text sent so far is
             # then exactly the decoded tokens sent so far, and the large model's text follows it.
-            if pending_handoff and not self._aborted and "\ufffd" not in self.decode(self._sent[-4:]):
+            if pending_handoff and not self._aborted and not self.decode(self._sent[-8:]).endswith("\ufffd"):
                 stream.abort()
                 last = await _drain(stream)
                 self._record(config.small, last, shown=len(self._sent))
@@ -209,6 +221,7 @@ class RoutedStream:
     async def _start(self, model: str, prompt: list[int], params: SamplingParams):
         stream = await self.models[model].engine.add(prompt, params, **self.add_kwargs)
         self._current = stream
+        self._run_open = (model, len(prompt), len(self._sent))
         if self._aborted:           # aborted while this model was being started
             stream.abort()
         return stream
@@ -217,6 +230,9 @@ class RoutedStream:
     def _record(self, model: str, output: RequestOutput, shown: int) -> None:
         """One model run ended: its prompt, cached and generated tokens, and how many of its
         tokens the client got (`shown`)."""
+        if self._run_open is None:        # already accounted by abort()
+            return
+        self._run_open = None
         stats = output.stats
         self.runs.append({"model": model, "prompt_tokens": stats.num_prompt_tokens,
                           "cached_tokens": stats.num_cached_tokens, "output_tokens": stats.num_output_tokens,

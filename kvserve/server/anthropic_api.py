@@ -75,8 +75,8 @@ from kvserve.server.auth import authenticate
 from kvserve.server.openai_api import Generation
 from kvserve.server.tools import TOOLS_HEADER, tool_line
 from kvserve.server.http import ClientGone, serving, unless_disconnected
-from kvserve.server.protocol import (APIError, as_api_error, ChatCompletionRequest, ChatMessage, ContentPart, Number,
-                                     validation_error)
+from kvserve.server.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompactionOptions, ContentPart,
+                                     Number, as_api_error, validation_error)
 from kvserve.server.openapi import request_body
 from kvserve.server.sse import StreamResponse, sse_frames
 
@@ -144,6 +144,7 @@ class MessagesRequest(_Body):
     metadata: dict[str, Any] | None = None   # accepted and ignored
     tools: list[Tool] | None = None
     cache_control: dict[str, Any] | None = None   # automatic caching: a mark on the last block
+    context_management: dict[str, Any] | None = None   # a compact_* edit turns compaction on
 
     @field_validator("system", mode="before")
     @classmethod
@@ -173,7 +174,36 @@ def to_chat_request(body: MessagesRequest) -> ChatCompletionRequest:
         _mark_last_block(messages, body.cache_control)
     return ChatCompletionRequest(model=body.model, messages=messages, max_tokens=body.max_tokens,
                                  temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                 stop=body.stop_sequences, stream=body.stream)
+                                 stop=body.stop_sequences, stream=body.stream,
+                                 compaction=_compaction(body.context_management))
+
+
+def _compaction(context_management: dict[str, Any] | None) -> CompactionOptions | None:
+    """Anthropic's context_management: a `compact_*` edit (trigger {"type": "input_tokens",
+    "value": N} sets the budget) turns compaction on; `clear_*` edits have nothing to clear here
+    (tool results are not produced) and are accepted; any other edit is a 400."""
+    if context_management is None:
+        return None
+    edits = context_management.get("edits")
+    if not isinstance(edits, list):
+        raise APIError(400, "context_management.edits must be a list", param="context_management.edits")
+    options = None
+    for i, edit in enumerate(edits):
+        kind = edit.get("type") if isinstance(edit, dict) else None
+        if not isinstance(kind, str):
+            raise APIError(400, f"context_management.edits.{i}.type is required", param=f"context_management.edits.{i}")
+        if kind.startswith("clear_"):
+            continue
+        if not kind.startswith("compact"):
+            raise APIError(400, f"context_management edit type {kind!r} is not supported (compact_*, clear_*)",
+                           param=f"context_management.edits.{i}.type")
+        trigger = edit.get("trigger") or {}
+        budget = trigger.get("value") if isinstance(trigger, dict) else None
+        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+            raise APIError(400, f"context_management.edits.{i}.trigger.value must be a positive integer",
+                           param=f"context_management.edits.{i}.trigger.value")
+        options = CompactionOptions(budget_tokens=budget)
+    return options
 
 
 def _system_parts(body: MessagesRequest) -> list[ContentPart]:
@@ -211,7 +241,8 @@ def anthropic_usage(usage: dict[str, Any], output_tokens: int | None = None) -> 
     return {"input_tokens": max(0, usage["prompt_tokens"] - read - written),
             "cache_creation_input_tokens": written, "cache_read_input_tokens": read,
             "output_tokens": usage["completion_tokens"] if output_tokens is None else output_tokens,
-            "cost": usage["cost"]}    # kvserve's weighted cost (README: cost accounting)
+            "cost": usage["cost"],    # kvserve's weighted cost (README: cost accounting)
+            **({"compaction": usage["compaction"]} if "compaction" in usage else {})}
 
 
 def matched_stop(text: str, stop_sequences: Sequence[str]) -> str | None:

@@ -363,7 +363,7 @@ def _limits(request: Request) -> Limits:
 
 def _known_model(request: Request):
     serving = serving_of(request.app.state)
-    return lambda name: name is None or name in serving.models
+    return lambda name: name is None or name in serving.models or name in serving.routers
 
 
 def _chunks(path) -> Iterator[bytes]:

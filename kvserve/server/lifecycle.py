@@ -267,12 +267,18 @@ def redact_keys_in_logs() -> None:
 
 def in_flight(state) -> int:
     """Accepted requests (choices) not yet finished, over every served model."""
-    return sum(model.in_flight for model in state.models.values())
+    return sum(model.in_flight for model in _served(state))
+
+
+def _served(state) -> list:
+    """The served models and the routers (virtual models with their own generations)."""
+    serving = getattr(state, "serving", None)
+    return [*state.models.values(), *(serving.routers.values() if serving is not None else ())]
 
 
 def abort_all(state) -> int:
     """Abort every generation in flight; each ends with finish_reason "abort". Returns how many."""
-    live = [generation for model in state.models.values() for generation in list(model.live)]
+    live = [generation for model in _served(state) for generation in list(model.live)]
     for generation in live:
         generation.abort()
     return len(live)

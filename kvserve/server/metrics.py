@@ -132,6 +132,8 @@ class ServerMetrics:
                                          "them and why", labels + ["answered_by", "reason"], registry=r)
         self.weighted_cost = Counter("kvserve:weighted_cost", "Weighted cost of answers: the sum over the models "
                                      "that ran of cost weight x (prompt + generated tokens)", labels, registry=r)
+        self.compactions = Counter("kvserve:compactions", "Histories compacted, by whether the summary was new or "
+                                   "reused from an earlier turn", labels + ["summary"], registry=r)
         r.register(EngineStatsCollector(engine_stats))
 
     def add_batch_source(self, runner: Callable[[], object]) -> None:

@@ -12,6 +12,7 @@ dicts, so a streamed answer and a non-streamed one are built from the same delta
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -21,11 +22,15 @@ from kvserve.config import ServerConfig
 from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from kvserve.outputs import RequestOutput, TokenLogprob
 from kvserve.sampling import FinishReason, InvalidRequestError, SamplingParams
+from kvserve.routing.compaction import CompactionError, CompactionPolicy, SummaryStore, compact, summary_request
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.checkpoints import collect_marks, render_with_marks
 from kvserve.server.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, ContentPart,
                                      check_messages, engine_dead)
 from kvserve.server.tools import TOOLS_HEADER, tool_line
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,6 +54,11 @@ class ServedModel:
     @property
     def capacity(self) -> int:
         return self.engine.engine.config.scheduler.max_num_seqs
+
+    @property
+    def admission_load(self) -> int:
+        """Interactive choices held against the queue cap (batch lines are bounded elsewhere)."""
+        return self.in_flight - self.background_in_flight
 
     @property
     def cost_weight(self) -> float:
@@ -105,6 +115,7 @@ class Generation:
                         for i, s in enumerate(streams)]
         self.prompt_tokens = sum(prompt_lengths)
         self.prompt_lengths = list(prompt_lengths)
+        self.compaction: dict | None = None       # usage.compaction of a compacted history
         self.include_usage = include_usage
         self.logprobs = logprobs
         self.metrics = metrics
@@ -154,11 +165,6 @@ class Generation:
         if self._closed:
             return
         self._closed = True
-        self.metrics.weighted_cost.labels(self.model.name).inc(self.cost()["weighted"])
-        for choice in self.choices:
-            if choice.routed is not None and choice.finish_reason is not None:
-                self.metrics.routing_decisions.labels(self.model.name, self.answering_model(choice),
-                                                      choice.routed.decision.reason).inc()
         for choice in self.choices:
             if choice.finish_reason is None:   # cut short (client gone, engine failed): nobody reads its last delta
                 self.metrics.finished.labels(self.model.name, "abort").inc()
@@ -167,6 +173,14 @@ class Generation:
         if self.background:
             self.model.background_in_flight -= len(self.choices)
         self.model.live.discard(self)
+        try:    # after the slots are given back: accounting never holds them
+            self.metrics.weighted_cost.labels(self.model.name).inc(self.cost()["weighted"])
+            for choice in self.choices:
+                if choice.routed is not None and choice.finish_reason is not None:
+                    self.metrics.routing_decisions.labels(self.model.name, self.answering_model(choice),
+                                                          choice.routed.decision.reason).inc()
+        except Exception:   # noqa: BLE001
+            log.exception("cost accounting failed")
 
     def abort(self) -> None:
         """Abort the unfinished choices on the server's behalf (shutdown) while the consumer goes
@@ -180,6 +194,8 @@ class Generation:
                 await queue.put((choice, output))
         except EngineDeadError as error:
             await queue.put(engine_dead(error))
+        except Exception as error:   # noqa: BLE001 - a routed stream starts engines as it goes: its errors
+            await queue.put(error)   # end the answer as they would have ended its start
 
     # ---- shaping ----------------------------------------------------------------------------
     def _on_output(self, choice: _Choice, output: RequestOutput) -> dict | None:
@@ -281,7 +297,8 @@ class Generation:
                 # Anthropic's breakdown of the written tokens by checkpoint TTL
                 "cache_creation": {"ephemeral_5m_input_tokens": by_ttl[300.0],
                                    "ephemeral_1h_input_tokens": by_ttl[3600.0]},
-                "cost": self.cost()}
+                "cost": self.cost(),
+                **({"compaction": self.compaction} if self.compaction else {})}
 
     def _usage_chunk(self) -> dict:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
@@ -375,6 +392,7 @@ class OpenAIServing:
         self.config = config
         self.metrics = metrics
         self.routers = routers or {}
+        self.summaries = SummaryStore()      # compaction summaries, by tenant, model and history
 
     def model(self, name: str | None) -> ServedModel:
         if name is None:
@@ -404,7 +422,10 @@ class OpenAIServing:
         and does not count against the interactive queue cap (the batch runner bounds it)."""
         model = self.model(body.model)
         check_messages(body.messages)
-        messages = with_tools(body.messages, body.tools)
+        messages, compacted = body.messages, None
+        if body.compaction_options is not None:
+            messages, compacted = await self._compact(model, body, tenant)
+        messages = with_tools(messages, body.tools)
         marks = collect_marks(messages)
         try:
             prompt, positions = render_with_marks(model.tokenizer, messages, marks)
@@ -413,8 +434,81 @@ class OpenAIServing:
         except Exception as error:   # a template's raise_exception: the conversation is not acceptable
             raise APIError(400, f"the chat template rejected the messages: {error}", param="messages") from error
         checkpoints = [(position, mark.ttl_s) for position, mark in zip(positions, marks)]
-        return await self._start("chat", model, body, [prompt], body.requested_max_tokens, add_special=False,
-                                 checkpoints=checkpoints, tenant=tenant, background=background)
+        generation = await self._start("chat", model, body, [prompt], body.requested_max_tokens, add_special=False,
+                                       checkpoints=checkpoints, tenant=tenant, background=background)
+        generation.compaction = compacted
+        return generation
+
+    async def _compact(self, model, body: ChatCompletionRequest, tenant: str | None
+                       ) -> tuple[list[ChatMessage], dict | None]:
+        """The history under its budget (routing/compaction.py), and `usage.compaction` when it
+        was compacted. The summary is written by the small model of a router, or by the model."""
+        options = body.compaction_options
+        tokenizer = model.tokenizer
+        output_room = body.requested_max_tokens or min(self.config.max_tokens_default, model.max_model_len // 4)
+        room = model.max_model_len - output_room
+        budget = min(room if options.budget_tokens is None else options.budget_tokens, room)
+        if budget < 1 or options.keep_recent < 1:
+            raise APIError(400, "compaction needs a positive budget (max_tokens leaves no room) and keep_recent >= 1",
+                           param="compaction")
+        as_dicts = [{"role": m.role, "content": m.text_content()} for m in body.messages]
+
+        def count(messages: list[dict]) -> int:
+            try:
+                rendered = tokenizer.apply_chat_template(messages)
+            except Exception as error:   # a template's raise_exception: the conversation is not acceptable
+                raise APIError(400, f"the chat template rejected the messages: {error}", param="messages") from error
+            return len(tokenizer.encode(rendered, add_special_tokens=False))
+
+        writer = model.members[model.router.config.small] if hasattr(model, "members") else model
+        summary_tokens = max(32, min(512, budget // 4))
+
+        writer_room = writer.max_model_len - summary_tokens - 1
+
+        def request_ids(previous: str | None, turns: list[dict]) -> list[int]:
+            request = summary_request(previous, turns, max_words=summary_tokens * 2 // 3)
+            return writer.tokenizer.encode(writer.tokenizer.apply_chat_template(request), add_special_tokens=False)
+
+        async def summarize_once(ids: list[int]) -> str:
+            stream = await writer.engine.add(ids, SamplingParams(max_tokens=summary_tokens, temperature=0.0),
+                                             cache_salt=cache_namespace(tenant, None))
+            text = []
+            async for output in stream:
+                text.append(output.text)
+                if output.finish_reason is FinishReason.ERROR:
+                    raise APIError(500, "the summary of the history could not be written", type="server_error",
+                                   code="engine_error")
+            return "".join(text).strip()
+
+        async def summarize(previous: str | None, turns: list[dict]) -> str:
+            """Folded over pieces that fit the writer's context: each extends the summary so far; a
+            single message too long for it is cut in its middle."""
+            start = 0
+            while start < len(turns):
+                end = start + 1
+                while end < len(turns) and len(request_ids(previous, turns[start:end + 1])) <= writer_room:
+                    end += 1
+                piece = turns[start:end]
+                ids = request_ids(previous, piece)
+                while len(ids) > writer_room and len(piece[0]["content"]) > 64:
+                    text = piece[0]["content"]
+                    keep = len(text) * writer_room // (2 * len(ids))
+                    piece = [{**piece[0], "content": f"{text[:keep]} [...] {text[-keep:]}"}]
+                    ids = request_ids(previous, piece)
+                previous = await summarize_once(ids[-writer_room:])
+                start = end
+            return previous or ""
+
+        try:
+            result = await compact(as_dicts, CompactionPolicy(budget, keep_recent=options.keep_recent), count,
+                                   summarize, self.summaries, f"{tenant or ''}\x00{model.name}")
+        except CompactionError as error:
+            raise APIError(400, str(error), param="messages", code="context_length_exceeded") from None
+        if not result.compacted_messages:
+            return body.messages, None
+        self.metrics.compactions.labels(model.name, "reused" if result.summary_reused else "new").inc()
+        kept = body.messages[result.compacted_messages:]
+        return [ChatMessage(role="system", content=result.messages[0]["content"]), *kept], result.usage()
 
     async def completion(self, body: CompletionRequest, tenant: str | None = None,
                          background: bool = False) -> Generation:
@@ -475,7 +569,7 @@ class OpenAIServing:
 
     def _admit(self, model: ServedModel, num_choices: int) -> None:
         limit = model.capacity + self.config.max_queued_requests
-        if model.in_flight - model.background_in_flight + num_choices > limit:
+        if model.admission_load + num_choices > limit:
             self.metrics.rejected.labels("queue_full").inc()
             raise APIError(429, f"the server is at capacity ({model.in_flight} requests in flight, limit {limit}); "
                            f"retry later", type="rate_limit_error", code="queue_full",

@@ -146,12 +146,29 @@ def check_messages(messages: Sequence[ChatMessage]) -> None:
                            param=f"messages.{i}.tool_call_id", code="missing_tool_call_id")
 
 
+class CompactionOptions(_Body):
+    """kvserve's extension: compact the history when it exceeds `budget_tokens` (default: the
+    context the answer leaves), keeping the last `keep_recent` messages verbatim."""
+
+    budget_tokens: StrictInt | None = None
+    keep_recent: StrictInt = 2
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
     tools: list[dict[str, Any]] | None = None
+    # Compaction of long histories (kvserve/routing/compaction.py): OpenAI Responses' switch, or ours
+    truncation: Literal["auto", "disabled"] | None = None
+    compaction: CompactionOptions | None = None
+
+    @property
+    def compaction_options(self) -> CompactionOptions | None:
+        if self.compaction is not None:
+            return self.compaction
+        return CompactionOptions() if self.truncation == "auto" else None
 
     @field_validator("messages")
     @classmethod

@@ -51,6 +51,13 @@ class RoutedModel:
         return self.members[self.router.config.small].capacity
 
     @property
+    def admission_load(self) -> int:
+        """Interactive choices held against the queue cap: the router's, and those its small model
+        (which every routed answer starts on) serves directly."""
+        small = self.members[self.router.config.small]
+        return (self.in_flight - self.background_in_flight) + small.admission_load
+
+    @property
     def cost_weight(self) -> float:
         return self.members[self.router.config.large].cost_weight
 
@@ -73,6 +80,9 @@ class _RouterEngine:
     async def add(self, prompt: list[int], params, **kwargs) -> RoutedStream:
         routed = self.routed
         tokenizer = routed.tokenizer
+        for member in routed.members.values():     # bad input is refused now (400), by either model
+            member.engine.engine.make_request(prompt, params, "validation", **{
+                k: v for k, v in kwargs.items() if k != "quiet"})
         # The lexical signals look at the end of the prompt: the latest turn, not the system prompt.
         text = tokenizer.decode(list(prompt[-256:]), skip_special_tokens=True)
         metrics = routed.metrics

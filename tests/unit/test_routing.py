@@ -255,3 +255,45 @@ def test_logistic_fit_separates_and_round_trips(tmp_path):
     assert loaded.p_small({"x": 1.5}) == pytest.approx(model({"x": 1.5})) and loaded.hold_tokens == 16
     with pytest.raises(ValueError, match="cannot read the routing calibration"):
         Calibration.load(tmp_path / "missing.json")
+
+
+def test_no_handoff_when_stop_strings_are_set():
+    script = confident(12)[:-1] + [(13, DOUBTFUL)] * 8 + confident(20, 30)
+    small, large = FakeEngine("s", script), FakeEngine("L", confident(4, 70))
+    router = Router(parse_router_spec("chat=small,large,hold=4,window=8", ["small", "large"]), calibration())
+    stream = RoutedStream(router, {"small": Member(small), "large": Member(large)}, [1, 2], "x",
+                          SamplingParams(max_tokens=64, stop=["\n\n"]), {}, decode=str)
+
+    async def consume():
+        return [o async for o in stream]
+
+    outputs = asyncio.run(consume())
+    assert not large.started and tokens(outputs)[-1] == 0
+    assert stream.decision.reason == "predicted"
+
+
+def test_an_aborted_answer_still_accounts_for_what_ran():
+    stream, outputs, small, large = route(confident(40), [], spec="chat=small,large,hold=2,escalation=before",
+                                          abort_after=10)
+    assert outputs[-1].finish_reason is FinishReason.ABORT
+    [run] = stream.runs
+    assert run["model"] == "small" and run["prompt_tokens"] == 3 and run["shown"] == len(tokens(outputs)) >= 10
+
+
+def test_a_large_model_that_cannot_start_fails_the_answer_rather_than_hanging():
+    small, large = FakeEngine("s", [(1, DOUBTFUL)] * 30), FakeEngine("L", [])
+
+    async def refuse(*args, **kwargs):
+        raise ValueError("refused")
+
+    large.add = refuse
+    router = Router(parse_router_spec("chat=small,large,hold=2", ["small", "large"]), calibration())
+    stream = RoutedStream(router, {"small": Member(small), "large": Member(large)}, [1, 2], "x",
+                          SamplingParams(max_tokens=8), {}, decode=str)
+
+    async def consume():
+        return [o async for o in stream]
+
+    with pytest.raises(ValueError, match="refused"):
+        asyncio.run(asyncio.wait_for(consume(), 10))
+    assert small.started[0].aborted
