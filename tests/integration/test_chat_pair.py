@@ -192,7 +192,7 @@ def test_small_model_equals_transformers_reading_the_gguf_itself(offline, small_
     assert set(ours) == set(state)
     for name, tensor in state.items():
         torch.testing.assert_close(ours[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
-    prompts = chat_prompts(checkpoint)
+    prompts = chat_prompts(checkpoint, QUESTIONS[:3])
     expected = hf_greedy(reference_model, prompts, NEW_TOKENS, batch_size=1)
     del reference_model, state
     gc.collect()
@@ -203,7 +203,7 @@ def test_small_model_equals_transformers_reading_the_gguf_itself(offline, small_
 
 def test_large_model_fp32_greedy_equals_transformers_on_the_same_weights(large_checkpoint):
     checkpoint = large_checkpoint
-    prompts = chat_prompts(checkpoint, QUESTIONS[:3])
+    prompts = chat_prompts(checkpoint, QUESTIONS[:2])
     # 12 tokens, one pass: the prefix-cache rerun is covered by the small model (same code path).
     expected = hf_greedy(hf_model(checkpoint, torch.float32), prompts, 12, batch_size=1)
     gc.collect()
