@@ -60,3 +60,12 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def merge(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """Two consecutive deltas of one request as one (text, tokens and log-probabilities joined)."""
+    logprobs = None
+    if older.logprobs is not None or newer.logprobs is not None:
+        logprobs = (older.logprobs or ()) + (newer.logprobs or ())
+    return RequestOutput(newer.request_id, older.text + newer.text, older.token_ids + newer.token_ids,
+                         logprobs, newer.finish_reason, newer.stats)

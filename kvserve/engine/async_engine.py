@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 from kvserve.engine.engine import Engine
-from kvserve.outputs import RequestOutput
+from kvserve.outputs import RequestOutput, merge
 from kvserve.sampling import FinishReason, InvalidRequestError, SamplingParams
 from kvserve.sched.scheduler import SchedulerStats
 
@@ -52,14 +52,6 @@ def _settle(future: asyncio.Future, result: object, error: BaseException | None)
 
 class EngineDeadError(RuntimeError):
     """The engine loop failed; the request could not be completed."""
-
-
-def merge(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
-    logprobs = None
-    if older.logprobs is not None or newer.logprobs is not None:
-        logprobs = (older.logprobs or ()) + (newer.logprobs or ())
-    return RequestOutput(newer.request_id, older.text + newer.text, older.token_ids + newer.token_ids,
-                         logprobs, newer.finish_reason, newer.stats)
 
 
 class RequestStream:

@@ -84,8 +84,9 @@ class SummaryStore:
         return None
 
     def put(self, namespace: str, history: list[dict], summary: str) -> None:
-        self._entries[(namespace, history_hash(history))] = summary
-        self._entries.move_to_end((namespace, history_hash(history)))
+        key = (namespace, history_hash(history))
+        self._entries[key] = summary
+        self._entries.move_to_end(key)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 

@@ -26,12 +26,13 @@ Models are known by their API only (`engine.add` → stream of RequestOutput, `a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from kvserve.outputs import RequestOutput, RequestStats, TokenLogprob
+from kvserve.outputs import RequestOutput, RequestStats, TokenLogprob, merge
 from kvserve.routing.predictor import answer_scores, prompt_signals
 from kvserve.routing.router import Decision, Router
 from kvserve.sampling import FinishReason, SamplingParams
@@ -150,7 +151,7 @@ class RoutedStream:
                 async for out in self._replace(config.large, "low_confidence", output):
                     yield out
                 return
-        released = _merge(held)
+        released = functools.reduce(merge, held)
         self._sent.extend(released.token_ids)
         if released.finished:
             self._record(config.small, released, shown=len(self._sent))
@@ -281,11 +282,3 @@ async def _drain(stream) -> RequestOutput:
         last = output
     return last
 
-
-def _merge(outputs: list[RequestOutput]) -> RequestOutput:
-    first, last = outputs[0], outputs[-1]
-    logprobs = None
-    if any(o.logprobs is not None for o in outputs):
-        logprobs = tuple(e for o in outputs for e in o.logprobs or ())
-    return RequestOutput(first.request_id, "".join(o.text for o in outputs),
-                         tuple(t for o in outputs for t in o.token_ids), logprobs, last.finish_reason, last.stats)

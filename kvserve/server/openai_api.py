@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -76,13 +77,7 @@ def parameter_count(source: str | None, config) -> int:
     registered = registry.lookup(source) if source else None
     if registered is not None:
         return registered.parameters
-    total = 0
-    for shape in expected_shapes(config).values():
-        count = 1
-        for dim in shape:
-            count *= dim
-        total += count
-    return total
+    return sum(math.prod(shape) for shape in expected_shapes(config).values())
 
 
 @dataclass

@@ -64,14 +64,6 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def offline():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("TRANSFORMERS_OFFLINE", "1")
-        yield
-
-
-@pytest.fixture(scope="module")
 def gguf_path():
     return resolve_model_path(None)
 
