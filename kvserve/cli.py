@@ -53,8 +53,16 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
     group.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
     group.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
     group.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
-    group.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
-                       help="waiting-queue order: fcfs, or priority (lower `priority` values first)")
+    group.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "cache-aware"],
+                       help="waiting-queue order: fcfs; priority (lower `priority` values first, and a waiting "
+                            "request preempts running ones of lower priority); cache-aware (cached prefixes first, "
+                            "aged so that nobody waits past --aging-factor times its service time)")
+    group.add_argument("--preemption-mode", default="auto", choices=["auto", "swap", "recompute"],
+                       help="a preempted request's KV: swapped to the host tier (needs --kv-host-memory) or "
+                            "recomputed later; auto: whichever costs less, by costs measured at start-up")
+    group.add_argument("--aging-factor", type=float, default=4.0, metavar="A",
+                       help="cache-aware: a request waiting A times its estimated service time goes first, "
+                            "earliest deadline first (default 4)")
     group.add_argument("--background-step-factor", type=float, default=2.0, metavar="K",
                        help="while interactive requests are around, background work (batch jobs) is cut so that "
                             "a step takes at most K times the fastest recent step (default 2); 0: never cut")
@@ -70,7 +78,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           disk_num_blocks=args.kv_disk_blocks, pin_budget_fraction=args.pin_budget),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                                  policy=args.scheduling_policy, background_step_factor=args.background_step_factor),
+                                  policy=args.scheduling_policy, background_step_factor=args.background_step_factor,
+                                  preemption_mode=args.preemption_mode, aging_factor=args.aging_factor),
     )
 
 

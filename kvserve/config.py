@@ -100,6 +100,10 @@ class CacheConfig:
 DEFAULT_KV_MEMORY_BYTES = 1 << 30  # 1 GiB when neither --num-kv-blocks nor --kv-cache-memory is given
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority", "cache-aware")
+PREEMPTION_MODES = ("auto", "swap", "recompute")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous batching limits.
@@ -107,7 +111,11 @@ class SchedulerConfig:
     max_num_batched_tokens: the token budget of one step (prefill chunks + decodes).
     max_num_seqs: at most this many requests run at once.
     max_model_len: prompt + output tokens of one request; None means the model's context.
-    policy: the waiting-queue ordering ("fcfs", or "priority": lower `priority` values first).
+    policy: the waiting-queue ordering: "fcfs"; "priority" (lower `priority` values first, and a
+        waiting request preempts a running one of lower priority); "cache-aware" (cached prefixes
+        first, aged so that no request waits past `aging_factor` times its service time).
+    preemption_mode: "auto" (swap or recompute, whichever costs less on this machine), "swap"
+        (when the host tier has room), or "recompute".
     """
 
     max_num_batched_tokens: int = 512
@@ -118,6 +126,8 @@ class SchedulerConfig:
     # cut so that a step takes at most this many times the fastest recent step; 0: never cut.
     background_step_factor: float = 2.0
     interactive_linger_s: float = 2.0
+    preemption_mode: str = "auto"
+    aging_factor: float = 4.0
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -128,8 +138,13 @@ class SchedulerConfig:
             raise ConfigError(f"--max-model-len must be at least 2, got {self.max_model_len}")
         if self.background_step_factor < 0 or self.interactive_linger_s < 0:
             raise ConfigError("--background-step-factor and the interactive linger must be 0 or more")
-        if self.policy not in ("fcfs", "priority"):
-            raise ConfigError(f"--scheduling-policy must be fcfs or priority; got {self.policy!r}")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ConfigError(f"--scheduling-policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {self.policy!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ConfigError(f"--preemption-mode must be one of {', '.join(PREEMPTION_MODES)}; "
+                              f"got {self.preemption_mode!r}")
+        if not self.aging_factor > 0:
+            raise ConfigError(f"--aging-factor must be positive, got {self.aging_factor}")
 
 
 DTYPES = ("auto", "bfloat16", "float32")

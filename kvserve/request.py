@@ -46,7 +46,8 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset(), *, cache_salt: str | None = None,
                  priority: int = 0, arrival_time: float | None = None,
-                 checkpoints: tuple[tuple[int, float], ...] = (), background: bool = False):
+                 checkpoints: tuple[tuple[int, float], ...] = (), background: bool = False,
+                 tenant: str | None = None, weight: float = 1.0):
         """`checkpoints`: (num_prompt_tokens, ttl_s) pairs; once computed, each such prefix is
         pinned in the KV pool for ttl_s, renewed by every hit."""
         assert prompt_token_ids, "the front end rejects empty prompts"
@@ -58,6 +59,9 @@ class Request:
         # Background work (batch jobs) fills idle capacity: it waits behind every foreground
         # request, is preempted first, and gives up its seat and KV to a waiting foreground one.
         self.background = background
+        # Fair shares: step tokens are divided between tenants with work in proportion to weight.
+        self.tenant = tenant
+        self.weight = weight
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.num_prompt_tokens = len(prompt_token_ids)
         self.all_token_ids: list[int] = list(prompt_token_ids)

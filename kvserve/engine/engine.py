@@ -52,7 +52,7 @@ class Engine:
                             num_host_blocks=runner.num_host_blocks, num_disk_blocks=runner.num_disk_blocks)
         context = self.model_config.max_position_embeddings
         max_model_len = min(config.scheduler.max_model_len or context, context)
-        self.core = EngineCore(Scheduler(config.scheduler, kv, max_model_len), runner)
+        self.core = EngineCore(Scheduler(config.scheduler, kv, max_model_len, costs=runner.measure_costs()), runner)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
@@ -68,7 +68,8 @@ class Engine:
 
     def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                      *, cache_salt: str | None = None, priority: int = 0,
-                     checkpoints: tuple[tuple[int, float], ...] = (), background: bool = False) -> Request:
+                     checkpoints: tuple[tuple[int, float], ...] = (), background: bool = False,
+                     tenant: str | None = None, weight: float = 1.0) -> Request:
         """Tokenize and validate. Touches no engine state, so any thread may call it."""
         if isinstance(prompt, str):
             if not prompt:
@@ -87,7 +88,7 @@ class Engine:
                 f"{self.max_model_len - 1} prompt tokens (--max-model-len {self.max_model_len})", "prompt")
         request_id = request_id or f"req-{next(self._ids)}"
         return Request(request_id, token_ids, params, self.eos_token_ids, cache_salt=cache_salt, priority=priority,
-                       checkpoints=checkpoints, background=background)
+                       checkpoints=checkpoints, background=background, tenant=tenant, weight=weight)
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

@@ -15,6 +15,13 @@ copies are handed to the runner: an evicted slot therefore still holds what it h
 step, which is what an `on_evict` copy (run first, see SwapPlan) reads. A step that evicts more
 blocks than the tier has unprotected slots drops the excess, so size the tier well above one
 step's worth of blocks (max_num_batched_tokens / block_size).
+
+Preemption by swap takes slots out of the LRU altogether: `reserve(n)` hands a preempted request
+n slots of its own (evicting LRU entries for them), which nothing else may use until `release`
+gives them back. Released slots rejoin the free list only at the end of the step, because that
+step's swap-in still reads them after its swap-outs have written other slots.
+
+    every slot is exactly one of: free · an LRU entry · reserved · released this step
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ class HostTier:
         self._slot_by_hash: OrderedDict[bytes, int] = OrderedDict()   # LRU first
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._protected: set[int] = set()
+        self._reserved: set[int] = set()     # held by swapped-out requests
+        self._released: list[int] = []       # given back this step; free at end_step
         self.num_evicted = 0
 
     def __len__(self) -> int:
@@ -69,13 +78,46 @@ class HostTier:
         self._protected.add(slot)
         return slot
 
+    def reserve(self, num_slots: int) -> list[int] | None:
+        """`num_slots` slots for a request swapped out by preemption, evicting LRU entries as needed;
+        None (changing nothing) when the unprotected free and LRU slots are too few."""
+        available = len(self._free_slots) + sum(1 for slot in self._slot_by_hash.values()
+                                                 if slot not in self._protected)
+        if num_slots > available:
+            return None
+        while len(self._free_slots) < num_slots:
+            self._evict_one()
+        slots = [self._free_slots.pop() for _ in range(num_slots)]
+        self._reserved.update(slots)
+        return slots
+
+    def release(self, slots: list[int]) -> None:
+        """A swapped-out request came back in (or ended): its slots are free after this step."""
+        for slot in slots:
+            self._reserved.remove(slot)
+        self._released.extend(slots)
+
+    @property
+    def num_reserved(self) -> int:
+        return len(self._reserved)
+
     def end_step(self) -> None:
         self._protected.clear()
+        self._free_slots.extend(self._released)
+        self._released.clear()
 
     def clear(self) -> None:
+        """Forget every cached entry (a flush); reserved slots stay with their requests."""
         self._slot_by_hash.clear()
-        self._free_slots = list(range(self.num_slots - 1, -1, -1))
+        self._free_slots = [s for s in range(self.num_slots - 1, -1, -1)
+                            if s not in self._reserved and s not in self._released]
         self._protected.clear()
+
+    def check_integrity(self, reserved: set[int]) -> None:
+        """Every slot is in exactly one place; `reserved` are the slots swapped requests hold."""
+        places = [*self._free_slots, *self._slot_by_hash.values(), *self._reserved, *self._released]
+        assert sorted(places) == list(range(self.num_slots)), "a host slot is lost or in two places"
+        assert self._reserved == reserved, "host slots reserved != slots held by swapped-out requests"
 
     def _evict_one(self) -> bool:
         for block_hash, slot in self._slot_by_hash.items():
@@ -107,8 +149,18 @@ class NoHostTier(HostTier):
     def store(self, block_hash: bytes) -> int | None:
         return None
 
+    def reserve(self, num_slots: int) -> list[int] | None:
+        return None
+
+    @property
+    def num_reserved(self) -> int:
+        return 0
+
     def end_step(self) -> None:
         return None
 
     def clear(self) -> None:
         return None
+
+    def check_integrity(self, reserved: set[int]) -> None:
+        assert not reserved

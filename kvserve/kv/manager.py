@@ -13,6 +13,10 @@ request's blocks back. Blocks evicted from the pool move down the tiers by hash 
 hit (see SwapPlan): pool ──▶ host tier (host_tier.py) ──▶ disk tier (disk_tier.py) ──▶ dropped.
 `pin` keeps a computed prefix in the pool for a TTL that every hit renews
 (see pins.py); `expire_pins` lets lapsed ones go back to plain LRU caching.
+
+Preemption by swap: `swap_out` copies a running request's blocks to host slots of its own and
+frees them; `swap_in` gives it fresh blocks and copies them back, so it resumes where it stopped
+instead of being recomputed. Both are copy orders in the step's SwapPlan.
 """
 
 from __future__ import annotations
@@ -96,6 +100,8 @@ class KVCacheStats:
     num_disk_blocks: int = 0       # blocks held in the disk tier now
     disk_hit_blocks: int = 0       # blocks copied back from the disk tier (since start)
     blocks_evicted_disk: int = 0   # disk-tier files dropped to make room (since start)
+    num_swapped_requests: int = 0  # preempted requests whose blocks wait in the host tier now
+    blocks_swapped_out: int = 0    # blocks copied out by preemption (since start)
 
     @property
     def usage(self) -> float:
@@ -119,8 +125,8 @@ class KVCacheManager:
         self._pins_released_for_budget = 0
         self._evicted_lru = 0
         self._evicted_flush = 0
-        self.host = (HostTier(num_host_blocks, on_evict=self._on_host_evict)
-                     if num_host_blocks and enable_prefix_caching else NoHostTier())
+        # Without prefix caching the host tier stores no evicted prefixes, only swapped-out requests.
+        self.host = HostTier(num_host_blocks, on_evict=self._on_host_evict) if num_host_blocks else NoHostTier()
         self.disk = (DiskTier(num_disk_blocks, on_evict=self._on_disk_evict)
                      if num_disk_blocks and self.host.num_slots else NoDiskTier())
         self._swap_out: list[tuple[int, int]] = []
@@ -131,6 +137,8 @@ class KVCacheManager:
         self._host_hits = 0
         self._disk_hits = 0
         self._block_ids: dict[str, list[int]] = {}
+        self._swapped: dict[str, list[int]] = {}   # request id → its host slots, block by block
+        self._blocks_swapped_out = 0
         self._num_published: dict[str, int] = {}   # leading blocks already offered to the cache
         self._queried_tokens = 0
         self._hit_tokens = 0
@@ -150,6 +158,7 @@ class KVCacheManager:
                             len(self.pins), self._pins_expired, self._pins_released_for_budget,
                             self._evicted_lru, self._evicted_flush, self.host.num_slots, len(self.host),
                             self._host_hits, self.host.num_evicted,
+                            num_swapped_requests=len(self._swapped), blocks_swapped_out=self._blocks_swapped_out,
                             disk_capacity_blocks=self.disk.num_blocks, num_disk_blocks=len(self.disk),
                             disk_hit_blocks=self._disk_hits, blocks_evicted_disk=self.disk.num_evicted)
 
@@ -235,10 +244,47 @@ class KVCacheManager:
         self._num_published[request.request_id] = num_full
 
     def free(self, request: Request) -> None:
-        """Give all of the request's blocks back, tail first (see BlockPool)."""
+        """Give all of the request's blocks back, tail first (see BlockPool), and its host slots if
+        it was swapped out."""
         block_ids = self._block_ids.pop(request.request_id, [])
         self._num_published.pop(request.request_id, None)
         self.pool.free(reversed(block_ids), self.prefix_cache.is_cached)
+        slots = self._swapped.pop(request.request_id, None)
+        if slots is not None:
+            self.host.release(slots)
+
+    # ---- preemption by swap -----------------------------------------------------------------------
+    def is_swapped(self, request: Request) -> bool:
+        return request.request_id in self._swapped
+
+    def swap_out(self, request: Request) -> bool:
+        """Copy the request's blocks to host slots reserved for it and free them. False (nothing
+        changed) when the host tier cannot hold them; the caller then recomputes instead."""
+        block_ids = self._block_ids.get(request.request_id, [])
+        if not block_ids:
+            return False
+        slots = self.host.reserve(len(block_ids))
+        if slots is None:
+            return False
+        self._swap_out.extend(zip(block_ids, slots))
+        self.free(request)
+        self._swapped[request.request_id] = slots
+        self._blocks_swapped_out += len(slots)
+        return True
+
+    def swap_in(self, request: Request, num_new_tokens: int) -> bool:
+        """Fresh blocks for a swapped-out request's computed tokens plus `num_new_tokens`, the
+        computed ones copied back from its host slots. False (nothing changed) when the pool is short."""
+        slots = self._swapped[request.request_id]
+        num_needed = self.blocks_for(request.num_computed_tokens + num_new_tokens)
+        if num_needed > self.pool.num_free_blocks:
+            return False
+        block_ids = self.pool.allocate(num_needed)
+        self._block_ids[request.request_id] = block_ids
+        self._swap_in.extend(zip(slots, block_ids))
+        del self._swapped[request.request_id]
+        self.host.release(slots)
+        return True
 
     def pin(self, request: Request, num_tokens: int, ttl_s: float) -> int:
         """Pin the full blocks among the request's first `num_tokens` tokens for `ttl_s` seconds
@@ -344,7 +390,9 @@ class KVCacheManager:
             hashes.append(hash_block(parent, tokens[i * bs:(i + 1) * bs], extra))
 
     def check_integrity(self) -> None:
-        """Verify, from scratch, every ref count and the free queue. Raises AssertionError."""
+        """Verify, from scratch, every ref count, the free queue and the host slots. Raises AssertionError."""
+        assert not set(self._swapped) & set(self._block_ids), "a swapped-out request holds pool blocks"
+        self.host.check_integrity({slot for slots in self._swapped.values() for slot in slots})
         expected = [0] * self.num_blocks
         for block_ids in self._block_ids.values():
             assert len(set(block_ids)) == len(block_ids), f"a block table repeats a block: {block_ids}"

@@ -17,6 +17,7 @@ from kvserve.runner.kv_files import KVBlockFiles
 from kvserve.runner.sampler import Sampler
 from kvserve.sampling import SamplingParams
 from kvserve.kv.manager import SwapPlan
+from kvserve.sched.cost import PreemptionCosts
 from kvserve.sched.plan import EMPTY_MODEL_OUTPUT, ModelOutput, ScheduledChunk, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,54 @@ class ModelRunner:
         ids = [i % self.config.vocab_size for i in range(n)]
         self.score(ids, chunk_size=512)
         self.score(ids[:8], chunk_size=1)
+
+    @torch.inference_mode()
+    def measure_costs(self) -> PreemptionCosts:
+        """What preemption costs each way on this machine (see sched/cost.py), timed once after the
+        warm-up: a 256-token prefill and one-token decode steps through a private cache, and a
+        copy of 16 blocks to host memory and back, the way a swap copies them (~0.1-1 s)."""
+        import time
+
+        def synchronize() -> None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
+        n = min(256, self.config.max_position_embeddings - 4)
+        bs = self.block_size
+        num_blocks = -(-(n + 4) // bs)
+        caches = self._new_kv_caches(num_blocks)
+        ids = tuple(i % self.config.vocab_size for i in range(n + 4))
+
+        def forward(start: int, end: int) -> float:
+            chunk = ScheduledChunk("measure", ids[start:end], start, tuple(range(num_blocks)), False, SamplingParams())
+            inputs = prepare_inputs(SchedulerOutput((chunk,)), bs, self.device)
+            synchronize()
+            started = time.perf_counter()
+            self.model(inputs.input_ids, inputs.positions, caches, inputs.metadata)
+            synchronize()
+            return time.perf_counter() - started
+
+        prefill_s = forward(0, n)
+        decode_s = min(forward(n + i, n + i + 1) for i in range(3))
+        count = min(16, num_blocks)
+        k = caches[0][0][:count]
+        host = torch.empty(k.shape, dtype=k.dtype, pin_memory=self.device.type == "cuda")
+        synchronize()
+        started = time.perf_counter()
+        for key, value in caches:
+            host.copy_(key[:count])
+            key[:count].copy_(host, non_blocking=True)
+            host.copy_(value[:count])
+            value[:count].copy_(host, non_blocking=True)
+        synchronize()
+        copy_s = max(time.perf_counter() - started, 1e-6)
+        per_block = kv_bytes_per_block(self.config, bs, self.dtype)
+        costs = PreemptionCosts(copy_bytes_per_s=2 * count * per_block / copy_s,
+                                prefill_tokens_per_s=n / max(prefill_s, 1e-6),
+                                decode_step_s=max(decode_s, 1e-6), bytes_per_block=per_block)
+        log.info("measured: prefill %.0f tokens/s, decode step %.1f ms, KV copy %.2f GB/s (%d bytes per block)",
+                 costs.prefill_tokens_per_s, 1e3 * costs.decode_step_s, costs.copy_bytes_per_s / 1e9, per_block)
+        return costs
 
     @torch.inference_mode()
     def score(self, token_ids: list[int], chunk_size: int = 512) -> torch.Tensor:

@@ -56,3 +56,59 @@ class BackgroundGovernor:
 
     def allowance(self) -> float:
         return math.floor(self.budget)
+
+
+class PreemptionCosts:
+    """What preempting a request costs each way, from figures measured on this machine at start-up
+    (ModelRunner.measure_costs), and the per-step service estimates the cache-aware order uses:
+
+        swap       2 × (its blocks × bytes per block) / copy bandwidth        (out now, back in later)
+        recompute  (its computed tokens − those in blocks other requests hold) / prefill speed
+
+    Blocks that other requests also hold stay in the pool, so a recompute finds them as a prefix
+    hit; the rest must be run through the model again. The cheaper one is chosen per request
+    (--preemption-mode auto); swap needs room in the host tier (--kv-host-memory), and falls back
+    to recompute when it has none.
+
+    The prefill and decode figures are then followed step by step (an exponential average of the
+    measured steps), so the estimates track longer contexts and a busier machine."""
+
+    SMOOTHING = 0.1
+
+    def __init__(self, copy_bytes_per_s: float, prefill_tokens_per_s: float, decode_step_s: float,
+                 bytes_per_block: int):
+        assert copy_bytes_per_s > 0 and prefill_tokens_per_s > 0 and decode_step_s > 0
+        self.copy_bytes_per_s = copy_bytes_per_s
+        self.prefill_tokens_per_s = prefill_tokens_per_s
+        self.decode_step_s = decode_step_s
+        self.bytes_per_block = bytes_per_block
+
+    def swap_s(self, num_blocks: int) -> float:
+        return 2 * num_blocks * self.bytes_per_block / self.copy_bytes_per_s
+
+    def recompute_s(self, num_tokens: int) -> float:
+        return num_tokens / self.prefill_tokens_per_s
+
+    def choose(self, num_blocks: int, num_tokens_to_recompute: int) -> str:
+        return "swap" if self.swap_s(num_blocks) < self.recompute_s(num_tokens_to_recompute) else "recompute"
+
+    def service_s(self, num_uncached_tokens: int, num_output_tokens: int) -> float:
+        """How long a request occupies the engine, roughly: its prompt's uncached tokens at the
+        prefill speed, then one decode step per output token."""
+        return self.recompute_s(num_uncached_tokens) + num_output_tokens * self.decode_step_s
+
+    def observe(self, seconds: float, num_prefill_tokens: int, num_decode_rows: int) -> None:
+        """A step ran: a prefill-only step updates the prefill speed, a decode-only one the step time."""
+        if seconds <= 0:
+            return
+        a = self.SMOOTHING
+        if num_prefill_tokens >= 64 and not num_decode_rows:
+            self.prefill_tokens_per_s += a * (num_prefill_tokens / seconds - self.prefill_tokens_per_s)
+        elif num_decode_rows and not num_prefill_tokens:
+            self.decode_step_s += a * (seconds - self.decode_step_s)
+
+
+# Used where nothing was measured (the scheduler alone, in tests): a CPU-like machine where copying
+# a block is far cheaper than recomputing its tokens.
+DEFAULT_COSTS = PreemptionCosts(copy_bytes_per_s=5e9, prefill_tokens_per_s=2000.0, decode_step_s=0.02,
+                                bytes_per_block=256 * 1024)

@@ -1,12 +1,14 @@
 """Waiting-queue orderings, one small class each. A policy decides who is admitted next and in
 which order running requests are served (the last is preempted first); the scheduler does the rest.
-Every policy runs in two lanes (`Lanes`): foreground requests, then background ones (batch jobs)."""
+Every policy runs in two lanes (`Lanes`): foreground requests, then background ones (batch jobs).
+The cache-aware order needs the KV cache's state, so the scheduler applies it (cache_aware_order)
+over a first-come queue."""
 
 from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from kvserve.request import Request
@@ -147,7 +149,37 @@ class Lanes:
         yield from self._background
 
 
-POLICIES = {"fcfs": FCFSPolicy, "priority": PriorityPolicy}
+def cache_aware_order(requests: list[Request], now: float, cached_tokens: Callable[[Request], int],
+                      service_s: Callable[[Request, int], float], aging_factor: float) -> list[Request]:
+    """The cache-aware order, with aging (the scheduler supplies cache state and service estimates).
+
+    Each request has an estimated service time S (its uncached prompt tokens at the measured
+    prefill speed, plus its output at the measured decode step time; cached or in-flight prefix
+    tokens cost nothing) and a deadline, arrival + aging_factor × S.
+
+      - Requests past their deadline come first, earliest deadline first.
+      - The others go by highest response ratio, (wait + S) / S (HRRN): a cached prefix makes S
+        small, so its request rises fast, and every request's ratio grows while it waits.
+
+    The bound (docs/scheduling.md): a request is passed over only by requests whose deadline is
+    earlier, once its own has passed. Its queue time is therefore at most aging_factor × S plus
+    the time to serve the requests with earlier deadlines that wait beside it, which on a server
+    below saturation is the queueing FCFS would give them too."""
+    overdue, rest = [], []
+    for request in requests:
+        service = max(service_s(request, cached_tokens(request)), 1e-3)
+        deadline = request.arrival_time + aging_factor * service
+        if now >= deadline:
+            overdue.append((deadline, request.arrival_time, id(request), request))
+        else:
+            ratio = (now - request.arrival_time + service) / service
+            rest.append((-ratio, request.arrival_time, id(request), request))
+    overdue.sort(key=lambda e: e[:3])
+    rest.sort(key=lambda e: e[:3])
+    return [entry[3] for entry in overdue] + [entry[3] for entry in rest]
+
+
+POLICIES = {"fcfs": FCFSPolicy, "priority": PriorityPolicy, "cache-aware": FCFSPolicy}
 
 
 def make_policy(name: str) -> Lanes:

@@ -10,9 +10,10 @@ from kvserve.kv.manager import KVCacheManager, KVCacheStats
 from kvserve.outputs import TokenDelta
 from kvserve.request import Request, RequestStatus
 from kvserve.sampling import FinishReason, InvalidRequestError
-from kvserve.sched.cost import PREFILL_TOKEN_UNITS, BackgroundGovernor
+from kvserve.sched.cost import DEFAULT_COSTS, PREFILL_TOKEN_UNITS, BackgroundGovernor, PreemptionCosts
+from kvserve.sched.fair import VirtualClock, fair_caps
 from kvserve.sched.plan import ModelOutput, ScheduledChunk, SchedulerOutput
-from kvserve.sched.policy import make_policy
+from kvserve.sched.policy import cache_aware_order, make_policy
 
 
 @dataclass
@@ -22,9 +23,12 @@ class _StepBudget:
 
     tokens: int
     background: float | None = None
+    tenant_caps: dict | None = None   # tokens each tenant may still take (fair shares), None: no caps
 
     def grant(self, request: Request, wanted: int) -> int:
         num = min(wanted, self.tokens)
+        if self.tenant_caps is not None:
+            num = min(num, self.tenant_caps.get(request.tenant, 0))
         if not request.background or self.background is None:
             return num
         if num == 1:
@@ -33,6 +37,8 @@ class _StepBudget:
 
     def spend(self, request: Request, num_tokens: int) -> None:
         self.tokens -= num_tokens
+        if self.tenant_caps is not None:
+            self.tenant_caps[request.tenant] = self.tenant_caps.get(request.tenant, 0) - num_tokens
         if request.background and self.background is not None:
             self.background -= BackgroundGovernor.units(*((1, 0) if num_tokens == 1 else (0, num_tokens)))
 
@@ -44,10 +50,17 @@ class SchedulerStats:
     num_preemptions: int   # since start
     kv: KVCacheStats
     num_computed_tokens: int = 0   # tokens run through the model since start (recomputation included)
+    num_preemptions_swap: int = 0        # preemptions whose blocks went to the host tier
+    num_preemptions_recompute: int = 0   # preemptions whose tokens are run again
+    bytes_swapped_out: int = 0           # KV bytes copied to the host tier by preemption
+    tenant_tokens: dict | None = None    # tokens run per tenant since start (None: no tenants)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 costs: PreemptionCosts | None = None, clock=time.monotonic):
+        """`costs`: measured on this machine (ModelRunner.measure_costs); `clock` is injectable so
+        that aging is testable without sleeping."""
         self.config = config
         self.kv = kv
         # A request can never outgrow the whole pool, so the pool caps the context too.
@@ -62,6 +75,15 @@ class Scheduler:
         self._governed = False                  # the step being planned carries governed background work
         self._foreground_seen = float("-inf")   # when foreground work was last seen (monotonic)
         self.num_prefix_waits = 0   # admissions deferred because the prefix was being computed
+        self.costs = costs or PreemptionCosts(DEFAULT_COSTS.copy_bytes_per_s, DEFAULT_COSTS.prefill_tokens_per_s,
+                                              DEFAULT_COSTS.decode_step_s, DEFAULT_COSTS.bytes_per_block)
+        self.clock = clock
+        self._preemptions_by_mode = {"swap": 0, "recompute": 0}
+        self.virtual = VirtualClock()                 # weighted fair queuing between tenants
+        self._tenant_requests: dict = {}              # tenant → its live requests (running or waiting)
+        self._tenant_tokens: dict = {}                # tenant → tokens run since start
+        self._weights: dict = {}                      # this step's weight per tenant with work
+        self._order: list[Request] = []               # this step's admission order
 
     # ---- intake ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -72,6 +94,10 @@ class Scheduler:
                 f"the prompt has {request.num_prompt_tokens} tokens; this model's context allows at most "
                 f"{self.max_model_len - 1} prompt tokens (--max-model-len {self.max_model_len})", "messages")
         self.requests[request.request_id] = request
+        if request.tenant not in self._tenant_requests:
+            self.virtual.activate(request.tenant, set(self._tenant_requests))
+            self._tenant_requests[request.tenant] = 0
+        self._tenant_requests[request.tenant] += 1
         self.waiting.add(request)
 
     def abort(self, request_id: str) -> bool:
@@ -89,23 +115,28 @@ class Scheduler:
         num_tokens, within a shared budget of max_num_batched_tokens. A new prompt therefore
         runs in chunks of whatever budget is left; a prefix-cache hit simply starts the count
         further along; a decoding request needs exactly one token. Running requests are served
-        first, in order; when the pool runs dry the policy's victim is preempted (its blocks are
-        freed and it waits to be recomputed). New requests are admitted only from what is left,
+        first, in order; when the pool runs dry the policy's victim is preempted. New requests are admitted only from what is left,
         and not at all in a step that had to preempt.
 
-        Background requests (batch jobs) fill what foreground ones leave: before anything is
-        scheduled, running background requests give their seats and blocks to waiting foreground
-        ones (_make_room_for_foreground); while a foreground prompt is being prefilled they sit the
+        Before anything is scheduled, a waiting request takes the seat and blocks of running
+        requests it outranks (_make_room: foreground over background, a higher priority under the
+        priority policy, a tenant below its fair share over one above it); preempted requests are
+        swapped out or recomputed, whichever costs less. When several tenants have work, each
+        takes at most its weighted share of the step's tokens (fair.py).
+
+        Background requests (batch jobs) fill what foreground ones leave; while a foreground prompt is being prefilled they sit the
         step out, so that its first token comes as fast as on an idle engine; and while foreground
         requests are around, background work is cut so that a step takes at most
         `background_step_factor` times the fastest recent step (BackgroundGovernor), which bounds
         how long a newly arriving request waits for the step in flight.
         """
         self.kv.expire_pins()
-        self._make_room_for_foreground()
+        self._weights = self._tenant_weights()
+        self._order = self._admission_order()
+        self._make_room()
         background = self._background_allowance()
         self._governed = background is not None and background > 0
-        budget = _StepBudget(self.config.max_num_batched_tokens, background)
+        budget = _StepBudget(self.config.max_num_batched_tokens, background, self._tenant_caps())
         chunks: list[ScheduledChunk] = []
         preempted = self._schedule_running(budget, chunks)
         if not preempted:
@@ -113,26 +144,145 @@ class Scheduler:
         finished, self._finished_ids = frozenset(self._finished_ids), set()
         return SchedulerOutput(tuple(chunks), finished, self.kv.take_swaps())
 
-    def _make_room_for_foreground(self) -> None:
-        """While a waiting foreground request lacks a seat or KV blocks, the running background
-        request that would be preempted first goes back to wait (its blocks free at once)."""
-        background = [r for r in self.running if r.background]
-        if not background:
+    # ---- who outranks whom --------------------------------------------------------------------
+    def _outranks(self, waiting: Request, running: Request, seats: dict) -> bool:
+        """May `waiting` take the seat and blocks of `running`? Foreground outranks background; under
+        the priority policy a lower `priority` value outranks a higher one; between equals, a
+        tenant below its fair share of seats outranks one above it (`seats`: running per tenant)."""
+        if waiting.background != running.background:
+            return running.background
+        if self.config.policy == "priority" and waiting.priority != running.priority:
+            return waiting.priority < running.priority
+        if waiting.tenant == running.tenant or len(self._tenant_requests) < 2:
+            return False
+        return (seats.get(waiting.tenant, 0) + 1 <= self._fair_seats(waiting.tenant)
+                and seats.get(running.tenant, 0) > self._fair_seats(running.tenant))
+
+    def _fair_seats(self, tenant) -> float:
+        return self.config.max_num_seqs * self._weights[tenant] / sum(self._weights.values())
+
+    def _tenant_weights(self) -> dict:
+        weights: dict = {}
+        for request in self.requests.values():
+            weights[request.tenant] = max(weights.get(request.tenant, 0.0), request.weight)
+        return weights
+
+    def _make_room(self) -> None:
+        """A waiting request that lacks a seat or KV blocks takes them from running requests it
+        outranks (see _outranks), the least important first (the end of the policy's running
+        order), if that frees enough; otherwise nobody is preempted for it. Waiting requests are
+        considered in admission order, until one cannot be placed."""
+        if not self.waiting or not self.running:
             return
-        seats = self.config.max_num_seqs - len(self.running)
+        self.waiting.order_running(self.running)
+        seats_free = self.config.max_num_seqs - len(self.running)
         free = self.kv.stats().num_free_blocks
-        for request in self.waiting.foreground():
+        seats: dict = {}
+        for request in self.running:
+            seats[request.tenant] = seats.get(request.tenant, 0) + 1
+        for request in self._waiting_in_order():
             need = self.kv.blocks_for(request.num_tokens + 1)
-            while background and (seats < 1 or free < need):
-                victim = background.pop()
-                free += self.kv.num_sole_blocks(victim)
-                seats += 1
-                self.running.remove(victim)
-                self._requeue(victim)
-            if seats < 1 or free < need:
-                return
-            seats -= 1
+            if seats_free < 1 or free < need:
+                victims, gain_seats, gain_blocks = [], 0, 0
+                for victim in reversed(self.running):
+                    if seats_free + gain_seats >= 1 and free + gain_blocks >= need:
+                        break
+                    if self._outranks(request, victim, seats):
+                        victims.append(victim)
+                        gain_seats += 1
+                        gain_blocks += self.kv.num_sole_blocks(victim)
+                if seats_free + gain_seats < 1 or free + gain_blocks < need:
+                    return
+                for victim in victims:
+                    self._preempt(victim)
+                    seats[victim.tenant] -= 1
+                seats_free += gain_seats
+                free += gain_blocks
+            seats_free -= 1
             free -= need
+            seats[request.tenant] = seats.get(request.tenant, 0) + 1
+
+    def _tenant_caps(self) -> dict | None:
+        """Fair shares of this step's tokens, when two or more tenants have work (see fair.py)."""
+        if len(self._tenant_requests) < 2:
+            return None
+        demands: dict = {}
+        for request in self.requests.values():
+            demands[request.tenant] = demands.get(request.tenant, 0) + request.num_tokens - request.num_computed_tokens
+        return fair_caps(demands, self._weights, self.config.max_num_batched_tokens)
+
+    # ---- admission order ----------------------------------------------------------------------
+    def _waiting_in_order(self):
+        """This step's admission order (computed once per step), without requests that left the
+        queue since, nor those preempted in this step (they wait at least one step)."""
+        for request in self._order:
+            if request.status == RequestStatus.WAITING or (
+                    request.status == RequestStatus.PREEMPTED and request.request_id in self.requests):
+                yield request
+
+    def _admission_order(self) -> list[Request]:
+        """Waiting requests in the order admission considers them: the policy's order (for
+        cache-aware, cached prefixes first with aging, see policy.cache_aware_order); then, when
+        several tenants wait, interleaved by weighted fair queuing within each lane and priority."""
+        order = list(self.waiting)
+        if self.config.policy == "cache-aware" and len(order) > 1:
+            in_flight = self._prefix_blocks_in_flight(set())
+            now = self.clock()
+            foreground = [r for r in order if not r.background]
+            background = [r for r in order if r.background]
+            order = [*self._cache_aware(foreground, now, in_flight), *self._cache_aware(background, now, in_flight)]
+        if len({r.tenant for r in order}) > 1:
+            order = self._interleave_tenants(order)
+        return order
+
+    def _cache_aware(self, requests: list[Request], now: float, in_flight: set[bytes]) -> list[Request]:
+        def cached(request: Request) -> int:
+            if self.kv.is_swapped(request):
+                return request.num_computed_tokens
+            hit = self.kv.match(request)
+            n = hit.num_blocks
+            usable = (request.num_tokens - 1) // self.kv.block_size
+            while n < usable and request.block_hashes[n] in in_flight:
+                n += 1
+            return n * self.kv.block_size
+
+        def service(request: Request, num_cached: int) -> float:
+            output = min(request.sampling_params.max_tokens - request.num_output_tokens, 256)
+            return self.costs.service_s(request.num_tokens - num_cached, max(output, 1))
+
+        return cache_aware_order(requests, now, cached, service, self.config.aging_factor)
+
+    def _interleave_tenants(self, order: list[Request]) -> list[Request]:
+        """Weighted fair queuing: within each class (lane, and priority under the priority policy),
+        the tenant with the least virtual time goes next, charged its request's uncomputed tokens."""
+        def klass(request: Request) -> tuple:
+            return request.background, request.priority if self.config.policy == "priority" else 0
+
+        result: list[Request] = []
+        clock = dict(self.virtual.time)
+        seats: dict = {}
+        for request in self.running:
+            seats[request.tenant] = seats.get(request.tenant, 0) + 1
+        i = 0
+        while i < len(order):
+            j = i
+            while j < len(order) and klass(order[j]) == klass(order[i]):
+                j += 1
+            queues: dict = {}
+            for request in order[i:j]:
+                queues.setdefault(request.tenant, []).append(request)
+            heads = {tenant: 0 for tenant in queues}
+            while heads:
+                tenant = min(heads, key=lambda t: (clock.get(t, 0.0), seats.get(t, 0) / self._weights.get(t, 1.0),
+                                                   list(queues).index(t)))
+                request = queues[tenant][heads[tenant]]
+                result.append(request)
+                clock[tenant] = clock.get(tenant, 0.0) + (request.num_tokens - request.num_computed_tokens) / request.weight
+                heads[tenant] += 1
+                if heads[tenant] == len(queues[tenant]):
+                    del heads[tenant]
+            i = j
+        return result
 
     def _background_allowance(self) -> float | None:
         """Background work a step may carry: none while a foreground prompt is prefilled; the
@@ -153,6 +303,8 @@ class Scheduler:
         """The engine core reports how long each step took (the background governor learns)."""
         if not plan.chunks:
             return
+        all_rows = sum(1 for chunk in plan.chunks if chunk.num_tokens == 1)
+        self.costs.observe(seconds, plan.num_batched_tokens - all_rows, all_rows)
         rows = prefill = 0
         for chunk in plan.chunks:
             request = self.requests.get(chunk.request_id)
@@ -161,15 +313,28 @@ class Scheduler:
         self.governor.observe(seconds, BackgroundGovernor.units(rows, prefill), self._governed)
 
     def _schedule_running(self, budget: "_StepBudget", chunks: list[ScheduledChunk]) -> bool:
-        """Serve running requests in policy order; True if a request had to be preempted."""
+        """Serve running requests in policy order; True if a request had to be preempted. A
+        running prompt that a waiting request outranks sits the step out (its decodes still run),
+        so that the waiting one's prompt gets the step's tokens at once."""
         preempted = False
         self.waiting.order_running(self.running)
+        first_waiting = next(self._waiting_in_order(), None)
+        seats: dict = {}
+        if first_waiting is not None:
+            for request in self.running:
+                seats[request.tenant] = seats.get(request.tenant, 0) + 1
         i = 0
         while i < len(self.running) and budget.tokens > 0:
             request = self.running[i]
             num_new = budget.grant(request, request.num_pending_tokens)
+            if num_new > 1 and first_waiting is not None and not first_waiting.background \
+                    and self._outranks(first_waiting, request, seats) and not request.background:
+                num_new = 0
             if num_new <= 0:
-                break   # background work, left out of this step; it comes last in the order
+                if request.background:
+                    break   # background work, left out of this step; it comes last in the order
+                i += 1      # over its tenant's share of the step, or outranked: it waits a step
+                continue
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running[-1]   # the least important (see policy.order_running)
                 self._preempt(victim)
@@ -191,11 +356,21 @@ class Scheduler:
         if not self.waiting:
             return
         in_flight = self._prefix_blocks_in_flight({chunk.request_id for chunk in chunks})
-        for request in list(self.waiting):
+        for request in list(self._waiting_in_order()):
             if budget.tokens <= 0 or len(self.running) >= self.config.max_num_seqs:
                 return
             if request.background and any(not r.background for r in self.waiting):
                 return   # background work never takes what a waiting foreground request will need
+            if self.kv.is_swapped(request):
+                num_new = budget.grant(request, request.num_tokens - request.num_computed_tokens)
+                if num_new <= 0:
+                    if request.background:
+                        return
+                    continue
+                if not self.kv.swap_in(request, num_new):
+                    return
+                self._start_running(request, budget, chunks, num_new)
+                continue
             hit = self.kv.match(request)
             usable = (request.num_tokens - 1) // self.kv.block_size    # blocks a hit may cover (see match)
             if hit.num_blocks < usable and request.block_hashes[hit.num_blocks] in in_flight:
@@ -204,7 +379,10 @@ class Scheduler:
             num_cached = hit.num_blocks * self.kv.block_size
             num_new = budget.grant(request, request.num_tokens - num_cached)
             if num_new <= 0:
-                return   # background work, left out of this step (only background waits behind it)
+                if request.background:
+                    return   # background work, left out of this step (only background waits behind it)
+                continue     # its tenant's share of the step is spent
+
             while not self.kv.allocate_slots(request, num_new, hit):
                 # Nothing running will free blocks: pinned prefixes give way rather than starve it.
                 if self.running or not self.kv.release_oldest_pin():
@@ -212,16 +390,21 @@ class Scheduler:
                 hit = self.kv.match(request)
                 num_cached = hit.num_blocks * self.kv.block_size
                 num_new = budget.grant(request, request.num_tokens - num_cached)
-            self.waiting.remove(request)
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = min(num_cached, request.num_prompt_tokens)
-                request.first_scheduled_time = time.monotonic()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            chunks.append(self._chunk(request, num_new))
-            budget.spend(request, num_new)
+            self._start_running(request, budget, chunks, num_new)
             in_flight.update(self._uncomputed_prompt_blocks(request))
+
+    def _start_running(self, request: Request, budget: "_StepBudget", chunks: list[ScheduledChunk],
+                       num_new: int) -> None:
+        self.waiting.remove(request)
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = self.clock()
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        chunks.append(self._chunk(request, num_new))
+        budget.spend(request, num_new)
 
     def _prefix_blocks_in_flight(self, scheduled: set[str]) -> set[bytes]:
         """Hashes of the full prompt blocks running prefills have yet to compute. A background
@@ -262,6 +445,8 @@ class Scheduler:
             request.num_computed_tokens += chunk.num_tokens
             request.num_tokens_run += chunk.num_tokens
             self._num_computed_tokens += chunk.num_tokens
+            self._tenant_tokens[request.tenant] = self._tenant_tokens.get(request.tenant, 0) + chunk.num_tokens
+            self.virtual.charge(request.tenant, chunk.num_tokens, request.weight)
             self.kv.cache_full_blocks(request)
             self._apply_checkpoints(request)
             if not chunk.samples:
@@ -301,19 +486,34 @@ class Scheduler:
         self.kv.free(request)
         del self.requests[request.request_id]
         self._finished_ids.add(request.request_id)
+        self._tenant_requests[request.tenant] -= 1
+        if not self._tenant_requests[request.tenant]:
+            del self._tenant_requests[request.tenant]
+            self.virtual.forget_idle(set(self._tenant_requests))
 
     def _preempt(self, request: Request) -> None:
+        """Take a running request off the running list to wait again: its blocks are swapped out
+        to the host tier, or freed to be recomputed, whichever costs less (see cost.py)."""
         self.running.remove(request)
-        self._requeue(request)
-
-    def _requeue(self, request: Request) -> None:
-        """A request taken off the running list waits again, to be recomputed (its blocks freed)."""
-        self.kv.free(request)
-        request.num_computed_tokens = 0
+        if self._preemption_mode(request) == "swap" and self.kv.swap_out(request):
+            mode = "swap"
+        else:
+            self.kv.free(request)
+            request.num_computed_tokens = 0
+            mode = "recompute"
+        self._preemptions_by_mode[mode] += 1
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self._num_preemptions += 1
         self.waiting.requeue(request)
+
+    def _preemption_mode(self, request: Request) -> str:
+        mode = self.config.preemption_mode
+        if mode != "auto" or not self.kv.host.num_slots:
+            return mode
+        num_blocks = len(self.kv.block_ids(request.request_id))
+        shared = num_blocks - self.kv.num_sole_blocks(request)
+        return self.costs.choose(num_blocks, max(0, request.num_computed_tokens - shared * self.kv.block_size))
 
     # ---- introspection -----------------------------------------------------------------------
     @property
@@ -321,8 +521,12 @@ class Scheduler:
         return bool(self.requests)
 
     def stats(self) -> SchedulerStats:
-        return SchedulerStats(len(self.running), len(self.waiting), self._num_preemptions, self.kv.stats(),
-                              self._num_computed_tokens)
+        kv = self.kv.stats()
+        return SchedulerStats(len(self.running), len(self.waiting), self._num_preemptions, kv,
+                              self._num_computed_tokens, self._preemptions_by_mode["swap"],
+                              self._preemptions_by_mode["recompute"],
+                              kv.blocks_swapped_out * self.costs.bytes_per_block,
+                              dict(self._tenant_tokens) if any(t is not None for t in self._tenant_tokens) else None)
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
@@ -333,3 +537,11 @@ class Scheduler:
         for request in self.waiting:
             assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
             assert not self.kv.block_ids(request.request_id), f"waiting {request} holds blocks"
+            if self.kv.is_swapped(request):
+                assert request.num_computed_tokens > 0, request
+            else:
+                assert request.num_computed_tokens == 0, f"waiting {request} claims computed tokens"
+        live: dict = {}
+        for request in self.requests.values():
+            live[request.tenant] = live.get(request.tenant, 0) + 1
+        assert live == self._tenant_requests, (live, self._tenant_requests)

@@ -13,7 +13,8 @@ from kvserve.model.checkpoint import Checkpoint, load_checkpoint
 
 _CACHE_OPTIONS = {"block_size", "num_blocks", "memory_bytes", "enable_prefix_caching", "host_memory_bytes",
                   "disk_dir", "disk_num_blocks"}
-_SCHEDULER_OPTIONS = {"max_num_batched_tokens", "max_num_seqs", "max_model_len", "policy"}
+_SCHEDULER_OPTIONS = {"max_num_batched_tokens", "max_num_seqs", "max_model_len", "policy", "preemption_mode",
+                      "aging_factor"}
 
 
 @functools.cache

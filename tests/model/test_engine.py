@@ -151,22 +151,39 @@ def test_greedy_output_independent_of_chunk_size(reference, max_num_batched_toke
     assert_all_blocks_free(engine)
 
 
-def test_greedy_and_seeded_output_unchanged_under_forced_preemption():
+@pytest.fixture(scope="module")
+def preemption_case():
     rng = random.Random(7)
     prompts = [[rng.randrange(256) for _ in range(rng.randint(90, 110))] for _ in range(16)]
     params = [SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True) if i % 2 else
               SamplingParams(max_tokens=32, temperature=0.8, seed=100 + i, ignore_eos=True)
               for i in range(16)]
-    expected = run_tokens(make_engine(), prompts, params)
+    return prompts, params, run_tokens(make_engine(), prompts, params)
 
-    engine = make_engine(num_blocks=24, block_size=16)    # 384 token slots for 16 x ~132 tokens
+
+@pytest.mark.parametrize("mode", ["recompute", "swap", "auto"])
+def test_greedy_and_seeded_output_unchanged_under_forced_preemption(preemption_case, mode):
+    """Never preempted (the reference), preempted by recompute, by swap to the host tier, or by
+    whichever the measured costs pick: the same tokens."""
+    prompts, params, expected = preemption_case
+    # 384 token slots for 16 x ~132 tokens; the host tier holds what swaps copy out.
+    engine = make_engine(num_blocks=24, block_size=16, preemption_mode=mode,
+                         host_memory_bytes=0 if mode == "recompute" else 4 << 20)
     outputs = run_all(engine, prompts, params, check=True)
-    assert engine.stats().num_preemptions > 0
+    stats = engine.stats()
+    assert stats.num_preemptions > 0
     assert [tokens_of(o) for o in outputs] == expected
     assert all(len(tokens_of(o)) == 32 for o in outputs)
-    # Recompute is counted: some request ran more tokens than prompt + outputs - 1.
-    assert any(final(o).stats.num_computed_tokens > len(p) + 31 - final(o).stats.num_cached_tokens
-               for o, p in zip(outputs, prompts))
+    if mode == "recompute":
+        assert stats.num_preemptions_swap == 0 and stats.bytes_swapped_out == 0
+        # Recompute is counted: some request ran more tokens than prompt + outputs - 1.
+        assert any(final(o).stats.num_computed_tokens > len(p) + 31 - final(o).stats.num_cached_tokens
+                   for o, p in zip(outputs, prompts))
+    else:   # on a CPU, copying a block costs far less than recomputing it: auto swaps too
+        assert stats.num_preemptions_swap > 0 and stats.bytes_swapped_out > 0
+    if mode == "swap":
+        assert stats.num_preemptions_recompute == 0
+    assert stats.kv.num_swapped_requests == 0
     assert_all_blocks_free(engine)
 
 

@@ -16,9 +16,10 @@ import pytest
 
 
 def make_core(num_blocks=64, block_size=4, budget=32, max_seqs=8, prefix=True, max_model_len=4096, host_blocks=0,
-              disk_blocks=0, policy="fcfs"):
+              disk_blocks=0, policy="fcfs", preemption="auto"):
     kv = KVCacheManager(num_blocks, block_size, prefix, num_host_blocks=host_blocks, num_disk_blocks=disk_blocks)
-    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, policy=policy)
+    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, policy=policy,
+                             preemption_mode=preemption)
     scheduler = Scheduler(config, kv, max_model_len)
     return EngineCore(scheduler, FakeRunner(num_blocks, block_size))
 
@@ -135,14 +136,17 @@ ops = st.lists(
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops, num_blocks=st.integers(4, 24), block_size=st.sampled_from([1, 2, 4, 8]),
        budget=st.integers(1, 40), prefix=st.booleans(), host_blocks=st.sampled_from([0, 0, 2, 8, 32]),
-       disk_blocks=st.sampled_from([0, 3, 16]), policy=st.sampled_from(["fcfs", "priority"]))
+       disk_blocks=st.sampled_from([0, 3, 16]), policy=st.sampled_from(["fcfs", "priority", "cache-aware"]),
+       preemption=st.sampled_from(["auto", "swap", "recompute"]), tenants=st.integers(1, 3))
 def test_random_arrivals_aborts_and_preemptions_keep_invariants(ops, num_blocks, block_size, budget, prefix,
-                                                                host_blocks, disk_blocks, policy):
+                                                                host_blocks, disk_blocks, policy, preemption,
+                                                                tenants):
     """Whatever happens, no block leaks, ref counts stay exact, and every completed request's
     output equals running it alone (the fake runner reads every context back through the block
-    tables, so a wrong prefix hit or host- or disk-tier copy would change the output)."""
+    tables, so a wrong prefix hit, host- or disk-tier copy or swap would change the output).
+    With several tenants, fair shares and fair-share preemption are in the mix too."""
     core = make_core(num_blocks=num_blocks, block_size=block_size, budget=budget, max_seqs=6, prefix=prefix,
-                     host_blocks=host_blocks, disk_blocks=disk_blocks, policy=policy)
+                     host_blocks=host_blocks, disk_blocks=disk_blocks, policy=policy, preemption=preemption)
     bases = [[1, 2, 3, 4, 5, 6, 7, 8] * 5, [9, 8, 7] * 14, [5] * 40, list(range(40))]
     added, outputs = [], {}
     for op in ops:
@@ -151,7 +155,8 @@ def test_random_arrivals_aborts_and_preemptions_keep_invariants(ops, num_blocks,
             prompt = bases[base][:length]
             rid = f"r{len(added)}"
             try:
-                core.scheduler.add_request(request(rid, prompt, max_tokens, priority=(len(added) * 7) % 3))
+                core.scheduler.add_request(request(rid, prompt, max_tokens, priority=(len(added) * 7) % 3,
+                                                   tenant=f"t{len(added) % tenants}", weight=1 + len(added) % 2))
             except InvalidRequestError:
                 continue   # prompt longer than this tiny pool can ever hold
             added.append((rid, prompt, max_tokens))
