@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvserve.config import ServerConfig
 from kvserve.engine.async_engine import AsyncEngine, EngineDeadError
 from kvserve.sampling import InvalidRequestError
-from kvserve.server.auth import ApiKeys, Principal, RateLimits, authenticate, require_admin
+from kvserve.server.auth import ApiKeys, Principal, RateLimits, TenantLimits, authenticate, require_admin
 from kvserve.batch.runner import BatchRunner
 from kvserve.batch.store import BatchStore
 from kvserve.server.batch_api import LineExecutor, register_batch
@@ -168,6 +168,8 @@ def create_app(config: ServerConfig, load_models: ModelLoader, api_keys: ApiKeys
     app.state.config = config
     app.state.api_keys = api_keys
     app.state.rate_limits = RateLimits()
+    # per tenant: requests in flight and token buckets; the limits are read from the keys in force
+    app.state.tenant_limits = TenantLimits(lambda: app.state.api_keys)
     app.state.models = {}
     app.state.load_error = None
     app.state.engine_error = None
@@ -202,7 +204,8 @@ def _install(app: FastAPI, engines: dict[str, AsyncEngine]) -> None:
         log.error("%s", error)
         _fatal(app, f"the routers could not be built: {error}", "load_error")
         return
-    app.state.serving = OpenAIServing(app.state.models, app.state.config, app.state.metrics, routers)
+    app.state.serving = OpenAIServing(app.state.models, app.state.config, app.state.metrics, routers,
+                                      app.state.tenant_limits)
     loop = asyncio.get_running_loop()
     for name, engine in engines.items():
         engine.on_fatal(lambda error, name=name: loop.call_soon_threadsafe(

@@ -13,7 +13,9 @@ draining on SIGTERM, reloading the keys on SIGHUP, and a non-zero exit when an e
                          streams in flight may finish within --shutdown-timeout, the rest are
                          aborted (each ends with finish_reason "abort"); then exit 0
         SIGINT       ──▶ uvicorn's own quick shutdown
-        SIGHUP       ──▶ the --api-keys file is read again (a bad file keeps the old keys)
+        SIGHUP       ──▶ the --api-keys file is read again (a bad file keeps the old keys); the
+                         tenants' new limits apply to the next request, and their
+                         requests in flight and token buckets are kept (auth.TenantLimits)
         engine dies  ──▶ every request in flight has its 503 already (AsyncEngine); /health 503;
                          exit 1, so that a supervisor restarts the process
         load fails   ──▶ exit 1 as well, with the reason logged

@@ -4,6 +4,13 @@ Per-request observations (histograms, finish-reason and rejection counters) are 
 server as requests complete. Engine state (running/waiting requests, KV usage, prefix-cache and
 preemption counters) is read from each engine's latest stats at scrape time by a custom
 collector, so nothing has to be kept in sync. One registry per app: no module globals.
+
+Per tenant (the `tenant` label: the keys file's tenant name, "" for the anonymous tenant; names
+come only from the keys file, so the label's values are bounded): tokens served (prompt and
+generated, counted as the response's usage counts them, when a request ends), the queue time
+(arrival to first scheduling) of each finished choice, and rejections by reason (the error code:
+tenant_concurrency, tenant_tokens_per_minute, exceeds_max_concurrent, exceeds_tokens_per_minute,
+queue_full, rate_limited).
 """
 
 from __future__ import annotations
@@ -35,6 +42,10 @@ class EngineStatsCollector(Collector):
         queries = CounterMetricFamily("kvserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels=["model_name"])
         hits = CounterMetricFamily("kvserve:prefix_cache_hits", "Prompt tokens served from the prefix cache", labels=["model_name"])
         preemptions = CounterMetricFamily("kvserve:num_preemptions", "Requests preempted to free KV blocks", labels=["model_name"])
+        by_mode = CounterMetricFamily("kvserve:preemptions", "Preemptions by mode: swap (KV copied to the host "
+                                      "tier) or recompute", labels=["model_name", "mode"])
+        swapped = CounterMetricFamily("kvserve:preemption_swapped_bytes", "KV bytes copied to the host tier by "
+                                      "preemption", labels=["model_name"])
         computed = CounterMetricFamily("kvserve:computed_tokens", "Tokens run through the model (recomputation "
                                        "included)", labels=["model_name"])
         pinned = GaugeMetricFamily("kvserve:prompt_cache_pinned_blocks", "KV blocks held by cache checkpoints", labels=["model_name"])
@@ -58,6 +69,9 @@ class EngineStatsCollector(Collector):
             queries.add_metric([name], kv.prefix_queried_tokens)
             hits.add_metric([name], kv.prefix_hit_tokens)
             preemptions.add_metric([name], stats.num_preemptions)
+            by_mode.add_metric([name, "swap"], stats.num_preemptions_swap)
+            by_mode.add_metric([name, "recompute"], stats.num_preemptions_recompute)
+            swapped.add_metric([name], stats.bytes_swapped_out)
             computed.add_metric([name], stats.num_computed_tokens)
             pinned.add_metric([name], kv.num_pinned_blocks)
             expired.add_metric([name], kv.pins_expired)
@@ -68,7 +82,8 @@ class EngineStatsCollector(Collector):
             budget.add_metric([name], kv.pins_released_for_budget)
             host.add_metric([name], kv.host_hit_blocks)
             disk.add_metric([name], kv.disk_hit_blocks)
-        yield from (running, waiting, usage, blocks, queries, hits, preemptions, computed, pinned, expired, budget,
+        yield from (running, waiting, usage, blocks, queries, hits, preemptions, by_mode, swapped, computed, pinned,
+                    expired, budget,
                     evicted, host, disk)
 
 
@@ -134,6 +149,13 @@ class ServerMetrics:
                                      "that ran of cost weight x (prompt + generated tokens)", labels, registry=r)
         self.compactions = Counter("kvserve:compactions", "Histories compacted, by whether the summary was new or "
                                    "reused from an earlier turn", labels + ["summary"], registry=r)
+        # Tenants (kvserve/server/auth.py): the anonymous tenant's label is "".
+        self.tenant_tokens = Counter("kvserve:tenant_tokens", "Tokens served per tenant: kind=prompt (once per "
+                                     "prompt) or generation", ["tenant", "kind"], registry=r)
+        self.tenant_queue_time = Histogram("kvserve:tenant_queue_time_seconds", "Time from arrival to first "
+                                           "scheduled, per tenant", ["tenant"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tenant_rejections = Counter("kvserve:tenant_rejections", "Requests of a tenant refused before running, "
+                                         "by reason (the error code)", ["tenant", "reason"], registry=r)
         r.register(EngineStatsCollector(engine_stats))
 
     def add_batch_source(self, runner: Callable[[], object]) -> None:

@@ -5,13 +5,20 @@ token accounting, and the timing that metrics need. The SSE endpoint, the WebSoc
 the non-streaming endpoint all consume the same `Generation.chunks()` iterator of OpenAI chunk
 dicts, so a streamed answer and a non-streamed one are built from the same deltas.
 
-    body ──▶ validate (pydantic + limits) ──▶ admission (queue cap, 429) ──▶ chat template
-         ──▶ tokenize (in a worker thread) ──▶ prompt cap ──▶ AsyncEngine.add × choices
+    body ──▶ validate (pydantic + limits) ──▶ admission (queue cap, tenant's max_concurrent: 429)
+         ──▶ chat template ──▶ tokenize (in a worker thread) ──▶ prompt cap
+         ──▶ tenant's tokens_per_minute (429) ──▶ AsyncEngine.add × choices (tenant, weight, priority)
+
+The tenant's share and limits (auth.TenantShare, from the keys file) are applied in one place,
+`OpenAIServing._start`, which every API (OpenAI, Anthropic, Bedrock, WebSocket, batch lines,
+routers) goes through; what a request holds of its tenant's limits (a TenantLease) is given back
+where its admission slots are: `Generation.close()`, or `_start` itself if it fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -24,6 +31,7 @@ from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStr
 from kvserve.outputs import RequestOutput, TokenLogprob
 from kvserve.sampling import FinishReason, InvalidRequestError, SamplingParams
 from kvserve.routing.compaction import CompactionError, CompactionPolicy, SummaryStore, compact, summary_request
+from kvserve.server.auth import TenantLease, TenantLimits, TenantShare
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.checkpoints import collect_marks, render_with_marks
 from kvserve.server.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, ContentPart,
@@ -98,10 +106,13 @@ class Generation:
 
     def __init__(self, kind: str, model: ServedModel, streams: list[RequestStream], prompt_lengths: list[int],
                  include_usage: bool, logprobs: int | None, metrics: ServerMetrics, received: float,
-                 background: bool = False):
-        """`streams` holds n choices per prompt, prompt-major; `prompt_lengths` one entry per prompt."""
+                 background: bool = False, tenant: str | None = None, lease: TenantLease | None = None):
+        """`streams` holds n choices per prompt, prompt-major; `prompt_lengths` one entry per prompt.
+        `lease`: what the request holds of its tenant's limits, released by close()."""
         self.kind = kind
         self.background = background
+        self.tenant = tenant or ""        # the metrics label ("" for the anonymous tenant)
+        self.lease = lease
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.model = model
@@ -168,7 +179,12 @@ class Generation:
         if self.background:
             self.model.background_in_flight -= len(self.choices)
         self.model.live.discard(self)
+        generated = sum(choice.num_tokens for choice in self.choices)
+        if self.lease is not None:   # the tenant's concurrency slots, and the max_tokens not used
+            self.lease.release(generated)
         try:    # after the slots are given back: accounting never holds them
+            self.metrics.tenant_tokens.labels(self.tenant, "prompt").inc(self.prompt_tokens)
+            self.metrics.tenant_tokens.labels(self.tenant, "generation").inc(generated)
             self.metrics.weighted_cost.labels(self.model.name).inc(self.cost()["weighted"])
             for choice in self.choices:
                 if choice.routed is not None and choice.finish_reason is not None:
@@ -262,6 +278,7 @@ class Generation:
         self.metrics.cache_write_tokens.labels(name).inc(output.stats.num_cache_write_tokens)
         if output.stats.queue_time_s is not None:
             self.metrics.queue_time.labels(name).observe(output.stats.queue_time_s)
+            self.metrics.tenant_queue_time.labels(self.tenant).observe(output.stats.queue_time_s)
 
     def _chunk(self, index: int, delta, finish: str | None, logprobs, model: str | None = None) -> dict:
         choice = {"index": index, "logprobs": logprobs, "finish_reason": finish}
@@ -381,12 +398,14 @@ class OpenAIServing:
     """Turns validated bodies into Generations, enforcing every server limit."""
 
     def __init__(self, models: dict[str, ServedModel], config: ServerConfig, metrics: ServerMetrics,
-                 routers: dict | None = None):
-        """`routers`: name → RoutedModel (server/routers.py), virtual models clients name like models."""
+                 routers: dict | None = None, tenants: TenantLimits | None = None):
+        """`routers`: name → RoutedModel (server/routers.py), virtual models clients name like models.
+        `tenants`: the tenants' shares and limits (None: every tenant the defaults, no limits)."""
         self.models = models
         self.config = config
         self.metrics = metrics
         self.routers = routers or {}
+        self.tenants = tenants or TenantLimits()
         self.summaries = SummaryStore()      # compaction summaries, by tenant, model and history
 
     def model(self, name: str | None) -> ServedModel:
@@ -412,9 +431,11 @@ class OpenAIServing:
 
     async def chat(self, body: ChatCompletionRequest, tenant: str | None = None,
                    background: bool = False) -> Generation:
-        """`tenant` (from the API key) namespaces the prefix cache: tenants never share KV.
+        """`tenant` (from the API key) namespaces the prefix cache: tenants never share KV; its
+        share and limits (auth.TenantShare) apply in `_start`.
         `background` (a batch job's line): waits behind interactive work and gives way to it,
-        and does not count against the interactive queue cap (the batch runner bounds it)."""
+        and does not count against the interactive queue cap, nor against the tenant's
+        max_concurrent and tokens_per_minute (the batch runner bounds it)."""
         model = self.model(body.model)
         check_messages(body.messages)
         messages, compacted = body.messages, None
@@ -464,9 +485,12 @@ class OpenAIServing:
             request = summary_request(previous, turns, max_words=summary_tokens * 2 // 3)
             return writer.tokenizer.encode(writer.tokenizer.apply_chat_template(request), add_special_tokens=False)
 
+        share = self.tenants.share(tenant)
+
         async def summarize_once(ids: list[int]) -> str:
             stream = await writer.engine.add(ids, SamplingParams(max_tokens=summary_tokens, temperature=0.0),
-                                             cache_salt=cache_namespace(tenant, None))
+                                             cache_salt=cache_namespace(tenant, None), priority=share.priority,
+                                             tenant=tenant, weight=share.weight)
             text = []
             async for output in stream:
                 text.append(output.text)
@@ -516,12 +540,20 @@ class OpenAIServing:
     async def _start(self, kind: str, model: ServedModel, body, prompts: list, max_tokens: int | None,
                      add_special: bool, checkpoints: list[tuple[int, float]] = (),
                      tenant: str | None = None, background: bool = False) -> Generation:
-        """`checkpoints`: (character position, ttl_s) in prompts[0] (chat has one prompt)."""
+        """`checkpoints`: (character position, ttl_s) in prompts[0] (chat has one prompt).
+        The tenant's share: its weight and default priority go to the engine; an interactive
+        request also holds concurrency slots and a token charge (a TenantLease) until it ends."""
         received = time.monotonic()
         self._check_fields(body)
         num_choices = body.n * len(prompts)
+        share = self.tenants.share(tenant)
+        # The tenant's default priority, unless the request names its own.
+        priority = body.priority if "priority" in body.model_fields_set else share.priority
+        lease = None
         if not background:
-            self._admit(model, num_choices)
+            with self._rejections(share):
+                self._admit(model, num_choices)
+                lease = self.tenants.hold(share, num_choices)
         model.in_flight += num_choices
         model.background_in_flight += num_choices if background else 0
         try:
@@ -534,14 +566,18 @@ class OpenAIServing:
                 pins.append(prompt_pins)
             params = [self._sampling_params(model, body, len(ids), max_tokens, i) for ids in token_lists
                       for i in range(body.n)]
+            if lease is not None:   # prompts once each, max_tokens per choice; refunded by close()
+                with self._rejections(share):
+                    lease.charge(sum(len(ids) for ids in token_lists), sum(p.max_tokens for p in params))
             streams = []
             try:
                 per_choice = [(ids, p) for ids, p in zip(token_lists, pins) for _ in range(body.n)]
                 for (ids, prompt_pins), choice_params in zip(per_choice, params):
                     streams.append(await model.engine.add(ids, choice_params,
                                                           cache_salt=cache_namespace(tenant, body.cache_salt),
-                                                          priority=body.priority, checkpoints=prompt_pins,
-                                                          background=background, quiet=background))
+                                                          priority=priority, checkpoints=prompt_pins,
+                                                          background=background, quiet=background,
+                                                          tenant=tenant, weight=share.weight))
             except BaseException:
                 for stream in streams:
                     stream.abort()
@@ -549,9 +585,20 @@ class OpenAIServing:
         except BaseException:
             model.in_flight -= num_choices
             model.background_in_flight -= num_choices if background else 0
+            if lease is not None:
+                lease.release(never_ran=True)   # the slots and the whole charge come back
             raise
         return Generation(kind, model, streams, [len(ids) for ids in token_lists], body.include_usage,
-                          body.num_logprobs, self.metrics, received, background)
+                          body.num_logprobs, self.metrics, received, background, tenant, lease)
+
+    @contextlib.contextmanager
+    def _rejections(self, share: TenantShare):
+        """Counts the tenant's refusals (429s, and the 400s of a request its limits can never admit)."""
+        try:
+            yield
+        except APIError as error:
+            self.metrics.tenant_rejections.labels(share.label, error.code or str(error.status)).inc()
+            raise
 
     def _check_fields(self, body) -> None:
         if not 1 <= body.n <= self.config.max_n:
