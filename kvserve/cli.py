@@ -499,6 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_soak_options(soak)
     soak.set_defaults(func=cmd_bench_soak)
 
+    sched = bench.add_parser("sched", help="scheduling policies against each other: mixed priorities, cache-aware "
+                                           "order, tenants' fair shares, swap vs recompute")
+    from kvserve.bench.sched import add_sched_options
+
+    add_sched_options(sched)
+    sched.set_defaults(func=cmd_bench_sched)
+
     routing = bench.add_parser("routing", help="the labelled set through small-only, large-only, routing before "
                                                "generation and routing with escalation: accuracy, cost, TTFT")
     from kvserve.bench.routing import add_routing_options
@@ -512,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_options(compare)
     compare.set_defaults(func=cmd_bench_compare)
     return parser
+
+
+def cmd_bench_sched(args: argparse.Namespace) -> int:
+    from kvserve.bench.sched import run_sched_bench
+
+    return run_sched_bench(args)
 
 
 def cmd_bench_routing(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 from kvserve.engine.engine import Engine
+from kvserve.engine.heap import IdleTrimmer
 from kvserve.outputs import RequestOutput, merge
 from kvserve.sampling import FinishReason, InvalidRequestError, SamplingParams
 from kvserve.sched.scheduler import SchedulerStats
@@ -199,11 +200,15 @@ class AsyncEngine:
         finally:
             self._built.set()
         fatal: Exception | None = None
+        trimmer = IdleTrimmer()
         try:
             while not self._stop.is_set():
                 self._apply_commands(block=not self.engine.has_unfinished)
                 if self.engine.has_unfinished:
                     self._deliver(self.engine.step())
+                    trimmer.stepped()
+                elif self._commands.empty():
+                    trimmer.idle()
                 self._stats = self.engine.stats()
             ended = EngineDeadError("the engine was shut down")
         except Exception as error:   # fatal (module docstring): fail everything, tell the listeners

@@ -158,8 +158,9 @@ def cache_aware_order(requests: list[Request], now: float, cached_tokens: Callab
     tokens cost nothing) and a deadline, arrival + aging_factor × S.
 
       - Requests past their deadline come first, earliest deadline first.
-      - The others go by highest response ratio, (wait + S) / S (HRRN): a cached prefix makes S
-        small, so its request rises fast, and every request's ratio grows while it waits.
+      - The others go by the longest cached prefix first (tokens cached, or being computed right
+        now by a running request, so that a group sharing a prefix follows the request computing
+        it), then by highest response ratio, (wait + S) / S (HRRN), then by arrival.
 
     The bound (docs/scheduling.md): a request is passed over only by requests whose deadline is
     earlier, once its own has passed. Its queue time is therefore at most aging_factor × S plus
@@ -167,16 +168,17 @@ def cache_aware_order(requests: list[Request], now: float, cached_tokens: Callab
     below saturation is the queueing FCFS would give them too."""
     overdue, rest = [], []
     for request in requests:
-        service = max(service_s(request, cached_tokens(request)), 1e-3)
+        cached = cached_tokens(request)
+        service = max(service_s(request, cached), 1e-3)
         deadline = request.arrival_time + aging_factor * service
         if now >= deadline:
             overdue.append((deadline, request.arrival_time, id(request), request))
         else:
             ratio = (now - request.arrival_time + service) / service
-            rest.append((-ratio, request.arrival_time, id(request), request))
+            rest.append((-cached, -ratio, request.arrival_time, id(request), request))
     overdue.sort(key=lambda e: e[:3])
-    rest.sort(key=lambda e: e[:3])
-    return [entry[3] for entry in overdue] + [entry[3] for entry in rest]
+    rest.sort(key=lambda e: e[:4])
+    return [entry[-1] for entry in overdue] + [entry[-1] for entry in rest]
 
 
 POLICIES = {"fcfs": FCFSPolicy, "priority": PriorityPolicy, "cache-aware": FCFSPolicy}

@@ -54,6 +54,10 @@ class SchedulerStats:
     num_preemptions_recompute: int = 0   # preemptions whose tokens are run again
     bytes_swapped_out: int = 0           # KV bytes copied to the host tier by preemption
     tenant_tokens: dict | None = None    # tokens run per tenant since start (None: no tenants)
+    max_queue_time_s: float = 0.0        # the longest wait from arrival to first admission (since start)
+    # The most a first admission came after aging_factor × its service estimate (the aging bound's
+    # slack term; <= 0: every request within aging_factor × its service time). Since start.
+    max_wait_over_aging_s: float = float("-inf")
 
 
 class Scheduler:
@@ -83,6 +87,8 @@ class Scheduler:
         self._tenant_requests: dict = {}              # tenant → its live requests (running or waiting)
         self._tenant_tokens: dict = {}                # tenant → tokens run since start
         self._weights: dict = {}                      # this step's weight per tenant with work
+        self._max_queue_time_s = 0.0
+        self._max_wait_over_aging_s = float("-inf")
         self._order: list[Request] = []               # this step's admission order
 
     # ---- intake ------------------------------------------------------------------------------
@@ -401,6 +407,11 @@ class Scheduler:
         self.waiting.remove(request)
         if request.first_scheduled_time is None:
             request.first_scheduled_time = self.clock()
+            wait = request.first_scheduled_time - request.arrival_time
+            output = min(request.sampling_params.max_tokens, 256)
+            service = self.costs.service_s(request.num_prompt_tokens - (request.num_cached_tokens or 0), output)
+            self._max_queue_time_s = max(self._max_queue_time_s, wait)
+            self._max_wait_over_aging_s = max(self._max_wait_over_aging_s, wait - self.config.aging_factor * service)
         request.status = RequestStatus.RUNNING
         self.running.append(request)
         chunks.append(self._chunk(request, num_new))
@@ -526,7 +537,8 @@ class Scheduler:
                               self._num_computed_tokens, self._preemptions_by_mode["swap"],
                               self._preemptions_by_mode["recompute"],
                               kv.blocks_swapped_out * self.costs.bytes_per_block,
-                              dict(self._tenant_tokens) if any(t is not None for t in self._tenant_tokens) else None)
+                              dict(self._tenant_tokens) if any(t is not None for t in self._tenant_tokens) else None,
+                              self._max_queue_time_s, self._max_wait_over_aging_s)
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()

@@ -46,6 +46,11 @@ class EngineStatsCollector(Collector):
                                       "tier) or recompute", labels=["model_name", "mode"])
         swapped = CounterMetricFamily("kvserve:preemption_swapped_bytes", "KV bytes copied to the host tier by "
                                       "preemption", labels=["model_name"])
+        longest = GaugeMetricFamily("kvserve:max_queue_time_seconds", "The longest wait from arrival to first "
+                                    "admission since start", labels=["model_name"])
+        over = GaugeMetricFamily("kvserve:max_wait_over_aging_bound_seconds", "The most a first admission came after "
+                                 "aging_factor x its service estimate, since start (<= 0: all within)",
+                                 labels=["model_name"])
         computed = CounterMetricFamily("kvserve:computed_tokens", "Tokens run through the model (recomputation "
                                        "included)", labels=["model_name"])
         pinned = GaugeMetricFamily("kvserve:prompt_cache_pinned_blocks", "KV blocks held by cache checkpoints", labels=["model_name"])
@@ -72,6 +77,9 @@ class EngineStatsCollector(Collector):
             by_mode.add_metric([name, "swap"], stats.num_preemptions_swap)
             by_mode.add_metric([name, "recompute"], stats.num_preemptions_recompute)
             swapped.add_metric([name], stats.bytes_swapped_out)
+            longest.add_metric([name], stats.max_queue_time_s)
+            if stats.max_wait_over_aging_s != float("-inf"):
+                over.add_metric([name], stats.max_wait_over_aging_s)
             computed.add_metric([name], stats.num_computed_tokens)
             pinned.add_metric([name], kv.num_pinned_blocks)
             expired.add_metric([name], kv.pins_expired)
@@ -82,7 +90,8 @@ class EngineStatsCollector(Collector):
             budget.add_metric([name], kv.pins_released_for_budget)
             host.add_metric([name], kv.host_hit_blocks)
             disk.add_metric([name], kv.disk_hit_blocks)
-        yield from (running, waiting, usage, blocks, queries, hits, preemptions, by_mode, swapped, computed, pinned,
+        yield from (running, waiting, usage, blocks, queries, hits, preemptions, by_mode, swapped, longest, over,
+                    computed, pinned,
                     expired, budget,
                     evicted, host, disk)
 

@@ -333,3 +333,4 @@ def test_config_rejects_unknown_modes():
         SchedulerConfig(preemption_mode="sometimes")
     with pytest.raises(ConfigError, match="--scheduling-policy"):
         SchedulerConfig(policy="lifo")
+
