@@ -358,13 +358,27 @@ class Scheduler:
         Prefix-aware: a request whose next uncached block is being computed right now by a running
         request's prefill (the same prompt prefix, in flight) is passed over this step; once that
         block is cached it is admitted with the hit, instead of computing the same prefix again
-        side by side. Requests behind it are still considered."""
+        side by side. Requests behind it are still considered.
+
+        When the first request in order is admitted for its first chunk while lower-ranked work is
+        running, requests it outranks are not admitted in the same step: the step that computes
+        its first token stays short (the running prompts it outranks sit out too)."""
         if not self.waiting:
             return
         in_flight = self._prefix_blocks_in_flight({chunk.request_id for chunk in chunks})
-        for request in list(self._waiting_in_order()):
+        order = list(self._waiting_in_order())
+        first = order[0] if order and order[0].first_scheduled_time is None else None
+        seats: dict = {}
+        for request in self.running:
+            seats[request.tenant] = seats.get(request.tenant, 0) + 1
+        if first is not None and not any(self._outranks(first, r, seats) for r in self.running):
+            first = None   # nothing lower-ranked is running: admit as usual
+        for request in order:
             if budget.tokens <= 0 or len(self.running) >= self.config.max_num_seqs:
                 return
+            if (first is not None and request is not first and first.status == RequestStatus.RUNNING
+                    and self._outranks(first, request, seats)):
+                continue
             if request.background and any(not r.background for r in self.waiting):
                 return   # background work never takes what a waiting foreground request will need
             if self.kv.is_swapped(request):

@@ -334,3 +334,18 @@ def test_config_rejects_unknown_modes():
     with pytest.raises(ConfigError, match="--scheduling-policy"):
         SchedulerConfig(policy="lifo")
 
+
+
+def test_the_step_of_an_outranking_first_chunk_carries_no_prompt_it_outranks():
+    """A tenant below its share arrives while the other floods: its first chunk runs in a step
+    with the other's decodes but none of the other's prompts (running or newly admitted)."""
+    core = make_core(num_blocks=2000, budget=64, max_seqs=8, policy="fcfs", host_blocks=256)
+    for i in range(16):
+        core.scheduler.add_request(request(f"a{i}", [i + 1] * 40, 200, tenant="A"))
+    for _ in range(6):
+        core.step()
+    core.scheduler.add_request(request("b", [99] * 20, 4, tenant="B"))
+    plan = core.scheduler.schedule()
+    by_id = {c.request_id: c.num_tokens for c in plan.chunks}
+    assert by_id["b"] == 20
+    assert all(n == 1 for rid, n in by_id.items() if rid != "b"), by_id
