@@ -16,6 +16,9 @@ from kvserve.sched.plan import ModelOutput, ScheduledChunk, SchedulerOutput
 from kvserve.sched.policy import cache_aware_order, make_policy
 
 
+MAX_UNPLACED = 4   # waiting requests _make_room tries and fails to place before it stops, per step
+
+
 @dataclass
 class _StepBudget:
     """The tokens one step may still take. Background requests may also take only `background`
@@ -121,8 +124,8 @@ class Scheduler:
         num_tokens, within a shared budget of max_num_batched_tokens. A new prompt therefore
         runs in chunks of whatever budget is left; a prefix-cache hit simply starts the count
         further along; a decoding request needs exactly one token. Running requests are served
-        first, in order; when the pool runs dry the policy's victim is preempted. New requests are admitted only from what is left,
-        and not at all in a step that had to preempt.
+        first, in order; when the pool runs dry the policy's victim is preempted. New requests are
+        admitted only from what is left, and not at all in a step that had to preempt.
 
         Before anything is scheduled, a waiting request takes the seat and blocks of running
         requests it outranks (_make_room: foreground over background, a higher priority under the
@@ -130,8 +133,9 @@ class Scheduler:
         swapped out or recomputed, whichever costs less. When several tenants have work, each
         takes at most its weighted share of the step's tokens (fair.py).
 
-        Background requests (batch jobs) fill what foreground ones leave; while a foreground prompt is being prefilled they sit the
-        step out, so that its first token comes as fast as on an idle engine; and while foreground
+        Background requests (batch jobs) fill what foreground ones leave; while a foreground prompt
+        is being prefilled they sit the step out, so that its first token comes as fast as on an
+        idle engine; and while foreground
         requests are around, background work is cut so that a step takes at most
         `background_step_factor` times the fastest recent step (BackgroundGovernor), which bounds
         how long a newly arriving request waits for the step in flight.
@@ -177,7 +181,8 @@ class Scheduler:
         """A waiting request that lacks a seat or KV blocks takes them from running requests it
         outranks (see _outranks), the least important first (the end of the policy's running
         order), if that frees enough; otherwise nobody is preempted for it. Waiting requests are
-        considered in admission order, until one cannot be placed."""
+        considered in admission order; one that cannot be placed waits for a seat to free (after
+        MAX_UNPLACED of those, the rest wait too: this runs every step)."""
         if not self.waiting or not self.running:
             return
         self.waiting.order_running(self.running)
@@ -186,9 +191,12 @@ class Scheduler:
         seats: dict = {}
         for request in self.running:
             seats[request.tenant] = seats.get(request.tenant, 0) + 1
+        unplaced = 0
         for request in self._waiting_in_order():
             need = self.kv.blocks_for(request.num_tokens + 1)
             if seats_free < 1 or free < need:
+                if unplaced >= MAX_UNPLACED:
+                    return
                 victims, gain_seats, gain_blocks = [], 0, 0
                 for victim in reversed(self.running):
                     if seats_free + gain_seats >= 1 and free + gain_blocks >= need:
@@ -198,7 +206,8 @@ class Scheduler:
                         gain_seats += 1
                         gain_blocks += self.kv.num_sole_blocks(victim)
                 if seats_free + gain_seats < 1 or free + gain_blocks < need:
-                    return
+                    unplaced += 1
+                    continue
                 for victim in victims:
                     self._preempt(victim)
                     seats[victim.tenant] -= 1

@@ -17,6 +17,15 @@ from kvserve.routing.router import Router
 from kvserve.sampling import InvalidRequestError
 
 
+def routed_admission_load(routed: int, small_load: int, small_capacity: int, large_load: int,
+                          large_capacity: int) -> int:
+    """A router's load as its admission check sees it (`load + n > capacity + max_queued`, with the
+    small model's capacity). Every routed answer starts on the small model and may escalate to the
+    large one, so it is admitted only while both have room: the router's own choices plus the
+    fuller of the two models, the large one's load shifted by the difference in capacities."""
+    return routed + max(small_load, large_load + small_capacity - large_capacity)
+
+
 @dataclass
 class RoutedModel:
     router: Router
@@ -52,10 +61,10 @@ class RoutedModel:
 
     @property
     def admission_load(self) -> int:
-        """Interactive choices held against the queue cap: the router's, and those its small model
-        (which every routed answer starts on) serves directly."""
-        small = self.members[self.router.config.small]
-        return (self.in_flight - self.background_in_flight) + small.admission_load
+        """Interactive choices held against the queue cap (see routed_admission_load)."""
+        small, large = (self.members[name] for name in self.router.config.models)
+        return routed_admission_load(self.in_flight - self.background_in_flight, small.admission_load,
+                                     small.capacity, large.admission_load, large.capacity)
 
     @property
     def cost_weight(self) -> float:

@@ -59,8 +59,10 @@ def reference(default_checkpoint, prompts) -> list[list[int]]:
 
 
 def make_llm(checkpoint, **options) -> LLM:
-    cache = CacheConfig(**{k: v for k, v in options.items() if k in ("num_blocks", "enable_prefix_caching")})
-    sched = SchedulerConfig(**{k: v for k, v in options.items() if k in ("max_num_batched_tokens", "max_num_seqs")})
+    cache = CacheConfig(**{k: v for k, v in options.items()
+                           if k in ("num_blocks", "enable_prefix_caching", "host_memory_bytes")})
+    sched = SchedulerConfig(**{k: v for k, v in options.items()
+                               if k in ("max_num_batched_tokens", "max_num_seqs", "preemption_mode")})
     return LLM(EngineConfig(dtype="float32", cache=cache, scheduler=sched), checkpoint)
 
 
@@ -104,9 +106,14 @@ def test_chunks_of_16(default_checkpoint, prompts, reference):
     check_subset(make_llm(default_checkpoint, max_num_batched_tokens=16), short, prompts, reference)
 
 
-def test_forced_preemption(default_checkpoint, prompts, reference):
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_forced_preemption(default_checkpoint, prompts, reference, mode):
     # These requests need ~260 blocks of 16 tokens; 112 cannot hold them, so running requests are
-    # preempted, their blocks freed, and later recomputed.
-    llm = make_llm(default_checkpoint, num_blocks=112, max_num_batched_tokens=256)
+    # preempted: their blocks freed and later recomputed, or copied to the host tier and back.
+    llm = make_llm(default_checkpoint, num_blocks=112, max_num_batched_tokens=256, preemption_mode=mode,
+                   host_memory_bytes=0 if mode == "recompute" else 256 << 20)
     check_subset(llm, SPREAD, prompts, reference)
-    assert llm.engine.stats().num_preemptions > 0
+    stats = llm.engine.stats()
+    assert stats.num_preemptions > 0
+    assert (stats.num_preemptions_swap > 0) == (mode == "swap")
+    assert (stats.num_preemptions_recompute > 0) == (mode == "recompute")

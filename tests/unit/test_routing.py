@@ -297,3 +297,19 @@ def test_a_large_model_that_cannot_start_fails_the_answer_rather_than_hanging():
     with pytest.raises(ValueError, match="refused"):
         asyncio.run(asyncio.wait_for(consume(), 10))
     assert small.started[0].aborted
+
+
+def test_a_router_is_admitted_only_while_both_models_have_room():
+    from kvserve.server.routers import routed_admission_load
+
+    queued = 4   # --max-queued-requests
+
+    def admitted(routed, small_load, large_load, small_cap=8, large_cap=4):
+        return routed_admission_load(routed, small_load, small_cap, large_load, large_cap) + 1 <= small_cap + queued
+
+    assert admitted(0, 0, 0)
+    assert admitted(3, 8, 0)                 # the small model's queue has room: 3 + 8 + 1 <= 12
+    assert not admitted(4, 8, 0)             # ... and now it does not
+    assert not admitted(0, 0, 8)             # the large model's queue is full (8 >= 4 + 4): escalations would pile up
+    assert admitted(0, 0, 7)
+    assert not admitted(1, 0, 7)             # routed answers count against the large model too
