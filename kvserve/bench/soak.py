@@ -269,6 +269,8 @@ async def _traffic(url: str, model: str, args: argparse.Namespace, books: Books,
                     await traffic.one()
                 except httpx.HTTPError as error:
                     books.lost.append(f"transport: {error!r}")
+                except ValueError as error:   # an answer that is not the JSON it should be: a finding, not the end
+                    books.unexpected.append(f"unparseable answer: {error!r}")
                 bar.update(1)
 
         await asyncio.gather(*(worker(i) for i in range(args.concurrency)))

@@ -78,7 +78,7 @@ from kvserve.server.http import ClientGone, serving, unless_disconnected
 from kvserve.server.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompactionOptions, ContentPart,
                                      Number, as_api_error, validation_error)
 from kvserve.server.openapi import request_body
-from kvserve.server.sse import StreamResponse, sse_frames
+from kvserve.server.sse import StreamResponse, event_json, sse_frames
 
 log = logging.getLogger(__name__)
 
@@ -368,8 +368,7 @@ class AnthropicMessage:
 
 
 def event_frame(name: str, data: dict) -> bytes:
-    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    return f"event: {name}\ndata: {payload}\n\n".encode()
+    return f"event: {name}\ndata: {event_json(data)}\n\n".encode()
 
 
 # ---- errors -------------------------------------------------------------------------------------

@@ -65,8 +65,19 @@ class StreamResponse(StreamingResponse):
             self.generation.close()
 
 
+# Characters that JSON leaves raw but that line readers built on str.splitlines() (httpx's
+# aiter_lines, for one) take for line ends: a token that decodes to one of them would cut a
+# `data:` line in two. Escaped, the JSON means the same and every reader sees one line.
+_LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def event_json(data: dict) -> str:
+    """One SSE `data:` payload: compact JSON, UTF-8, on one line for any line reader."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKERS)
+
+
 def frame(data: dict | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    payload = data if isinstance(data, str) else event_json(data)
     return f"data: {payload}\n\n".encode()
 
 

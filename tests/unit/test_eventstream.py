@@ -104,3 +104,22 @@ def test_an_exception_message_raises_the_modelled_error():
     with pytest.raises(EventStreamError) as caught:
         next(events)
     assert caught.value.response["Error"] == {"Code": "serviceUnavailableException", "Message": "the engine failed"}
+
+
+def test_sse_payloads_stay_on_one_line_for_splitlines_readers():
+    """A token may decode to U+0085, U+2028 or U+2029, which JSON leaves raw but httpx's
+    aiter_lines (str.splitlines) takes for line ends: the 30-minute soak's client once got half a
+    `data:` line. Both SSE encoders escape them; the JSON is unchanged."""
+    import json
+
+    from httpx._decoders import LineDecoder
+
+    from kvserve.server.anthropic_api import event_frame
+    from kvserve.server.sse import frame
+
+    data = {"choices": [{"delta": {"content": "a\x85b\u2028c\u2029d\ne\x1cf"}}]}
+    for raw in (frame(data), event_frame("content_block_delta", data)):
+        lines = LineDecoder().decode(raw.decode())
+        payloads = [line for line in lines if line.startswith("data: ")]
+        assert len(payloads) == 1, lines
+        assert json.loads(payloads[0][len("data: "):]) == data
