@@ -117,6 +117,20 @@ def _ratio(a, b) -> float | None:
     return None if a is None or not b else round(a / b, 3)
 
 
+async def _drain(url: str, requests: list[list[dict]], concurrency: int, max_tokens: int) -> tuple[dict, float]:
+    """Send every request (in order) from `concurrency` clients; their stats and the wall time."""
+    async with _Load(url) as load:
+        queue = list(requests)
+        started = time.perf_counter()
+
+        async def worker() -> None:
+            while queue:
+                await load.send("all", queue.pop(0), max_tokens)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return _stats(load.results["all"]), time.perf_counter() - started
+
+
 def _n(args, count: int) -> int:
     return max(2, round(count * args.scale))
 
@@ -197,19 +211,7 @@ def cache_aware(args) -> dict:
         # requests' own blocks, so the order decides which prefixes stay cached.
         extra = f"--scheduling-policy {policy} --max-num-seqs 8 --num-kv-blocks 320 {args.kvserve_args}"
         with _server(args.model, extra) as (url, _):
-            async def run() -> tuple[dict, float]:
-                async with _Load(url) as load:
-                    queue = list(requests)
-                    started = time.perf_counter()
-
-                    async def worker() -> None:
-                        while queue:
-                            await load.send("all", queue.pop(0), 32)
-
-                    await asyncio.gather(*(worker() for _ in range(24)))
-                    return _stats(load.results["all"]), time.perf_counter() - started
-
-            stats, wall_s = asyncio.run(run())
+            stats, wall_s = asyncio.run(_drain(url, requests, 24, 32))
             out[policy] = {**stats, "wall_s": round(wall_s, 2),
                            "output_tok_s": round(stats["output_tokens"] / wall_s, 2),
                            "prefix_hit_share": _ratio(_metric(url, "kvserve:prefix_cache_hits_total"),
@@ -285,19 +287,7 @@ def swap(args) -> dict:
         extra = (f"--preemption-mode {mode} --num-kv-blocks 120 --max-num-seqs 12 --kv-host-memory 1GiB "
                  f"{args.kvserve_args}")
         with _server(args.model, extra) as (url, _):
-            async def run() -> tuple[dict, float]:
-                async with _Load(url) as load:
-                    queue = list(prompts)
-                    started = time.perf_counter()
-
-                    async def worker() -> None:
-                        while queue:
-                            await load.send("all", queue.pop(0), 192)
-
-                    await asyncio.gather(*(worker() for _ in range(12)))
-                    return _stats(load.results["all"]), time.perf_counter() - started
-
-            stats, wall_s = asyncio.run(run())
+            stats, wall_s = asyncio.run(_drain(url, prompts, 12, 192))
             out[mode] = {**stats, "output_tok_s": round(stats["output_tokens"] / wall_s, 2),
                          "preemptions_swap": _sum_metric(url, "kvserve:preemptions_total", 'mode="swap"'),
                          "preemptions_recompute": _sum_metric(url, "kvserve:preemptions_total", 'mode="recompute"'),

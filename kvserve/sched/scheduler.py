@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from kvserve.config import SchedulerConfig
@@ -168,6 +169,10 @@ class Scheduler:
         return (seats.get(waiting.tenant, 0) + 1 <= self._fair_seats(waiting.tenant)
                 and seats.get(running.tenant, 0) > self._fair_seats(running.tenant))
 
+    def _seats_by_tenant(self) -> dict:
+        """Running requests per tenant, counted afresh (callers then adjust their copy)."""
+        return Counter(request.tenant for request in self.running)
+
     def _fair_seats(self, tenant) -> float:
         return self.config.max_num_seqs * self._weights[tenant] / sum(self._weights.values())
 
@@ -188,9 +193,7 @@ class Scheduler:
         self.waiting.order_running(self.running)
         seats_free = self.config.max_num_seqs - len(self.running)
         free = self.kv.stats().num_free_blocks
-        seats: dict = {}
-        for request in self.running:
-            seats[request.tenant] = seats.get(request.tenant, 0) + 1
+        seats = self._seats_by_tenant()
         unplaced = 0
         for request in self._waiting_in_order():
             need = self.kv.blocks_for(request.num_tokens + 1)
@@ -275,9 +278,7 @@ class Scheduler:
 
         result: list[Request] = []
         clock = dict(self.virtual.time)
-        seats: dict = {}
-        for request in self.running:
-            seats[request.tenant] = seats.get(request.tenant, 0) + 1
+        seats = self._seats_by_tenant()
         i = 0
         while i < len(order):
             j = i
@@ -334,10 +335,7 @@ class Scheduler:
         preempted = False
         self.waiting.order_running(self.running)
         first_waiting = next(self._waiting_in_order(), None)
-        seats: dict = {}
-        if first_waiting is not None:
-            for request in self.running:
-                seats[request.tenant] = seats.get(request.tenant, 0) + 1
+        seats = self._seats_by_tenant() if first_waiting is not None else {}
         i = 0
         while i < len(self.running) and budget.tokens > 0:
             request = self.running[i]
@@ -377,9 +375,7 @@ class Scheduler:
         in_flight = self._prefix_blocks_in_flight({chunk.request_id for chunk in chunks})
         order = list(self._waiting_in_order())
         first = order[0] if order and order[0].first_scheduled_time is None else None
-        seats: dict = {}
-        for request in self.running:
-            seats[request.tenant] = seats.get(request.tenant, 0) + 1
+        seats = self._seats_by_tenant()
         if first is not None and not any(self._outranks(first, r, seats) for r in self.running):
             first = None   # nothing lower-ranked is running: admit as usual
         for request in order:
