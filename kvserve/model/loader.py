@@ -37,10 +37,10 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from gguf import GGUFReader
 
 from kvserve.config import ConfigError, ModelConfig
 from kvserve.model import gguf_dequant, registry
+from kvserve.model.gguf_file import GGUFFile, GGUFTensor
 
 
 class ModelLoadError(ValueError):
@@ -179,10 +179,9 @@ def load_model_config(path: Path) -> ModelConfig:
     return _hf_model_config(path)
 
 
-def open_gguf(path: Path) -> GGUFReader:
-    """A reader over the memory-mapped file. Parsing the metadata takes ~2 s for a 49k vocabulary,
-    and config, weights and tokenizer each need it, so readers are reused while the file is
-    unchanged (keyed by path, size and modification time)."""
+def open_gguf(path: Path) -> GGUFFile:
+    """A reader over the memory-mapped file. Config, weights and tokenizer each need it, so
+    readers are reused while the file is unchanged (keyed by path, size and modification time)."""
     try:
         stat = Path(path).stat()
     except OSError as error:
@@ -191,9 +190,9 @@ def open_gguf(path: Path) -> GGUFReader:
 
 
 @functools.lru_cache(maxsize=2)
-def _open_gguf_cached(path: str, size: int, mtime_ns: int) -> GGUFReader:
+def _open_gguf_cached(path: str, size: int, mtime_ns: int) -> GGUFFile:
     try:
-        return GGUFReader(path)
+        return GGUFFile(path)
     except Exception as error:  # the reader raises ValueError/struct.error/... on corrupt files
         raise ModelLoadError(f"cannot read GGUF file {path}: {error}") from error
 
@@ -201,17 +200,17 @@ def _open_gguf_cached(path: str, size: int, mtime_ns: int) -> GGUFReader:
 _MISSING = object()
 
 
-def gguf_field(reader: GGUFReader, key: str, default: Any = _MISSING) -> Any:
+def gguf_field(reader: GGUFFile, key: str, default: Any = _MISSING) -> Any:
     """The python value of metadata `key` (str, int, float, bool, or list of those)."""
-    field = reader.get_field(key)
-    if field is None:
+    value = reader.fields.get(key, _MISSING)
+    if value is _MISSING:
         if default is _MISSING:
             raise ModelLoadError(f"GGUF file {_gguf_filename(reader)} has no metadata key {key!r}")
         return default
-    return field.contents()
+    return value
 
 
-def _gguf_model_config(path: Path, reader: GGUFReader) -> ModelConfig:
+def _gguf_model_config(path: Path, reader: GGUFFile) -> ModelConfig:
     arch = gguf_field(reader, "general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise ModelLoadError(
@@ -257,29 +256,29 @@ def _from_float32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _gguf_vocab_size(reader: GGUFReader, arch: str) -> int:
+def _gguf_vocab_size(reader: GGUFFile, arch: str) -> int:
     vocab_size = gguf_field(reader, f"{arch}.vocab_size", None)
     if vocab_size is not None:
         return int(vocab_size)
-    tokens = reader.get_field("tokenizer.ggml.tokens")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is not None:
-        return len(tokens.data)  # one entry per token; cheaper than decoding every string
-    embedding = reader.get_tensor(_gguf_tensor_index(reader, "token_embd.weight"))
+        return len(tokens)
+    embedding = reader.tensors[_gguf_tensor_index(reader, "token_embd.weight")]
     return int(embedding.shape[1])  # ggml order: [hidden, vocab]
 
 
-def _gguf_tensor_index(reader: GGUFReader, name: str) -> int:
+def _gguf_tensor_index(reader: GGUFFile, name: str) -> int:
     for index, tensor in enumerate(reader.tensors):
         if tensor.name == name:
             return index
     raise ModelLoadError(f"GGUF file {_gguf_filename(reader)} has no tensor {name!r}")
 
 
-def _gguf_filename(reader: GGUFReader) -> str:
-    return str(getattr(reader.data, "filename", "<unknown>"))
+def _gguf_filename(reader: GGUFFile) -> str:
+    return reader.path
 
 
-def _gguf_rope_scaling(reader: GGUFReader, path: Path, arch: str) -> dict | None:
+def _gguf_rope_scaling(reader: GGUFFile, path: Path, arch: str) -> dict | None:
     scaling_type = gguf_field(reader, f"{arch}.rope.scaling.type", "none")
     if scaling_type == "none":
         return None
@@ -288,7 +287,7 @@ def _gguf_rope_scaling(reader: GGUFReader, path: Path, arch: str) -> dict | None
     raise ModelLoadError(f"GGUF file {path}: rope scaling type {scaling_type!r} is not supported (only linear)")
 
 
-def gguf_eos_token_ids(reader: GGUFReader) -> tuple[int, ...]:
+def gguf_eos_token_ids(reader: GGUFFile) -> tuple[int, ...]:
     """eos, then eot and eom when declared: every token id that ends a turn, no duplicates."""
     ids = [gguf_field(reader, f"tokenizer.ggml.{key}_token_id", None) for key in ("eos", "eot", "eom")]
     return _unique_ints(i for i in ids if i is not None)
@@ -463,7 +462,7 @@ def _hf_name_for_gguf(gguf_name: str) -> str | None:
     return None
 
 
-def _dequantize(path: Path, tensor: gguf.ReaderTensor) -> torch.Tensor:
+def _dequantize(path: Path, tensor: GGUFTensor) -> torch.Tensor:
     """One GGUF tensor as fp32 in PyTorch layout ([out, in] for matrices)."""
     type_name = getattr(tensor.tensor_type, "name", str(tensor.tensor_type))
     torch_shape = tuple(int(d) for d in reversed(tensor.shape))
