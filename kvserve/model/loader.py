@@ -428,18 +428,21 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_weights(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """fp32 tensors named and shaped as `expected_shapes(config)`; raises ModelLoadError otherwise."""
+def load_weights(path: Path, config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Tensors named and shaped as `expected_shapes(config)`; raises ModelLoadError otherwise.
+    Values are computed in fp32 and each tensor is converted to `dtype` as soon as it is read,
+    so a bf16 load never holds the fp32 model (6 GB for 1.5B parameters) and gives the same
+    bits as converting the fp32 weights afterwards."""
     path = Path(path)
     if _model_format(path) == "gguf":
-        state = _gguf_weights(path, config)
+        state = _gguf_weights(path, config, dtype)
     else:
-        state = _hf_weights(path, config)
+        state = _hf_weights(path, config, dtype)
     _check_state_dict(state, config, source=str(path))
     return state
 
 
-def _gguf_weights(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+def _gguf_weights(path: Path, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     reader = open_gguf(path)
     state: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
@@ -449,7 +452,7 @@ def _gguf_weights(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
         weight = _dequantize(path, tensor)
         if config.architecture in ("llama", "mistral"):
             weight = _unpermute_if_rotary(name, weight, config)
-        state[name] = weight
+        state[name] = weight.to(dtype)
     return state
 
 
@@ -522,7 +525,7 @@ def _unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor
             .contiguous())
 
 
-def _hf_weights(directory: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+def _hf_weights(directory: Path, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -541,7 +544,7 @@ def _hf_weights(directory: Path, config: ModelConfig) -> dict[str, torch.Tensor]
                 continue
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # some tied checkpoints store a copy of the embedding
-            state[name] = tensor.to(torch.float32)
+            state[name] = tensor.to(torch.float32).to(dtype)
     return state
 
 

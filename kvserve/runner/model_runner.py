@@ -93,11 +93,12 @@ class ModelRunner:
             model = LlamaForCausalLM(config, self.backend)
         model = model.to_empty(device=device)
         model.model.rotary.build_tables(device)
-        model.load_weights(weights)
+        # Quantization reads the fp32 weights; otherwise they arrive in the serving dtype.
+        model.load_weights(weights, dtype=dtype if quantization == "none" else torch.float32)
         if quantization != "none":
             self._quantize(model, quantization, dtype, device)     # from the fp32 weights
         for param in model.parameters():
-            param.data = param.data.to(dtype)
+            param.data = param.data.to(device=device, dtype=dtype)
         if device.type == "cpu" and dtype == torch.bfloat16:
             from kvserve.model.packed import prepack_linears
 
