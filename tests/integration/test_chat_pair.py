@@ -189,7 +189,8 @@ def test_small_model_equals_transformers_reading_the_gguf_itself(offline, small_
     state = reference_model.state_dict()
     assert set(ours) == set(state)
     for name, tensor in state.items():
-        torch.testing.assert_close(ours[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
+        if not torch.equal(ours[name], tensor):     # the same fp32 operations: equal, as a rule
+            torch.testing.assert_close(ours[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
     prompts = chat_prompts(checkpoint, QUESTIONS[:3])
     expected = hf_greedy(reference_model, prompts, NEW_TOKENS, batch_size=1)
     del reference_model, state
