@@ -14,8 +14,6 @@ import itertools
 import logging
 from dataclasses import dataclass
 
-import torch
-
 from kvserve.config import EngineConfig
 from kvserve.engine.core import EngineCore
 from kvserve.engine.detokenizer import IncrementalDetokenizer
@@ -44,9 +42,8 @@ class Engine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)   # resolved once, here
         if checkpoint is None:
-            # Quantization starts from the fp32 weights; otherwise they load in the serving dtype.
-            load_dtype = self.dtype if config.quantization == "none" else torch.float32
-            checkpoint = load_checkpoint(config.model, seed=config.seed, dtype=load_dtype)
+            checkpoint = load_checkpoint(config.model, seed=config.seed,
+                                         dtype=ModelRunner.weights_dtype(self.dtype, config.quantization))
         self.model_config = checkpoint.config
         self.tokenizer: Tokenizer = checkpoint.tokenizer
         runner = ModelRunner(checkpoint.config, checkpoint.weights, config.cache, self.dtype, self.device, config.seed,

@@ -73,9 +73,6 @@ class GGUFFile:
         self.tensors: list[GGUFTensor] = []
         self._read()
 
-    def get_field(self, key: str, default: Any = None) -> Any:
-        return self.fields.get(key, default)
-
     # -- parsing ---------------------------------------------------------------------------
 
     def _need(self, count: int, what: str) -> None:

@@ -121,13 +121,7 @@ class LlamaForCausalLM(nn.Module):
         is never written. Ties lm_head to the embeddings again when configured."""
         if self.config.tie_word_embeddings:
             state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
-        shapes = {name: tuple(p.shape) for name, p in self.named_parameters()}
-        fused = fuse_projections(state_dict, dtype)
-        wrong = [f"{k} {tuple(v.shape)} (expected {shapes[k]})" for k, v in fused.items()
-                 if k in shapes and tuple(v.shape) != shapes[k]]
-        if wrong:
-            raise ValueError(f"checkpoint does not fit the model: wrong shapes {wrong[:5]}")
-        missing, unexpected = self.load_state_dict(fused, strict=False, assign=True)
+        missing, unexpected = self.load_state_dict(fuse_projections(state_dict, dtype), strict=False, assign=True)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         missing = [m for m in missing if not (m == "lm_head.weight" and self.config.tie_word_embeddings)]

@@ -260,7 +260,7 @@ def _gguf_vocab_size(reader: GGUFFile, arch: str) -> int:
     vocab_size = gguf_field(reader, f"{arch}.vocab_size", None)
     if vocab_size is not None:
         return int(vocab_size)
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens", None)
     if tokens is not None:
         return len(tokens)
     embedding = reader.tensors[_gguf_tensor_index(reader, "token_embd.weight")]
@@ -544,7 +544,7 @@ def _hf_weights(directory: Path, config: ModelConfig, dtype: torch.dtype) -> dic
                 continue
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # some tied checkpoints store a copy of the embedding
-            state[name] = tensor.to(torch.float32).to(dtype)
+            state[name] = tensor.to(dtype)
     return state
 
 

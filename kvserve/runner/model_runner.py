@@ -93,8 +93,7 @@ class ModelRunner:
             model = LlamaForCausalLM(config, self.backend)
         model = model.to_empty(device=device)
         model.model.rotary.build_tables(device)
-        # Quantization reads the fp32 weights; otherwise they arrive in the serving dtype.
-        model.load_weights(weights, dtype=dtype if quantization == "none" else torch.float32)
+        model.load_weights(weights, dtype=self.weights_dtype(dtype, quantization))
         if quantization != "none":
             self._quantize(model, quantization, dtype, device)     # from the fp32 weights
         for param in model.parameters():
@@ -125,6 +124,11 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
         self.warm_up()
         log.info("model on %s in %s; KV cache %d blocks of %d tokens", device, dtype, self.num_blocks, self.block_size)
+
+    @staticmethod
+    def weights_dtype(dtype: torch.dtype, quantization: str) -> torch.dtype:
+        """The dtype weights should arrive in: fp32 for quantization (it reads them), else `dtype`."""
+        return dtype if quantization == "none" else torch.float32
 
     @staticmethod
     def _quantize(model: LlamaForCausalLM, quantization: str, dtype: torch.dtype, device: torch.device) -> None:
