@@ -33,6 +33,19 @@ def test_prepack_replaces_bf16_linears_only_and_keeps_the_tie():
     assert model["head"].weight is embed.weight
 
 
+def test_an_untied_weight_is_held_once_and_still_reads_back_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 8, bias=False)).to(torch.bfloat16)
+    plain = [layer.weight.detach().clone() for layer in model]
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert prepack_linears(model) == 2
+    assert [name for name, _ in model.named_parameters()] == ["0.bias"]    # no plain weight left behind
+    for layer, weight in zip(model, plain):
+        assert torch.equal(layer.weight, weight)
+    expected = nn.functional.linear(nn.functional.linear(x, plain[0], model[0].bias), plain[1])
+    torch.testing.assert_close(model(x).float(), expected.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_engine_logits_with_packed_weights_match_plain_bf16():
     from kvserve.config import EngineConfig
     from kvserve.engine.engine import Engine
