@@ -34,11 +34,15 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium is not installed: the front-page browser test will be skipped"
 
+# Two pytest-xdist workers, one core each (tests/conftest.py says how the files are shared out);
+# TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+
 test: install browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not integration"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

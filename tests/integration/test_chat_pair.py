@@ -246,6 +246,8 @@ def server(tmp_path_factory, small_checkpoint):
 
     with ServerThread(config, engines) as thread:
         yield thread.base_url
+    del thread
+    release_memory()   # the two engines go before the next module loads the 1.5B in fp32
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def large_checkpoint():
+    release_memory()   # whatever the previous module left goes back to the OS first
     return load_checkpoint(LARGE)
 
 
