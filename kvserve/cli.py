@@ -66,6 +66,10 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
     group.add_argument("--background-step-factor", type=float, default=2.0, metavar="K",
                        help="while interactive requests are around, background work (batch jobs) is cut so that "
                             "a step takes at most K times the fastest recent step (default 2); 0: never cut")
+    group.add_argument("--tenant-step-factor", type=float, default=2.0, metavar="K",
+                       help="while a tenant within its fair share has work, the prompt chunks of tenants over "
+                            "theirs are cut so that a step takes at most K times the fastest recent step without "
+                            "them (default 2); 0: never cut")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -79,6 +83,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                   policy=args.scheduling_policy, background_step_factor=args.background_step_factor,
+                                  tenant_step_factor=args.tenant_step_factor,
                                   preemption_mode=args.preemption_mode, aging_factor=args.aging_factor),
     )
 

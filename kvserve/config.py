@@ -125,6 +125,10 @@ class SchedulerConfig:
     # While foreground requests are around (and this long after), background work (batch jobs) is
     # cut so that a step takes at most this many times the fastest recent step; 0: never cut.
     background_step_factor: float = 2.0
+    # While a tenant within its fair share has work (and this long after interactive_linger_s), the
+    # prompt chunks of tenants over their share are cut so that a step takes at most this many
+    # times the fastest recent step without them; 0: never cut.
+    tenant_step_factor: float = 2.0
     interactive_linger_s: float = 2.0
     preemption_mode: str = "auto"
     aging_factor: float = 4.0
@@ -138,6 +142,8 @@ class SchedulerConfig:
             raise ConfigError(f"--max-model-len must be at least 2, got {self.max_model_len}")
         if self.background_step_factor < 0 or self.interactive_linger_s < 0:
             raise ConfigError("--background-step-factor and the interactive linger must be 0 or more")
+        if self.tenant_step_factor < 0:
+            raise ConfigError(f"--tenant-step-factor must be 0 or more, got {self.tenant_step_factor}")
         if self.policy not in SCHEDULING_POLICIES:
             raise ConfigError(f"--scheduling-policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {self.policy!r}")
         if self.preemption_mode not in PREEMPTION_MODES:

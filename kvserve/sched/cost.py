@@ -26,9 +26,11 @@ DECREASE = 0.7
 
 
 class BackgroundGovernor:
-    def __init__(self, factor: float, maximum: int, window: int = 64):
+    def __init__(self, factor: float, maximum: int, window: int = 64, increase: float = 1.0):
+        """`increase`: what a step within the target adds to the budget (one unit: a decode row)."""
         self.factor = factor
         self.maximum = maximum
+        self.increase = increase
         self.budget = float(maximum)          # background units a step may carry
         self._floor: deque[float] = deque(maxlen=window)   # recent steps without background work
 
@@ -40,11 +42,17 @@ class BackgroundGovernor:
     def target_s(self) -> float | None:
         return self.factor * min(self._floor) if self._floor else None
 
-    def observe(self, seconds: float, background_units: float, governed: bool = True) -> None:
+    def observe(self, seconds: float, background_units: float, governed: bool = True,
+                floor_s: float | None = None) -> None:
         """One step ran, carrying `background_units` of background work; `governed`: the step was
-        planned under the budget (only those steps move it)."""
+        planned under the budget (only those steps move it). `floor_s`: what the step would have
+        taken without that work, where the caller can tell (otherwise only steps without any set
+        the floor)."""
+        if floor_s is not None:
+            self._floor.append(floor_s)
         if background_units <= 0:
-            self._floor.append(seconds)
+            if floor_s is None:
+                self._floor.append(seconds)
             return
         target = self.target_s
         if not governed or target is None:
@@ -52,7 +60,7 @@ class BackgroundGovernor:
         if seconds > target:
             self.budget = max(1.0, self.budget * DECREASE)
         else:
-            self.budget = min(float(self.maximum), self.budget + 1.0)
+            self.budget = min(float(self.maximum), self.budget + self.increase)
 
     def allowance(self) -> float:
         return math.floor(self.budget)

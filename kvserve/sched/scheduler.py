@@ -17,6 +17,7 @@ from kvserve.sched.plan import ModelOutput, ScheduledChunk, SchedulerOutput
 from kvserve.sched.policy import cache_aware_order, make_policy
 
 
+SHARE_INCREASE_TOKENS = 4    # the share governor's additive step, in prompt tokens
 MAX_UNPLACED = 4   # waiting requests _make_room tries and fails to place before it stops, per step
 
 
@@ -28,11 +29,16 @@ class _StepBudget:
     tokens: int
     background: float | None = None
     tenant_caps: dict | None = None   # tokens each tenant may still take (fair shares), None: no caps
+    # Prompt tokens that tenants over their fair share may still take in all (ShareGovernor); None: no limit.
+    over_share: frozenset = frozenset()
+    over_share_prefill: int | None = None
 
     def grant(self, request: Request, wanted: int) -> int:
         num = min(wanted, self.tokens)
         if self.tenant_caps is not None:
             num = min(num, self.tenant_caps.get(request.tenant, 0))
+        if num > 1 and self.over_share_prefill is not None and request.tenant in self.over_share:
+            num = min(num, self.over_share_prefill)
         if not request.background or self.background is None:
             return num
         if num == 1:
@@ -43,6 +49,8 @@ class _StepBudget:
         self.tokens -= num_tokens
         if self.tenant_caps is not None:
             self.tenant_caps[request.tenant] = self.tenant_caps.get(request.tenant, 0) - num_tokens
+        if num_tokens > 1 and self.over_share_prefill is not None and request.tenant in self.over_share:
+            self.over_share_prefill -= num_tokens
         if request.background and self.background is not None:
             self.background -= BackgroundGovernor.units(*((1, 0) if num_tokens == 1 else (0, num_tokens)))
 
@@ -82,6 +90,13 @@ class Scheduler:
         self.governor = BackgroundGovernor(config.background_step_factor, config.max_num_seqs)
         self._governed = False                  # the step being planned carries governed background work
         self._foreground_seen = float("-inf")   # when foreground work was last seen (monotonic)
+        # Tenants over their fair share see their prompt chunks cut while one under it has work, so
+        # that a step takes at most tenant_step_factor × the fastest recent step without such chunks.
+        self.share_governor = BackgroundGovernor(config.tenant_step_factor, config.max_num_batched_tokens,
+                                                 increase=SHARE_INCREASE_TOKENS)
+        self._over_share: frozenset = frozenset()     # tenants whose prompt chunks this step governs
+        self._share_governed = False
+        self._under_share_seen = float("-inf")        # when a tenant under its share last had work
         self.num_prefix_waits = 0   # admissions deferred because the prefix was being computed
         self.costs = costs or PreemptionCosts(DEFAULT_COSTS.copy_bytes_per_s, DEFAULT_COSTS.prefill_tokens_per_s,
                                               DEFAULT_COSTS.decode_step_s, DEFAULT_COSTS.bytes_per_block)
@@ -147,7 +162,10 @@ class Scheduler:
         self._make_room()
         background = self._background_allowance()
         self._governed = background is not None and background > 0
-        budget = _StepBudget(self.config.max_num_batched_tokens, background, self._tenant_caps())
+        over_share_prefill = self._over_share_allowance()
+        self._share_governed = over_share_prefill is not None
+        budget = _StepBudget(self.config.max_num_batched_tokens, background, self._tenant_caps(),
+                             self._over_share, over_share_prefill)
         chunks: list[ScheduledChunk] = []
         preempted = self._schedule_running(budget, chunks)
         if not preempted:
@@ -315,18 +333,44 @@ class Scheduler:
             return None
         return self.governor.allowance()
 
+    def _over_share_allowance(self) -> int | None:
+        """Prompt tokens the tenants over their fair share may take in this step, in all: while a
+        tenant within its share (live requests <= its fair seats) has work, and `interactive_linger_s`
+        after, the share governor's budget; no limit otherwise. A request of the tenant within its share
+        that arrives then waits for a short step, not for another tenant's long prompt chunks."""
+        if not self.config.tenant_step_factor:
+            self._over_share = frozenset()
+            return None
+        now = time.monotonic()
+        if len(self._tenant_requests) >= 2:
+            over = frozenset(t for t, live in self._tenant_requests.items() if live > self._fair_seats(t))
+            if over and len(over) < len(self._tenant_requests):
+                self._over_share = over
+                self._under_share_seen = now
+        if now - self._under_share_seen > self.config.interactive_linger_s:
+            self._over_share = frozenset()
+        self._over_share = frozenset(t for t in self._over_share if t in self._tenant_requests)
+        return int(self.share_governor.allowance()) if self._over_share else None
+
     def observe_step(self, plan: SchedulerOutput, seconds: float) -> None:
         """The engine core reports how long each step took (the background governor learns)."""
         if not plan.chunks:
             return
         all_rows = sum(1 for chunk in plan.chunks if chunk.num_tokens == 1)
         self.costs.observe(seconds, plan.num_batched_tokens - all_rows, all_rows)
-        rows = prefill = 0
+        rows = prefill = over_share = 0
         for chunk in plan.chunks:
             request = self.requests.get(chunk.request_id)
             if request is not None and request.background:
                 rows, prefill = (rows + 1, prefill) if chunk.num_tokens == 1 else (rows, prefill + chunk.num_tokens)
+            if request is not None and chunk.num_tokens > 1 and request.tenant in self._over_share:
+                over_share += chunk.num_tokens
         self.governor.observe(seconds, BackgroundGovernor.units(rows, prefill), self._governed)
+        if self._share_governed:
+            # The floor: the step less its governed prompt tokens at the measured prefill speed (a
+            # flooding tenant may have prompt chunks in every step). Ungoverned steps set none.
+            floor = max(seconds - over_share / self.costs.prefill_tokens_per_s, 0.05 * seconds)
+            self.share_governor.observe(seconds, over_share, floor_s=floor)
 
     def _schedule_running(self, budget: "_StepBudget", chunks: list[ScheduledChunk]) -> bool:
         """Serve running requests in policy order; True if a request had to be preempted. A

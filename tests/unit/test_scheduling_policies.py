@@ -12,7 +12,7 @@ from kvserve.engine.core import EngineCore
 from kvserve.kv.manager import KVCacheManager
 from kvserve.request import Request, RequestStatus
 from kvserve.sampling import SamplingParams
-from kvserve.sched.cost import PreemptionCosts
+from kvserve.sched.cost import DEFAULT_COSTS, PreemptionCosts
 from kvserve.sched.fair import VirtualClock, fair_caps
 from kvserve.sched.policy import cache_aware_order
 from kvserve.sched.scheduler import Scheduler
@@ -349,3 +349,56 @@ def test_the_step_of_an_outranking_first_chunk_carries_no_prompt_it_outranks():
     by_id = {c.request_id: c.num_tokens for c in plan.chunks}
     assert by_id["b"] == 20
     assert all(n == 1 for rid, n in by_id.items() if rid != "b"), by_id
+
+
+def _flood_with_a_light_tenant(factor: float) -> tuple[list[int], list[int], list[float], float | None]:
+    """Tenant A floods (long prompts), B keeps one short request live; each step's time comes from a
+    cost model (a fixed part, plus per prompt token and per decode row). Returns A's prompt tokens per
+    step while B has work, then after B is gone, the step times, and the share governor's target."""
+    config = SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=16, policy="fcfs",
+                             tenant_step_factor=factor, interactive_linger_s=0.0)
+    scheduler = Scheduler(config, KVCacheManager(4000, 16, True), 4096, clock=Clock())
+    runner = FakeRunner(4000, 16)
+    rng = random.Random(3)
+    counter = 0
+
+    def step() -> tuple[int, float]:
+        plan = scheduler.schedule()
+        a_prefill = sum(c.num_tokens for c in plan.chunks if c.num_tokens > 1 and c.request_id.startswith("a"))
+        prefill = sum(c.num_tokens for c in plan.chunks if c.num_tokens > 1)
+        rows = sum(1 for c in plan.chunks if c.num_tokens == 1)
+        seconds = 0.02 + prefill / DEFAULT_COSTS.prefill_tokens_per_s + 0.0005 * rows
+        scheduler.observe_step(plan, seconds)
+        scheduler.update(plan, runner.execute(plan))
+        scheduler.check_integrity()
+        return a_prefill, seconds
+
+    with_b, without_b, times = [], [], []
+    for i in range(300):
+        while sum(1 for r in scheduler.requests.values() if r.tenant == "A") < 32:
+            scheduler.add_request(request(f"a{counter}", [rng.randrange(1, 500) for _ in range(300)], 4, tenant="A"))
+            counter += 1
+        if i < 200 and not any(r.tenant == "B" for r in scheduler.requests.values()):
+            scheduler.add_request(request(f"b{i}", [7, 8, 9] * 10, 8, tenant="B"))
+        a_prefill, seconds = step()
+        if i >= 50:
+            (with_b if i < 200 else without_b).append(a_prefill)
+            if i < 200:
+                times.append(seconds)
+    return with_b, without_b, times, scheduler.share_governor.target_s
+
+
+def test_a_flooding_tenant_s_prompt_chunks_are_cut_while_a_light_tenant_has_work():
+    with_b, without_b, times, target = _flood_with_a_light_tenant(factor=2.0)
+    assert target is not None and max(with_b) < 128 and min(without_b[5:]) >= 240   # then the whole step again
+    assert sum(with_b) > 0                                   # A still makes progress
+    within = sum(1 for t in times if t <= target * 1.05)
+    assert within >= 0.8 * len(times), (within, len(times), target)     # AIMD: mostly within the target
+    # With the factor 0 nothing is cut: A takes its fair share of the step's tokens.
+    with_b, _, _, _ = _flood_with_a_light_tenant(factor=0.0)
+    assert max(with_b) >= 200
+
+
+def test_tenant_step_factor_is_validated():
+    with pytest.raises(ConfigError, match="--tenant-step-factor"):
+        SchedulerConfig(tenant_step_factor=-1)
