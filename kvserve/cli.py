@@ -156,12 +156,27 @@ def model_engine_config(base: EngineConfig, name: str, model: str | None, num_mo
     return config
 
 
+def server_address(args: argparse.Namespace, environ=os.environ) -> tuple[str, int]:
+    """--host/--port; SageMaker's contract (--sagemaker, or SAGEMAKER_BIND_TO_PORT set) binds every
+    interface on port 8080, or on the port that variable names."""
+    from kvserve.server.sagemaker import DEFAULT_PORT, bind_port
+
+    try:
+        port = bind_port(environ)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if getattr(args, "sagemaker", False) or port is not None:
+        return "0.0.0.0", port or DEFAULT_PORT
+    return args.host, args.port
+
+
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     models = parse_model_specs(getattr(args, "model", None))
+    host, port = server_address(args)
     return ServerConfig(
         routers=parse_routers(getattr(args, "router", []), models),
         cost_weights=parse_cost_weights(getattr(args, "cost_weight", []), models),
-        host=args.host, port=args.port, max_queued_requests=args.max_queued_requests,
+        host=host, port=port, max_queued_requests=args.max_queued_requests,
         max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n,
         cache_min_tokens=args.cache_min_tokens, max_tokens_default=args.max_tokens_default,
         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
@@ -396,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = serve.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1")
     group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--sagemaker", action="store_true",
+                       help="SageMaker's container contract: listen on 0.0.0.0:8080 (also when SAGEMAKER_BIND_TO_PORT "
+                            "is set: on that port); /ping, /invocations and /invocations-response-stream are always served")
     group.add_argument("--max-queued-requests", type=int, default=256,
                        help="requests allowed to wait beyond --max-num-seqs; more get 429 + Retry-After")
     group.add_argument("--max-body-bytes", type=parse_bytes, default=4 << 20, help="413 past this (default 4MiB)")

@@ -29,6 +29,7 @@ from kvserve.batch.runner import BatchRunner
 from kvserve.batch.store import BatchStore
 from kvserve.server.batch_api import LineExecutor, register_batch
 from kvserve.server.bedrock import register_bedrock
+from kvserve.server.sagemaker import register_sagemaker
 from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvserve.server.openapi import install as install_openapi
 from kvserve.server.openai_api import Generation, OpenAIServing, ServedModel
@@ -185,6 +186,7 @@ def create_app(config: ServerConfig, load_models: ModelLoader, api_keys: ApiKeys
     register_websocket(app)
     register_anthropic(app)
     register_bedrock(app)
+    register_sagemaker(app)
     register_batch(app)
     install_openapi(app)
     batch_upload = config.max_batch_file_bytes + 65536   # the file and its multipart framing

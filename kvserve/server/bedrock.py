@@ -105,12 +105,12 @@ def error_response(error: APIError, request_id: str) -> JSONResponse:
     return JSONResponse({"message": error.message}, status_code=status, headers=headers)
 
 
-def stream_exception(error: APIError) -> bytes:
+def stream_exception(error: APIError, encode=eventstream.exception) -> bytes:
     """An error after the stream began, as the ConverseStream union member that names it."""
     _, name = error_name(error)
     member = {"ValidationException": "validationException", "ThrottlingException": "throttlingException",
               "ServiceUnavailableException": "serviceUnavailableException"}.get(name, "internalServerException")
-    return eventstream.exception(member, error.message)
+    return encode(member, error.message)
 
 
 def _invalid(message: str, param: str | None = None) -> APIError:
@@ -376,25 +376,25 @@ class _Reply:
                                    "stopReason": self.stop_reason, "usage": self.usage(),
                                    "metrics": self.metrics()})
 
-    async def events(self) -> AsyncIterator[bytes]:
-        """The ConverseStream events; an error midway ends the stream with an exception message."""
+    async def events(self, event=eventstream.event, exception=None) -> AsyncIterator[bytes]:
+        """The ConverseStream events; an error midway ends the stream with an exception message.
+        `event(name, body)` and `exception(member, message)` encode them (default: AWS event-stream)."""
         try:
-            yield eventstream.event("messageStart", {"role": "assistant"})
+            yield event("messageStart", {"role": "assistant"})
             async with contextlib.aclosing(self.generation.chunks()) as chunks:
                 async for chunk in chunks:
                     for choice in chunk["choices"]:
                         text = choice["delta"].get("content")
                         if text:
-                            yield eventstream.event("contentBlockDelta",
-                                                    {"delta": {"text": text}, "contentBlockIndex": 0})
-            yield eventstream.event("contentBlockStop", {"contentBlockIndex": 0})
-            yield eventstream.event("messageStop", {"stopReason": self.stop_reason})
+                            yield event("contentBlockDelta", {"delta": {"text": text}, "contentBlockIndex": 0})
+            yield event("contentBlockStop", {"contentBlockIndex": 0})
+            yield event("messageStop", {"stopReason": self.stop_reason})
             metadata = {"usage": self.usage(), "metrics": self.metrics()}
             if self.trace() is not None:
                 metadata["trace"] = self.trace()
-            yield eventstream.event("metadata", metadata)
+            yield event("metadata", metadata)
         except Exception as error:   # the engine failed midway: tell the client in-band
-            yield stream_exception(_as_api_error(error))
+            yield stream_exception(_as_api_error(error), exception or eventstream.exception)
         finally:   # also on disconnect: StreamingResponse cancels this generator
             self.generation.close()
 
@@ -421,12 +421,14 @@ def register_bedrock(app: FastAPI) -> None:
                               media_type=eventstream.CONTENT_TYPE, headers={"x-amzn-RequestId": request_id})
 
 
-async def _start(request: Request, model_id: str) -> _Reply:
+async def _start(request: Request, model_id: str, body: Any = None) -> _Reply:
+    """Starts answering a Converse body (read from the request unless given)."""
     started = time.monotonic()
-    try:
-        body = json.loads(await request.body())
-    except ValueError:
-        raise _invalid("the request body is not valid JSON") from None
+    if body is None:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            raise _invalid("the request body is not valid JSON") from None
     converse = to_chat_request(model_id, body)
     # The SigV4 access key id is the API key (auth.py); its tenant namespaces the prefix cache.
     tenant = authenticate(request.app.state, request.headers).tenant

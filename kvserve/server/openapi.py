@@ -24,6 +24,14 @@ def request_body(model: type[BaseModel]) -> dict:
         "application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}}}}
 
 
+def request_body_one_of(*models: type[BaseModel]) -> dict:
+    """`openapi_extra` for a route whose JSON body is any one of `models` (told apart by the route)."""
+    for model in models:
+        _documented[model.__name__] = model
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "oneOf": [{"$ref": REF.format(model=model.__name__)} for model in models]}}}}}
+
+
 def install(app: FastAPI) -> None:
     """Make app.openapi() include the documented models' schemas (built once, on first call)."""
     def openapi() -> dict:
