@@ -29,7 +29,7 @@ from kvserve.kv.block_pool import BlockPool
 from kvserve.kv.disk_tier import DiskTier, NoDiskTier
 from kvserve.kv.host_tier import HostTier, NoHostTier
 from kvserve.kv.pins import Pin, PinTable
-from kvserve.kv.prefix_cache import NoPrefixCache, PrefixCache, hash_block
+from kvserve.kv.prefix_cache import NoPrefixCache, PrefixCache, chain_block_hashes
 from kvserve.request import Request
 
 
@@ -381,13 +381,7 @@ class KVCacheManager:
 
     # ---- internals --------------------------------------------------------------------------
     def _update_block_hashes(self, request: Request) -> None:
-        hashes = request.block_hashes
-        tokens = request.all_token_ids
-        bs = self.block_size
-        for i in range(len(hashes), len(tokens) // bs):
-            parent = hashes[i - 1] if i else None
-            extra = (request.cache_salt,) if i == 0 and request.cache_salt else ()
-            hashes.append(hash_block(parent, tokens[i * bs:(i + 1) * bs], extra))
+        chain_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt)
 
     def check_integrity(self) -> None:
         """Verify, from scratch, every ref count, the free queue and the host slots. Raises AssertionError."""

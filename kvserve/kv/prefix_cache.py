@@ -30,6 +30,18 @@ def hash_block(parent_hash: bytes | None, token_ids: Sequence[int], extra_keys: 
     return h.digest()
 
 
+def chain_block_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int,
+                       cache_salt: str | None = None) -> list[bytes]:
+    """Extends `hashes` (those of the leading full blocks already hashed) to every full block of
+    `token_ids`, in place, and returns it: the engine's keys (the first block salted with the cache
+    namespace), so that a router outside the engine computes the same ones."""
+    for i in range(len(hashes), len(token_ids) // block_size):
+        parent = hashes[i - 1] if i else None
+        extra = (cache_salt,) if i == 0 and cache_salt else ()
+        hashes.append(hash_block(parent, token_ids[i * block_size:(i + 1) * block_size], extra))
+    return hashes
+
+
 class PrefixCache:
     def __init__(self) -> None:
         self._block_by_hash: dict[bytes, int] = {}
