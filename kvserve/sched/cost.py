@@ -26,11 +26,13 @@ DECREASE = 0.7
 
 
 class BackgroundGovernor:
-    def __init__(self, factor: float, maximum: int, window: int = 64, increase: float = 1.0):
-        """`increase`: what a step within the target adds to the budget (one unit: a decode row)."""
+    def __init__(self, factor: float, maximum: int, window: int = 64, increase: float = 1.0, minimum: float = 1.0):
+        """`increase`: what a step within the target adds to the budget (one unit: a decode row);
+        `minimum`: the budget never goes below it."""
         self.factor = factor
         self.maximum = maximum
         self.increase = increase
+        self.minimum = minimum
         self.budget = float(maximum)          # background units a step may carry
         self._floor: deque[float] = deque(maxlen=window)   # recent steps without background work
 
@@ -58,7 +60,7 @@ class BackgroundGovernor:
         if not governed or target is None:
             return
         if seconds > target:
-            self.budget = max(1.0, self.budget * DECREASE)
+            self.budget = max(self.minimum, self.budget * DECREASE)
         else:
             self.budget = min(float(self.maximum), self.budget + self.increase)
 

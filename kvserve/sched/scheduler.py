@@ -18,6 +18,7 @@ from kvserve.sched.policy import cache_aware_order, make_policy
 
 
 SHARE_INCREASE_TOKENS = 4    # the share governor's additive step, in prompt tokens
+SHARE_MINIMUM_TOKENS = 16    # and its least budget: a block of prompt per step always goes through
 MAX_UNPLACED = 4   # waiting requests _make_room tries and fails to place before it stops, per step
 
 
@@ -37,7 +38,7 @@ class _StepBudget:
         num = min(wanted, self.tokens)
         if self.tenant_caps is not None:
             num = min(num, self.tenant_caps.get(request.tenant, 0))
-        if num > 1 and self.over_share_prefill is not None and request.tenant in self.over_share:
+        if self.over_share_prefill is not None and request.tenant in self.over_share and _prefilling(request):
             num = min(num, self.over_share_prefill)
         if not request.background or self.background is None:
             return num
@@ -49,10 +50,15 @@ class _StepBudget:
         self.tokens -= num_tokens
         if self.tenant_caps is not None:
             self.tenant_caps[request.tenant] = self.tenant_caps.get(request.tenant, 0) - num_tokens
-        if num_tokens > 1 and self.over_share_prefill is not None and request.tenant in self.over_share:
+        if self.over_share_prefill is not None and request.tenant in self.over_share and _prefilling(request):
             self.over_share_prefill -= num_tokens
         if request.background and self.background is not None:
             self.background -= BackgroundGovernor.units(*((1, 0) if num_tokens == 1 else (0, num_tokens)))
+
+
+def _prefilling(request: Request) -> bool:
+    """The request's next tokens are prompt tokens (before this step's chunk is accounted)."""
+    return request.num_computed_tokens < request.num_prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,8 @@ class Scheduler:
         # Tenants over their fair share see their prompt chunks cut while one under it has work, so
         # that a step takes at most tenant_step_factor × the fastest recent step without such chunks.
         self.share_governor = BackgroundGovernor(config.tenant_step_factor, config.max_num_batched_tokens,
-                                                 increase=SHARE_INCREASE_TOKENS)
+                                                 increase=SHARE_INCREASE_TOKENS,
+                                                 minimum=min(SHARE_MINIMUM_TOKENS, config.max_num_batched_tokens))
         self._over_share: frozenset = frozenset()     # tenants whose prompt chunks this step governs
         self._share_governed = False
         self._under_share_seen = float("-inf")        # when a tenant under its share last had work
@@ -347,6 +354,9 @@ class Scheduler:
             if over and len(over) < len(self._tenant_requests):
                 self._over_share = over
                 self._under_share_seen = now
+            else:                    # everyone over their share, or nobody: nothing is cut, at once
+                self._over_share = frozenset()
+        # With one tenant left, the cut lingers: the light tenant's next request is usually on its way.
         if now - self._under_share_seen > self.config.interactive_linger_s:
             self._over_share = frozenset()
         self._over_share = frozenset(t for t in self._over_share if t in self._tenant_requests)
@@ -363,13 +373,14 @@ class Scheduler:
             request = self.requests.get(chunk.request_id)
             if request is not None and request.background:
                 rows, prefill = (rows + 1, prefill) if chunk.num_tokens == 1 else (rows, prefill + chunk.num_tokens)
-            if request is not None and chunk.num_tokens > 1 and request.tenant in self._over_share:
-                over_share += chunk.num_tokens
+            if request is not None and request.tenant in self._over_share and _prefilling(request):
+                over_share += chunk.num_tokens      # (update() has not advanced the request yet)
         self.governor.observe(seconds, BackgroundGovernor.units(rows, prefill), self._governed)
         if self._share_governed:
             # The floor: the step less its governed prompt tokens at the measured prefill speed (a
-            # flooding tenant may have prompt chunks in every step). Ungoverned steps set none.
-            floor = max(seconds - over_share / self.costs.prefill_tokens_per_s, 0.05 * seconds)
+            # flooding tenant may have prompt chunks in every step), never below a decode step (on
+            # a GPU a prompt chunk costs little more than one). Ungoverned steps set none.
+            floor = max(seconds - over_share / self.costs.prefill_tokens_per_s, min(self.costs.decode_step_s, seconds))
             self.share_governor.observe(seconds, over_share, floor_s=floor)
 
     def _schedule_running(self, budget: "_StepBudget", chunks: list[ScheduledChunk]) -> bool:

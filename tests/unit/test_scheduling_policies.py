@@ -391,7 +391,7 @@ def _flood_with_a_light_tenant(factor: float) -> tuple[list[int], list[int], lis
 def test_a_flooding_tenant_s_prompt_chunks_are_cut_while_a_light_tenant_has_work():
     with_b, without_b, times, target = _flood_with_a_light_tenant(factor=2.0)
     assert target is not None and max(with_b) < 128 and min(without_b[5:]) >= 240   # then the whole step again
-    assert sum(with_b) > 0                                   # A still makes progress
+    assert min(with_b) >= 16                                 # A still makes progress every step: a block at least
     within = sum(1 for t in times if t <= target * 1.05)
     assert within >= 0.8 * len(times), (within, len(times), target)     # AIMD: mostly within the target
     # With the factor 0 nothing is cut: A takes its fair share of the step's tokens.
