@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shlex
 import sys
 
 from pathlib import Path
@@ -582,8 +583,24 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_ARGS_ENV = "KVSERVE_SERVE_ARGS"
+
+
+def with_serve_args(argv: list[str], environ=os.environ) -> list[str]:
+    """`kvserve serve` takes more options from $KVSERVE_SERVE_ARGS (shell words), after its own:
+    the way to configure a container that is started as `IMAGE serve` (SageMaker passes no arguments,
+    only environment variables)."""
+    extra = environ.get(SERVE_ARGS_ENV, "").strip()
+    if not extra or not argv or argv[0] != "serve":
+        return argv
+    try:
+        return [*argv, *shlex.split(extra)]
+    except ValueError as error:
+        raise SystemExit(f"kvserve: error: ${SERVE_ARGS_ENV} is not a list of shell words: {error}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(with_serve_args(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -421,8 +421,9 @@ def register_bedrock(app: FastAPI) -> None:
                               media_type=eventstream.CONTENT_TYPE, headers={"x-amzn-RequestId": request_id})
 
 
-async def _start(request: Request, model_id: str, body: Any = None) -> _Reply:
-    """Starts answering a Converse body (read from the request unless given)."""
+async def _start(request: Request, model_id: str, body: Any = None, who=None) -> _Reply:
+    """Starts answering a Converse body (read from the request unless given), for `who` (the
+    request's principal unless given: authenticated once, since that also charges its rate limit)."""
     started = time.monotonic()
     if body is None:
         try:
@@ -431,7 +432,7 @@ async def _start(request: Request, model_id: str, body: Any = None) -> _Reply:
             raise _invalid("the request body is not valid JSON") from None
     converse = to_chat_request(model_id, body)
     # The SigV4 access key id is the API key (auth.py); its tenant namespaces the prefix cache.
-    tenant = authenticate(request.app.state, request.headers).tenant
+    tenant = (who or authenticate(request.app.state, request.headers)).tenant
     generation = await serving(request).chat(converse.chat, tenant=tenant)
     try:
         return _Reply(generation, converse, started)

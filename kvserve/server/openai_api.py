@@ -26,6 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from kvserve.kv.prefix_cache import cache_namespace
 from kvserve.config import ServerConfig
 from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from kvserve.outputs import RequestOutput, TokenLogprob
@@ -385,13 +386,6 @@ def with_tools(messages: list[ChatMessage], tools: list[dict] | None) -> list[Ch
         return [ChatMessage(role="system", content=parts + [ContentPart(type="text", text="\n")] + system),
                 *messages[1:]]
     return [ChatMessage(role="system", content=parts), *messages]
-
-
-def cache_namespace(tenant: str | None, cache_salt: str | None) -> str | None:
-    """The extra key of a request's first block: its tenant, narrowed by its own cache_salt."""
-    if tenant is None and cache_salt is None:
-        return None
-    return f"{tenant or ''}\x00{cache_salt or ''}"
 
 
 class OpenAIServing:

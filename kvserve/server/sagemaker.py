@@ -28,7 +28,6 @@ import json
 import re
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -57,7 +56,7 @@ def bind_port(environ) -> int | None:
     return int(value)
 
 
-def api_of(body: Any, attributes: str | None) -> str:
+def api_of(body: dict, attributes: str | None) -> str:
     """"openai" or "bedrock": from the custom attributes' `api=`, else from the body's shape."""
     for pair in re.split(r"[;,]", attributes or ""):
         key, _, value = pair.partition("=")
@@ -67,9 +66,6 @@ def api_of(body: Any, attributes: str | None) -> str:
                 raise APIError(400, f"{ATTRIBUTES_HEADER}: api must be one of {', '.join(APIS)}; got {value!r}",
                                param="api")
             return value
-    if not isinstance(body, dict):
-        raise APIError(400, "the invocation body must be a JSON object (an OpenAI chat-completions or "
-                            "completions body, or a Bedrock Converse body)")
     if "inferenceConfig" in body or isinstance(body.get("system"), list):
         return "bedrock"
     messages = body.get("messages")
@@ -91,11 +87,15 @@ def _model(request: Request, endpoint: str | None) -> str:
     return names[0]
 
 
-async def _body(request: Request) -> Any:
+async def _body(request: Request) -> dict:
     try:
-        return json.loads(await request.body())
-    except ValueError:
-        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError):
+        raise APIError(400, "the request body is not valid JSON (or nested too deeply)", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the invocation body must be a JSON object (an OpenAI chat-completions or "
+                            "completions body, or a Bedrock Converse body)")
+    return body
 
 
 def _openai_request(body: dict, model: str, stream: bool):
@@ -109,7 +109,7 @@ def _openai_request(body: dict, model: str, stream: bool):
         raise validation_error(error.errors()) from None
 
 
-def _json_line(name: str, payload: Any) -> bytes:
+def _json_line(name: str, payload: object) -> bytes:
     return (json.dumps({name: payload}, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
 
 
@@ -118,14 +118,16 @@ def _json_exception(member: str, message: str) -> bytes:
 
 
 async def invoke(request: Request, endpoint: str | None, stream: bool) -> Response:
-    """One invocation, in the API its body (or custom attributes) names."""
+    """One invocation, in the API its body (or custom attributes) names. Who asks is known (401
+    without a valid key, when keys are set) before the body is read."""
+    who = authenticate(request.app.state, request.headers)
     body = await _body(request)
     api = api_of(body, request.headers.get(ATTRIBUTES_HEADER))
     model = _model(request, endpoint)
     if api == "bedrock":
         request_id = str(uuid.uuid4())
         try:
-            reply = await bedrock._start(request, model, body)
+            reply = await bedrock._start(request, model, body, who)
         except Exception as error:
             return bedrock.error_response(bedrock._as_api_error(error), request_id)
         if not stream:
@@ -134,11 +136,10 @@ async def invoke(request: Request, endpoint: str | None, stream: bool) -> Respon
                               request.app.state.config.stream_idle_timeout_s, media_type="application/jsonlines")
     from kvserve.server.app import respond
 
-    parsed = _openai_request(body, body.get("model", model) if isinstance(body.get("model"), str) else model, stream)
-    tenant = authenticate(request.app.state, request.headers).tenant
+    parsed = _openai_request(body, body["model"] if isinstance(body.get("model"), str) else model, stream)
     service = serving(request)
-    generation = await (service.completion(parsed, tenant) if isinstance(parsed, CompletionRequest)
-                        else service.chat(parsed, tenant))
+    generation = await (service.completion(parsed, who.tenant) if isinstance(parsed, CompletionRequest)
+                        else service.chat(parsed, who.tenant))
     return await respond(request, generation, stream)
 
 
@@ -155,13 +156,14 @@ def _runtime_headers(response: Response) -> dict:
             response.media_type or "application/json", "x-amzn-RequestId": str(uuid.uuid4())}
 
 
-def _model_error(status: int, original: str) -> JSONResponse:
+def _model_error(status: int, original: str, headers: dict | None = None) -> JSONResponse:
     """A container's error as the SageMaker runtime reports it: 424 ModelError, with the container's
-    status and body (`OriginalStatusCode`, `OriginalMessage`)."""
+    status and body (`OriginalStatusCode`, `OriginalMessage`); a Retry-After is kept."""
     kind = "client" if status < 500 else "server"
+    kept = {k: v for k, v in (headers or {}).items() if k.lower() == "retry-after"}
     return JSONResponse({"message": f"Received {kind} error ({status}) from primary with message \"{original}\"",
-                         "OriginalStatusCode": status, "OriginalMessage": original},
-                        status_code=424, headers={"x-amzn-ErrorType": "ModelError", "x-amzn-RequestId": str(uuid.uuid4())})
+                         "OriginalStatusCode": status, "OriginalMessage": original}, status_code=424,
+                        headers={**kept, "x-amzn-ErrorType": "ModelError", "x-amzn-RequestId": str(uuid.uuid4())})
 
 
 async def _runtime(request: Request, endpoint: str, stream: bool) -> Response:
@@ -169,9 +171,9 @@ async def _runtime(request: Request, endpoint: str, stream: bool) -> Response:
         response = await invoke(request, endpoint, stream)
     except Exception as error:
         error = as_api_error(error, "sagemaker")
-        return _model_error(error.status, json.dumps(error.body()))
+        return _model_error(error.status, json.dumps(error.body()), error.headers)
     if response.status_code >= 400:
-        return _model_error(response.status_code, bytes(response.body).decode())
+        return _model_error(response.status_code, bytes(response.body).decode(), dict(response.headers))
     if isinstance(response, StreamResponse):
         response = StreamResponse(_payload_parts(response.body_iterator), response.generation, response.idle_timeout_s,
                                   media_type=eventstream.CONTENT_TYPE)

@@ -111,3 +111,21 @@ def test_shapes_and_the_listening_address(monkeypatch):
     assert server_address(args, {"SAGEMAKER_BIND_TO_PORT": "9090"}) == ("0.0.0.0", 9090)
     with pytest.raises(ConfigError, match="SAGEMAKER_BIND_TO_PORT"):
         server_address(args, {"SAGEMAKER_BIND_TO_PORT": "http"})
+
+
+def test_serve_takes_options_from_the_environment_as_sagemaker_starts_it():
+    from kvserve.cli import with_serve_args
+
+    env = {"KVSERVE_SERVE_ARGS": "--model '/opt/ml/model/my model.gguf' --max-num-seqs 32"}
+    assert with_serve_args(["serve"], env) == ["serve", "--model", "/opt/ml/model/my model.gguf", "--max-num-seqs", "32"]
+    assert with_serve_args(["generate", "hi"], env) == ["generate", "hi"]      # only serve reads it
+    assert with_serve_args(["serve", "--port", "1"], {}) == ["serve", "--port", "1"]
+    with pytest.raises(SystemExit, match="KVSERVE_SERVE_ARGS"):
+        with_serve_args(["serve"], {"KVSERVE_SERVE_ARGS": "--model 'unclosed"})
+
+
+def test_a_body_that_is_not_an_object_or_nested_too_deeply_is_a_400_whatever_the_api(server):
+    for body in ("[1, 2]", "[" * 100_000 + "]" * 100_000):
+        response = httpx.post(f"{server.base_url}/invocations", content=body, timeout=30,
+                              headers={"content-type": "application/json", "X-Amzn-SageMaker-Custom-Attributes": "api=openai"})
+        assert response.status_code == 400, response.text
