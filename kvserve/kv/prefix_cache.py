@@ -30,11 +30,19 @@ def hash_block(parent_hash: bytes | None, token_ids: Sequence[int], extra_keys: 
     return h.digest()
 
 
+def cache_namespace(tenant: str | None, cache_salt: str | None) -> str | None:
+    """The extra key of a request's first block: its tenant, narrowed by its own cache_salt."""
+    if tenant is None and cache_salt is None:
+        return None
+    return f"{tenant or ''}\x00{cache_salt or ''}"
+
+
 def chain_block_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int,
                        cache_salt: str | None = None) -> list[bytes]:
     """Extends `hashes` (those of the leading full blocks already hashed) to every full block of
     `token_ids`, in place, and returns it: the engine's keys (the first block salted with the cache
-    namespace), so that a router outside the engine computes the same ones."""
+    namespace, `cache_namespace(tenant, cache_salt)`), so that a router outside the engine computes
+    the same ones."""
     for i in range(len(hashes), len(token_ids) // block_size):
         parent = hashes[i - 1] if i else None
         extra = (cache_salt,) if i == 0 and cache_salt else ()

@@ -2,9 +2,9 @@
 no Ray): the Ray Serve request router calls it with what it knows of each replica.
 
 A request is keyed by its prompt's block hashes, computed exactly as the engine computes them
-(`kvserve.kv.prefix_cache.hash_block`: chained over 16-token blocks, the first one salted with the
-tenant), so a match here is a match in the replica's prefix cache, and one tenant's prefix never
-draws another tenant's requests. For each replica the policy knows:
+(`request_block_hashes`: chained over 16-token blocks, the first one salted with the cache
+namespace of its tenant and `cache_salt`), so a match here is a match in the replica's prefix
+cache, and one tenant's prefix never draws another tenant's requests. For each replica the policy knows:
 
 - the hashes the replica reports as cached (its prefix cache, sent with its load), and
 - the hashes of the requests routed to it since (inferred: it will have cached them), each
@@ -41,8 +41,17 @@ from __future__ import annotations
 
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+
+from kvserve.kv.prefix_cache import cache_namespace, chain_block_hashes
+
+
+def request_block_hashes(token_ids: Sequence[int], block_size: int, tenant: str | None = None,
+                         cache_salt: str | None = None) -> list[bytes]:
+    """The keys the engine gives a prompt of `tenant` (and its request's `cache_salt`)."""
+    return chain_block_hashes([], token_ids, block_size, cache_namespace(tenant, cache_salt))
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,7 @@ class ReplicaDecision:
 class _Replica:
     queue: int = 0
     reported: frozenset = frozenset()
-    inferred: dict = field(default_factory=dict)     # block hash -> when it was last routed here
+    inferred: OrderedDict = field(default_factory=OrderedDict)   # block hash -> last routed here, oldest first
 
 
 class ReplicaPolicy:
@@ -80,7 +89,7 @@ class ReplicaPolicy:
         self.rng = rng or random.Random(0)
         self.clock = clock
         self.replicas: dict[str, _Replica] = {}
-        self._sessions: dict[str, tuple[str, float]] = {}    # key -> (replica, last use)
+        self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()   # key -> (replica, last use), LRU first
 
     # ---- what the router learns ----------------------------------------------------------------
     def report(self, replica: str, queue: int, cached: Iterable[bytes] | None = None) -> None:
@@ -154,11 +163,15 @@ class ReplicaPolicy:
         state.queue += 1
         for block_hash in block_hashes:
             state.inferred[block_hash] = now
+            state.inferred.move_to_end(block_hash)
         horizon = now - self.config.decay_s
-        if len(state.inferred) > 4 * len(block_hashes) + 1024:          # amortized sweep of stale entries
-            state.inferred = {h: t for h, t in state.inferred.items() if t >= horizon}
+        while state.inferred:                        # the oldest first: stale entries leave in O(1) each
+            block_hash, seen = next(iter(state.inferred.items()))
+            if seen >= horizon:
+                break
+            del state.inferred[block_hash]
         if session is not None:
             self._sessions[session] = (replica, now)
-            if len(self._sessions) > self.config.max_sessions:
-                oldest = min(self._sessions, key=lambda key: self._sessions[key][1])
-                del self._sessions[oldest]
+            self._sessions.move_to_end(session)
+            while len(self._sessions) > self.config.max_sessions:
+                self._sessions.popitem(last=False)

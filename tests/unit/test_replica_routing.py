@@ -7,9 +7,9 @@ import random
 import pytest
 
 from kvserve.kv.manager import KVCacheManager
-from kvserve.kv.prefix_cache import chain_block_hashes
+from kvserve.kv.prefix_cache import cache_namespace
 from kvserve.request import Request
-from kvserve.routing.replicas import ReplicaPolicy, ReplicaPolicyConfig
+from kvserve.routing.replicas import ReplicaPolicy, ReplicaPolicyConfig, request_block_hashes
 from kvserve.sampling import SamplingParams
 
 BLOCK = 16
@@ -23,8 +23,8 @@ class Clock:
         return self.now
 
 
-def hashes(tokens, salt=None):
-    return chain_block_hashes([], tokens, BLOCK, salt)
+def hashes(tokens, tenant=None):
+    return request_block_hashes(tokens, BLOCK, tenant)
 
 
 def policy(n=2, **config):
@@ -36,14 +36,17 @@ def policy(n=2, **config):
 
 
 def test_keys_are_the_engine_s_own_block_hashes_salt_included():
-    kv = KVCacheManager(64, BLOCK, True)
+    """The server gives a request cache_salt=cache_namespace(tenant, body's cache_salt); the KV
+    manager hashes its blocks; the router's keys for the same tenant and salt are the same."""
     tokens = list(range(1, 70))
-    for salt in (None, "tenant-a"):
-        request = Request("x", tokens, SamplingParams(max_tokens=4), cache_salt=salt)
+    for tenant, salt in ((None, None), ("alpha", None), ("alpha", "s1"), (None, "s1")):
+        request = Request("x", tokens, SamplingParams(max_tokens=4), cache_salt=cache_namespace(tenant, salt))
+        kv = KVCacheManager(64, BLOCK, True)
         kv.allocate_slots(request, len(tokens), kv.match(request))
-        assert request.block_hashes == hashes(tokens, salt) and len(request.block_hashes) == 4
-        kv.free(request)
-    assert hashes(tokens, "a")[0] != hashes(tokens, "b")[0] != hashes(tokens)[0]
+        assert request.block_hashes == request_block_hashes(tokens, BLOCK, tenant, salt)
+        assert len(request.block_hashes) == 4
+    firsts = {request_block_hashes(tokens, BLOCK, t, c)[0] for t, c in ((None, None), ("a", None), ("b", None), ("a", "x"))}
+    assert len(firsts) == 4
 
 
 def test_sixteen_prompts_over_four_prefixes_stay_with_their_first_replica():
@@ -94,9 +97,11 @@ def test_sticky_sessions_hold_until_their_replica_is_overloaded_or_gone():
         assert (decision.replica, decision.reason) == (first.replica, "session")
     p.report(first.replica, 9)                               # now far above the shortest queue
     assert p.choose(hashes([8] * 40), session="s1").replica != first.replica
-    moved = p.choose(hashes([8] * 40), session="s1").replica
-    p.remove(moved)
-    assert p.choose(hashes([9] * 40), session="s1").replica not in (moved,)
+    moved = p.choose(hashes([8] * 40), session="s1")
+    assert moved.reason == "session"                         # the session follows its new replica
+    p.remove(moved.replica)
+    after = p.choose(hashes([9] * 40), session="s1")
+    assert after.reason != "session" and after.replica in p.replicas
     clock.now += 4000                                        # past session_ttl_s
     p.report("r0", 0), p.report("r1", 0), p.report("r2", 0)
     assert p.choose(hashes([9] * 40), session="s1").reason != "session"
