@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_engine, tiny_checkpoint
@@ -256,6 +256,10 @@ def test_no_leaked_blocks_after_random_adds_steps_aborts():
     @settings(max_examples=80, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(ops=st.lists(st.one_of(_ADD, _STEP, _STEP, _ABORT), min_size=1, max_size=25))
+    # Always run a mix that must preempt (four ~35-token prompts in a 48-token pool) and abort: a
+    # run of random mixes only rarely lacked a preemption, which made the coverage check below flaky.
+    @example(ops=[("add", 20, 10, 12, 1), ("add", 16, 14, 12, 2), ("add", 24, 6, 12, 3), ("add", 8, 14, 12, 4),
+                  ("step", 4), ("step", 4), ("abort", 1), ("step", 4), ("add", 24, 10, 6, 5), ("step", 3)])
     def run(ops):
         # 12 blocks of 4 tokens: a few requests fill the pool, so preemption is common.
         engine = make_engine(num_blocks=12, block_size=4, max_num_batched_tokens=24)
@@ -308,7 +312,8 @@ def test_no_leaked_blocks_after_random_adds_steps_aborts():
 
         completed = [rid for rid in added if finished[rid].finish_reason != FinishReason.ABORT]
         if completed:
-            expected = run_tokens(make_engine(enable_prefix_caching=False),
+            # The same context limit: the 48-token pool caps a request's prompt + output there.
+            expected = run_tokens(make_engine(enable_prefix_caching=False, max_model_len=12 * 4),
                                   [added[rid][0] for rid in completed], [added[rid][1] for rid in completed])
             assert [tokens[rid] for rid in completed] == expected
             seen["checked"] += len(completed)
