@@ -378,9 +378,11 @@ class Scheduler:
         self.governor.observe(seconds, BackgroundGovernor.units(rows, prefill), self._governed)
         if self._share_governed:
             # The floor: the step less its governed prompt tokens at the measured prefill speed (a
-            # flooding tenant may have prompt chunks in every step), never below a decode step (on
-            # a GPU a prompt chunk costs little more than one). Ungoverned steps set none.
-            floor = max(seconds - over_share / self.costs.prefill_tokens_per_s, min(self.costs.decode_step_s, seconds))
+            # flooding tenant may have prompt chunks in every step), never below half a decode step
+            # (where a prompt chunk costs little more than a decode, as on a GPU, the estimate could
+            # reach 0). Ungoverned steps set none.
+            floor = max(seconds - over_share / self.costs.prefill_tokens_per_s,
+                        0.5 * min(self.costs.decode_step_s, seconds))
             self.share_governor.observe(seconds, over_share, floor_s=floor)
 
     def _schedule_running(self, budget: "_StepBudget", chunks: list[ScheduledChunk]) -> bool:
