@@ -125,8 +125,8 @@ class SchedulerConfig:
     # While foreground requests are around (and this long after), background work (batch jobs) is
     # cut so that a step takes at most this many times the fastest recent step; 0: never cut.
     background_step_factor: float = 2.0
-    # While a tenant within its fair share has work (and this long after interactive_linger_s), the
-    # prompt chunks of tenants over their share are cut so that a step takes at most this many
+    # While a tenant within its fair share has work (and interactive_linger_s after), the prompt
+    # chunks of tenants over their share are cut so that a step takes at most this many
     # times the fastest recent step without them; 0: never cut.
     tenant_step_factor: float = 2.0
     interactive_linger_s: float = 2.0

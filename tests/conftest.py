@@ -10,8 +10,6 @@ Without xdist (a plain `pytest`), only the order changes.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 SHARED_UNITS = {"tests/integration/test_chat_pair.py": "qwen-pair",
@@ -21,8 +19,6 @@ SHARED_UNITS = {"tests/integration/test_chat_pair.py": "qwen-pair",
 LONGEST_FIRST = ["qwen-pair", "tests/server/test_soak.py", "tests/integration/test_reference_parity.py",
                  "tests/integration/test_quantized.py", "tests/server/test_server_faults.py",
                  "tests/server/test_batch_crash.py", "tests/integration/test_default_model_files.py"]
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def unit_of(nodeid: str) -> str:

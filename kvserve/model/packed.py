@@ -16,6 +16,7 @@ widened copy the same way.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 from torch import nn
@@ -66,15 +67,14 @@ def prepack_linears(model: nn.Module) -> int:
     """Replace every bf16 nn.Linear on CPU by a PackedLinear; quantized layers pack their widened
     bf16 weights (`pack_wide`). Returns how many weights were packed (0 where oneDNN cannot)."""
     count = 0
+    holders = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))   # a tie: 2+
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu":
                 packed = pack_weight(child.weight)
                 if packed is None:
                     return count
-                shared = any(p is child.weight for m in model.modules() if m is not child
-                             for p in m.parameters(recurse=False))
-                setattr(parent, name, PackedLinear(child, packed, keep_plain=shared))
+                setattr(parent, name, PackedLinear(child, packed, keep_plain=holders[id(child.weight)] > 1))
                 count += 1
             elif hasattr(child, "pack_wide") and child.pack_wide(pack_weight):
                 count += 1

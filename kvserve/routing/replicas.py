@@ -34,7 +34,7 @@ Why this shape, against the routers it could have been:
   weighted cost (Dynamo) needs per-machine tuning; a queue threshold is one number to read in the
   metrics and set.
 
-The thresholds are in `ReplicaPolicyConfig` and documented in the README's scale-out section.
+The thresholds are the fields of `ReplicaPolicyConfig` (their meaning is noted beside each).
 """
 
 from __future__ import annotations

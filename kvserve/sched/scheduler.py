@@ -30,7 +30,7 @@ class _StepBudget:
     tokens: int
     background: float | None = None
     tenant_caps: dict | None = None   # tokens each tenant may still take (fair shares), None: no caps
-    # Prompt tokens that tenants over their fair share may still take in all (ShareGovernor); None: no limit.
+    # Prompt tokens the tenants over their fair share may still take in all (the share governor); None: no limit.
     over_share: frozenset = frozenset()
     over_share_prefill: int | None = None
 
@@ -102,7 +102,6 @@ class Scheduler:
                                                  increase=SHARE_INCREASE_TOKENS,
                                                  minimum=min(SHARE_MINIMUM_TOKENS, config.max_num_batched_tokens))
         self._over_share: frozenset = frozenset()     # tenants whose prompt chunks this step governs
-        self._share_governed = False
         self._under_share_seen = float("-inf")        # when a tenant under its share last had work
         self.num_prefix_waits = 0   # admissions deferred because the prefix was being computed
         self.costs = costs or PreemptionCosts(DEFAULT_COSTS.copy_bytes_per_s, DEFAULT_COSTS.prefill_tokens_per_s,
@@ -169,10 +168,8 @@ class Scheduler:
         self._make_room()
         background = self._background_allowance()
         self._governed = background is not None and background > 0
-        over_share_prefill = self._over_share_allowance()
-        self._share_governed = over_share_prefill is not None
         budget = _StepBudget(self.config.max_num_batched_tokens, background, self._tenant_caps(),
-                             self._over_share, over_share_prefill)
+                             self._over_share, self._over_share_allowance())
         chunks: list[ScheduledChunk] = []
         preempted = self._schedule_running(budget, chunks)
         if not preempted:
@@ -346,20 +343,19 @@ class Scheduler:
         after, the share governor's budget; no limit otherwise. A request of the tenant within its share
         that arrives then waits for a short step, not for another tenant's long prompt chunks."""
         if not self.config.tenant_step_factor:
-            self._over_share = frozenset()
             return None
         now = time.monotonic()
         if len(self._tenant_requests) >= 2:
             over = frozenset(t for t, live in self._tenant_requests.items() if live > self._fair_seats(t))
-            if over and len(over) < len(self._tenant_requests):
-                self._over_share = over
+            # Everyone over their share, or nobody: nothing is cut, at once.
+            self._over_share = over if len(over) < len(self._tenant_requests) else frozenset()
+            if self._over_share:
                 self._under_share_seen = now
-            else:                    # everyone over their share, or nobody: nothing is cut, at once
-                self._over_share = frozenset()
-        # With one tenant left, the cut lingers: the light tenant's next request is usually on its way.
-        if now - self._under_share_seen > self.config.interactive_linger_s:
-            self._over_share = frozenset()
-        self._over_share = frozenset(t for t in self._over_share if t in self._tenant_requests)
+        elif self._over_share:
+            # With one tenant left the cut lingers (the light tenant's next request is usually on its
+            # way), for tenants that still have work.
+            recent = now - self._under_share_seen <= self.config.interactive_linger_s
+            self._over_share = frozenset(t for t in self._over_share if recent and t in self._tenant_requests)
         return int(self.share_governor.allowance()) if self._over_share else None
 
     def observe_step(self, plan: SchedulerOutput, seconds: float) -> None:
@@ -376,7 +372,7 @@ class Scheduler:
             if request is not None and request.tenant in self._over_share and _prefilling(request):
                 over_share += chunk.num_tokens      # (update() has not advanced the request yet)
         self.governor.observe(seconds, BackgroundGovernor.units(rows, prefill), self._governed)
-        if self._share_governed:
+        if self._over_share:     # the step was planned under the share governor's budget
             # The floor: the step less its governed prompt tokens at the measured prefill speed (a
             # flooding tenant may have prompt chunks in every step), never below half a decode step
             # (where a prompt chunk costs little more than a decode, as on a GPU, the estimate could

@@ -241,19 +241,23 @@ def principal(request: Request) -> Principal:
     return authenticate(request.app.state, request.headers)
 
 
+def health_response(state) -> JSONResponse:
+    """200 when serving; 503 with "loading", "draining" (SIGTERM) or "error" (the reason)."""
+    error = state.load_error or state.engine_error
+    if error:
+        return JSONResponse({"status": "error", "error": error}, status_code=503)
+    if state.draining:
+        return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "5"})
+    if state.serving is None:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ok", "models": list(state.models)})
+
+
 def _install_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request):
         """200 when serving; 503 with "loading", "draining" (SIGTERM) or "error" (the reason)."""
-        state = request.app.state
-        error = state.load_error or state.engine_error
-        if error:
-            return JSONResponse({"status": "error", "error": error}, status_code=503)
-        if state.draining:
-            return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "5"})
-        if state.serving is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return {"status": "ok", "models": list(state.models)}
+        return health_response(request.app.state)
 
     @app.get("/v1/models")
     async def models(request: Request, _: Principal = Depends(principal)):

@@ -376,7 +376,7 @@ class _Reply:
                                    "stopReason": self.stop_reason, "usage": self.usage(),
                                    "metrics": self.metrics()})
 
-    async def events(self, event=eventstream.event, exception=None) -> AsyncIterator[bytes]:
+    async def events(self, event=eventstream.event, exception=eventstream.exception) -> AsyncIterator[bytes]:
         """The ConverseStream events; an error midway ends the stream with an exception message.
         `event(name, body)` and `exception(member, message)` encode them (default: AWS event-stream)."""
         try:
@@ -394,7 +394,7 @@ class _Reply:
                 metadata["trace"] = self.trace()
             yield event("metadata", metadata)
         except Exception as error:   # the engine failed midway: tell the client in-band
-            yield stream_exception(_as_api_error(error), exception or eventstream.exception)
+            yield stream_exception(_as_api_error(error), exception)
         finally:   # also on disconnect: StreamingResponse cancels this generator
             self.generation.close()
 

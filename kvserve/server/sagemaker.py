@@ -99,6 +99,7 @@ async def _body(request: Request) -> dict:
 
 
 def _openai_request(body: dict, model: str, stream: bool):
+    """The body as an OpenAI request: its own `model` if it names one, else `model`."""
     body = {"model": model, **body, "stream": stream}
     if not stream:
         body.pop("stream_options", None)
@@ -136,7 +137,7 @@ async def invoke(request: Request, endpoint: str | None, stream: bool) -> Respon
                               request.app.state.config.stream_idle_timeout_s, media_type="application/jsonlines")
     from kvserve.server.app import respond
 
-    parsed = _openai_request(body, body["model"] if isinstance(body.get("model"), str) else model, stream)
+    parsed = _openai_request(body, model, stream)
     service = serving(request)
     generation = await (service.completion(parsed, who.tenant) if isinstance(parsed, CompletionRequest)
                         else service.chat(parsed, who.tenant))
@@ -186,11 +187,11 @@ def register_sagemaker(app: FastAPI) -> None:
 
     @app.get("/ping")
     async def ping(request: Request):
-        """SageMaker's health check: 200 once the models serve, 503 while loading, draining or failed."""
-        state = request.app.state
-        if state.load_error or state.engine_error or state.draining or state.serving is None:
-            return Response(status_code=503)
-        return Response(status_code=200)
+        """SageMaker's health check: /health's answer (200 once the models serve, 503 while loading,
+        draining or failed)."""
+        from kvserve.server.app import health_response
+
+        return health_response(request.app.state)
 
     @app.post("/invocations", openapi_extra=body)
     async def invocations(request: Request):

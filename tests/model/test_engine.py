@@ -256,7 +256,7 @@ def test_no_leaked_blocks_after_random_adds_steps_aborts():
     @settings(max_examples=80, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(ops=st.lists(st.one_of(_ADD, _STEP, _STEP, _ABORT), min_size=1, max_size=25))
-    # Always run a mix that must preempt (four ~35-token prompts in a 48-token pool) and abort: a
+    # Always run a mix that must preempt (four 22- to 30-token prompts in a 48-token pool) and abort: a
     # run of random mixes only rarely lacked a preemption, which made the coverage check below flaky.
     @example(ops=[("add", 20, 10, 12, 1), ("add", 16, 14, 12, 2), ("add", 24, 6, 12, 3), ("add", 8, 14, 12, 4),
                   ("step", 4), ("step", 4), ("abort", 1), ("step", 4), ("add", 24, 10, 6, 5), ("step", 3)])
