@@ -259,7 +259,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         inject_faults(engine, faults)
         return engine
 
+    cluster = start_cluster(args)
+
     def load() -> dict[str, AsyncEngine]:   # each engine is built on its own thread (see AsyncEngine)
+        if cluster is not None:
+            return {name: cluster.deploy(name, model_engine_config(base, name, model, len(models)), faults)
+                    for name, model in models.items()}
         return {name: AsyncEngine(lambda config=model_engine_config(base, name, model, len(models)): build(config))
                 for name, model in models.items()}
 
@@ -270,8 +275,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(server, load, api_keys)
     config = uvicorn_config(app, server, log_level="info" if args.verbose else "warning")
     runner = Server(config, app, server, reload_keys if args.api_keys else None)
-    runner.run()
+    try:
+        runner.run()
+    finally:
+        if cluster is not None:
+            cluster.stop()
     return runner.exit_code
+
+
+def start_cluster(args: argparse.Namespace):
+    """The Ray connection for --replicas / --ray-address / --min-replicas (None: one process)."""
+    if args.replicas is None and args.ray_address is None and args.min_replicas is None:
+        return None
+    from kvserve.cluster.deploy import Cluster, ClusterConfig
+
+    try:
+        config = ClusterConfig(replicas=args.replicas or args.min_replicas or 1, ray_address=args.ray_address,
+                               min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                               replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
+                               router=args.replica_router, imbalance_threshold=args.replica_imbalance_threshold)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    try:
+        return Cluster(config)
+    except ImportError as error:
+        raise ConfigError(f"--replicas needs Ray Serve: pip install 'ray[serve]' ({error})") from None
 
 
 def parse_faults(specs: list[str]) -> dict[str, int]:
@@ -465,6 +493,27 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-batch-lines", type=int, default=50_000, help="most requests per batch (default 50000)")
     group.add_argument("--batch-concurrency", type=int, default=None,
                        help="batch lines running at once (default: --max-num-seqs)")
+    group = serve.add_argument_group("scale-out on Ray Serve (README: One node, several nodes)")
+    group.add_argument("--replicas", type=int, default=None, metavar="N",
+                       help="serve each model from N engine replicas (Ray Serve deployments); this process stays "
+                            "the HTTP front and routes each request to the replica holding its prefix")
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="join this Ray cluster (`ray start --head` prints it; 'auto': the local node's); "
+                            "default: start a local Ray instance")
+    group.add_argument("--min-replicas", type=int, default=None, metavar="N",
+                       help="autoscale between --min-replicas and --max-replicas on the replicas' waiting requests "
+                            "and KV usage")
+    group.add_argument("--max-replicas", type=int, default=None, metavar="N")
+    group.add_argument("--replica-cpus", type=float, default=1.0, metavar="C",
+                       help="CPUs per replica (its threads); default 1")
+    group.add_argument("--replica-gpus", type=float, default=None, metavar="G",
+                       help="GPUs per replica (default: 1 where the cluster has GPUs, else 0)")
+    group.add_argument("--replica-router", default="kv", choices=["kv", "pow2"],
+                       help="kv: the longest cached prefix, sticky sessions, a queue-imbalance guard (default); "
+                            "pow2: Ray Serve's power of two choices")
+    group.add_argument("--replica-imbalance-threshold", type=int, default=4, metavar="Q",
+                       help="queues further apart than Q requests: balance load before seeking the prefix "
+                            "(default 4)")
     add_engine_options(serve, repeat_model=True)
     serve.set_defaults(func=cmd_serve)
 

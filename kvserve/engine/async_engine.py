@@ -162,6 +162,11 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._ended is None and not self._stop.is_set()
 
+    @property
+    def replicas(self) -> int:
+        """Engines behind this one (a scale-out RemoteEngine has several): capacity counts them."""
+        return 1
+
     def on_fatal(self, listener: Callable[[BaseException], None]) -> None:
         """Call `listener(error)` (on the engine thread) if the loop dies; at once if it has."""
         with self._lock:

@@ -35,38 +35,22 @@ class _Tracked:
     detokenizer: IncrementalDetokenizer
 
 
-class Engine:
-    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None):
-        """`checkpoint` overrides loading `config.model` (tests reuse one loaded checkpoint)."""
-        self.config = config
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)   # resolved once, here
-        if checkpoint is None:
-            checkpoint = load_checkpoint(config.model, seed=config.seed,
-                                         dtype=ModelRunner.weights_dtype(self.dtype, config.quantization))
-        self.model_config = checkpoint.config
-        self.tokenizer: Tokenizer = checkpoint.tokenizer
-        runner = ModelRunner(checkpoint.config, checkpoint.weights, config.cache, self.dtype, self.device, config.seed,
-                             attention=config.attention_backend, quantization=config.quantization)
-        del checkpoint
-        kv = KVCacheManager(runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
-                            pin_budget_fraction=config.cache.pin_budget_fraction,
-                            num_host_blocks=runner.num_host_blocks, num_disk_blocks=runner.num_disk_blocks)
-        context = self.model_config.max_position_embeddings
-        max_model_len = min(config.scheduler.max_model_len or context, context)
-        self.core = EngineCore(Scheduler(config.scheduler, kv, max_model_len, costs=runner.measure_costs()), runner)
-        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
-        self._tracked: dict[str, _Tracked] = {}
-        self._ids = itertools.count()
+class EngineFront:
+    """What a request needs before it reaches a model: the config, the tokenizer and the limits it
+    is validated against. `Engine` is one; a scale-out ingress holds one without any weights
+    (kvserve/cluster), so that it tokenizes and validates exactly as the replicas do."""
 
-    # ---- intake ------------------------------------------------------------------------------
-    @property
-    def scheduler(self) -> Scheduler:
-        return self.core.scheduler
+    def __init__(self, config: EngineConfig, model_config, tokenizer: Tokenizer, max_model_len: int):
+        self.config = config
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self._max_model_len = max_model_len
+        self.eos_token_ids = frozenset(model_config.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
+        self._ids = itertools.count()
 
     @property
     def max_model_len(self) -> int:
-        return self.scheduler.max_model_len
+        return self._max_model_len
 
     def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                      *, cache_salt: str | None = None, priority: int = 0,
@@ -91,6 +75,41 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         return Request(request_id, token_ids, params, self.eos_token_ids, cache_salt=cache_salt, priority=priority,
                        checkpoints=checkpoints, background=background, tenant=tenant, weight=weight)
+
+
+def context_limit(config: EngineConfig, model_config) -> int:
+    """--max-model-len within the model's own context (the KV pool may cap it further)."""
+    context = model_config.max_position_embeddings
+    return min(config.scheduler.max_model_len or context, context)
+
+
+class Engine(EngineFront):
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None):
+        """`checkpoint` overrides loading `config.model` (tests reuse one loaded checkpoint)."""
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)   # resolved once, here
+        if checkpoint is None:
+            checkpoint = load_checkpoint(config.model, seed=config.seed,
+                                         dtype=ModelRunner.weights_dtype(self.dtype, config.quantization))
+        runner = ModelRunner(checkpoint.config, checkpoint.weights, config.cache, self.dtype, self.device, config.seed,
+                             attention=config.attention_backend, quantization=config.quantization)
+        kv = KVCacheManager(runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
+                            pin_budget_fraction=config.cache.pin_budget_fraction,
+                            num_host_blocks=runner.num_host_blocks, num_disk_blocks=runner.num_disk_blocks)
+        self.core = EngineCore(Scheduler(config.scheduler, kv, context_limit(config, checkpoint.config),
+                                         costs=runner.measure_costs()), runner)
+        super().__init__(config, checkpoint.config, checkpoint.tokenizer, self.scheduler.max_model_len)
+        del checkpoint
+        self._tracked: dict[str, _Tracked] = {}
+
+    # ---- intake ------------------------------------------------------------------------------
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.core.scheduler
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.max_model_len
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

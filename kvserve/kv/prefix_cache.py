@@ -89,6 +89,10 @@ class PrefixCache:
     def cached_block_ids(self) -> list[int]:
         return list(self._hash_by_block)
 
+    def cached_hashes(self) -> list[bytes]:
+        """Every block hash held now (what a scale-out replica reports to its router)."""
+        return list(self._block_by_hash)
+
     def is_cached(self, block_id: int) -> bool:
         return block_id in self._hash_by_block
 

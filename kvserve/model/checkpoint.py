@@ -28,16 +28,18 @@ class Checkpoint:
     name: str
 
 
-def load_checkpoint(model: str | None, seed: int = 0, dtype: torch.dtype = torch.float32) -> Checkpoint:
+def load_checkpoint(model: str | None, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    weights: bool = True) -> Checkpoint:
     """`dtype`: the weights' dtype (fp32 by default; the engine asks for its serving dtype, so
-    a bf16 server never holds an fp32 copy of the model)."""
+    a bf16 server never holds an fp32 copy of the model). `weights=False`: the config and the
+    tokenizer only (a scale-out ingress tokenizes; its replicas hold the weights)."""
     if model is not None and model.startswith("random:"):
         preset = model.removeprefix("random:")
         if preset not in RANDOM_PRESETS:
             raise ModelLoadError(f"unknown random model preset {preset!r}; known: {', '.join(RANDOM_PRESETS)}")
         config = RANDOM_PRESETS[preset]
-        weights = {name: tensor.to(dtype) for name, tensor in random_weights(config, seed).items()}
-        return Checkpoint(config, weights, ByteTokenizer(), model)
+        tensors = {name: tensor.to(dtype) for name, tensor in random_weights(config, seed).items()} if weights else {}
+        return Checkpoint(config, tensors, ByteTokenizer(), model)
     path = resolve_model_path(model)
     config = load_model_config(path)
-    return Checkpoint(config, load_weights(path, config, dtype), load_tokenizer(path), path.stem)
+    return Checkpoint(config, load_weights(path, config, dtype) if weights else {}, load_tokenizer(path), path.stem)

@@ -42,16 +42,39 @@ from __future__ import annotations
 import random
 import time
 from collections import OrderedDict
+from contextvars import ContextVar
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kvserve.kv.prefix_cache import cache_namespace, chain_block_hashes
 
 
+ROUTE_HASH_BYTES = 8   # the prefix of a block hash that routes carry and replicas report (a hint, not a key)
+
+# The session a request belongs to (x-session-id, or the body's prompt_cache_key), set by the HTTP
+# layer for the request's task; a scale-out engine reads it when it routes the request.
+ROUTING_SESSION: ContextVar[str | None] = ContextVar("kvserve_routing_session", default=None)
+
+
 def request_block_hashes(token_ids: Sequence[int], block_size: int, tenant: str | None = None,
                          cache_salt: str | None = None) -> list[bytes]:
     """The keys the engine gives a prompt of `tenant` (and its request's `cache_salt`)."""
     return chain_block_hashes([], token_ids, block_size, cache_namespace(tenant, cache_salt))
+
+
+def route_hashes(block_hashes: Iterable[bytes]) -> tuple[bytes, ...]:
+    """Block hashes as routes carry them: their first ROUTE_HASH_BYTES bytes (a 64-bit hint keeps
+    reports small; a collision costs one misrouted request, never a wrong answer)."""
+    return tuple(h[:ROUTE_HASH_BYTES] for h in block_hashes)
+
+
+@dataclass(frozen=True)
+class RouteKey:
+    """What the router reads off a request: its block hashes (route_hashes), its session, or a
+    replica it must go to (`target`: calls addressed to every replica in turn)."""
+    block_hashes: tuple[bytes, ...] = ()
+    session: str | None = None
+    target: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,14 +115,22 @@ class ReplicaPolicy:
         self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()   # key -> (replica, last use), LRU first
 
     # ---- what the router learns ----------------------------------------------------------------
-    def report(self, replica: str, queue: int, cached: Iterable[bytes] | None = None) -> None:
+    def report(self, replica: str, queue: int, cached: Iterable[bytes] | None = None,
+               keep_after: float | None = None) -> None:
         """A replica's own state: requests in flight, and (when sent) the hashes it holds cached,
-        which replace what was inferred for it."""
+        which replace what was inferred for it. `keep_after`: inferred entries routed after this
+        time (on the policy's clock) are newer than the report, and stay."""
         state = self.replicas.setdefault(replica, _Replica())
         state.queue = queue
         if cached is not None:
             state.reported = frozenset(cached)
-            state.inferred.clear()
+            if keep_after is None:
+                state.inferred.clear()
+            while state.inferred:
+                block_hash, seen = next(iter(state.inferred.items()))
+                if seen >= keep_after:
+                    break
+                del state.inferred[block_hash]
 
     def remove(self, replica: str) -> None:
         """A replica is gone (scaled down or dead): nothing routes to it, its sessions move."""

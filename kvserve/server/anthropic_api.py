@@ -145,6 +145,7 @@ class MessagesRequest(_Body):
     tools: list[Tool] | None = None
     cache_control: dict[str, Any] | None = None   # automatic caching: a mark on the last block
     context_management: dict[str, Any] | None = None   # a compact_* edit turns compaction on
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)   # scaled out: one replica per key
 
     @field_validator("system", mode="before")
     @classmethod
@@ -175,7 +176,8 @@ def to_chat_request(body: MessagesRequest) -> ChatCompletionRequest:
     return ChatCompletionRequest(model=body.model, messages=messages, max_tokens=body.max_tokens,
                                  temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                  stop=body.stop_sequences, stream=body.stream,
-                                 compaction=_compaction(body.context_management))
+                                 compaction=_compaction(body.context_management),
+                                 prompt_cache_key=body.prompt_cache_key)
 
 
 def _compaction(context_management: dict[str, Any] | None) -> CompactionOptions | None:

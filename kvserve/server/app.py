@@ -33,6 +33,7 @@ from kvserve.server.sagemaker import register_sagemaker
 from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvserve.server.openapi import install as install_openapi
 from kvserve.server.openai_api import Generation, OpenAIServing, ServedModel
+from kvserve.routing.replicas import ROUTING_SESSION
 from kvserve.routing.router import Router
 from kvserve.server.routers import RoutedModel
 from kvserve.server.http import ClientGone, serving, serving_of, unless_disconnected
@@ -129,6 +130,22 @@ class BodyLimitMiddleware:
         return APIError(413, f"the request body exceeds {limit} bytes ({flag})", code="body_too_large")
 
 
+class SessionHeaderMiddleware:
+    """`x-session-id` → ROUTING_SESSION for the request's task: a scaled-out engine keeps a
+    session's requests on one replica (a body's prompt_cache_key, when given, takes its place)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            for name, value in scope.get("headers") or ():
+                if name == b"x-session-id":
+                    ROUTING_SESSION.set(value.decode("latin-1")[:1024] or None)
+                    break
+        return await self.app(scope, receive, send)
+
+
 async def _send_error(send, error: APIError) -> None:
     response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
     await response({"type": "http"}, None, send)
@@ -181,6 +198,8 @@ def create_app(config: ServerConfig, load_models: ModelLoader, api_keys: ApiKeys
     app.state.batch_store = BatchStore(config.state_dir) if config.state_dir else None
     app.state.batch_runner = None   # started once the models are loaded
     app.state.metrics.add_batch_source(lambda: app.state.batch_runner)
+    app.state.metrics.add_replica_source(lambda: {name: m.engine.book for name, m in app.state.models.items()
+                                                  if getattr(m.engine, "book", None) is not None})
     _install_error_handlers(app)
     _install_routes(app)
     register_websocket(app)
@@ -193,6 +212,7 @@ def create_app(config: ServerConfig, load_models: ModelLoader, api_keys: ApiKeys
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes, body_timeout_s=config.body_timeout_s,
                        large_bodies={"/v1/files": batch_upload, "/v1/messages/batches": batch_upload},
                        admit_large=lambda scope: authenticate_scope(app, scope))
+    app.add_middleware(SessionHeaderMiddleware)
     return app
 
 

@@ -118,6 +118,44 @@ class BatchStatsCollector(Collector):
         yield from (queued, running, finished, tokens)
 
 
+class ReplicaRoutingCollector(Collector):
+    """Scaled out (--replicas): the routing decisions of this ingress and its view of each replica,
+    read at scrape time from each model's RouteBook (kvserve/cluster/book.py)."""
+
+    def __init__(self, books: Callable[[], dict[str, object]]):
+        self._books = books
+
+    def collect(self) -> Iterable[Metric]:
+        books = self._books()
+        if not books:
+            return
+        routes = CounterMetricFamily("kvserve:replica_routes", "Requests routed to a replica, by reason: prefix "
+                                     "(longest cached prefix), session (sticky), imbalance (queues too far apart: "
+                                     "power of two choices), balance (no prefix held: power of two choices), pow2 "
+                                     "(Ray's router)", labels=["model_name", "reason"])
+        matched = CounterMetricFamily("kvserve:replica_route_matched_blocks", "Leading prompt blocks the chosen "
+                                      "replica was believed to hold, summed over routes", labels=["model_name"])
+        replicas = GaugeMetricFamily("kvserve:replicas", "Engine replicas serving the model", labels=["model_name"])
+        in_flight = GaugeMetricFamily("kvserve:replica_in_flight", "Requests this ingress has in flight on a "
+                                      "replica", labels=["model_name", "replica"])
+        routed = CounterMetricFamily("kvserve:replica_routed", "Requests this ingress routed to a replica",
+                                     labels=["model_name", "replica"])
+        queue = GaugeMetricFamily("kvserve:replica_queue", "A replica's running + waiting requests, as it last "
+                                  "reported", labels=["model_name", "replica"])
+        for name, book in books.items():
+            snapshot = book.snapshot()
+            for reason, count in snapshot["decisions"].items():
+                routes.add_metric([name, reason], count)
+            matched.add_metric([name], snapshot["matched_blocks"])
+            replicas.add_metric([name], len(snapshot["replicas"]))
+            for replica, view in snapshot["replicas"].items():
+                in_flight.add_metric([name, replica], view["in_flight"])
+                routed.add_metric([name, replica], view["routed"])
+                if view["queue"] is not None:
+                    queue.add_metric([name, replica], view["queue"])
+        yield from (routes, matched, replicas, in_flight, routed, queue)
+
+
 class ServerMetrics:
     def __init__(self, engine_stats: Callable[[], dict[str, SchedulerStats]]):
         self.registry = CollectorRegistry()
@@ -169,6 +207,9 @@ class ServerMetrics:
 
     def add_batch_source(self, runner: Callable[[], object]) -> None:
         self.registry.register(BatchStatsCollector(runner))
+
+    def add_replica_source(self, books: Callable[[], dict[str, object]]) -> None:
+        self.registry.register(ReplicaRoutingCollector(books))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

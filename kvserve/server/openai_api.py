@@ -38,6 +38,7 @@ from kvserve.server.checkpoints import collect_marks, render_with_marks
 from kvserve.server.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, ContentPart,
                                      check_messages, engine_dead)
 from kvserve.server.tools import TOOLS_HEADER, tool_line
+from kvserve.routing.replicas import ROUTING_SESSION
 
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class ServedModel:
 
     @property
     def capacity(self) -> int:
-        return self.engine.engine.config.scheduler.max_num_seqs
+        return self.engine.engine.config.scheduler.max_num_seqs * self.engine.replicas
 
     @property
     def admission_load(self) -> int:
@@ -539,6 +540,8 @@ class OpenAIServing:
         request also holds concurrency slots and a token charge (a TenantLease) until it ends."""
         received = time.monotonic()
         self._check_fields(body)
+        if body.prompt_cache_key:   # a scaled-out engine keeps the requests sharing it on one replica
+            ROUTING_SESSION.set(body.prompt_cache_key)
         num_choices = body.n * len(prompts)
         share = self.tenants.share(tenant)
         # The tenant's default priority, unless the request names its own.

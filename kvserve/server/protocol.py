@@ -79,6 +79,7 @@ class SamplingFields(_Body):
     priority: StrictInt = 0
     cache_salt: str | None = None
     stop_token_ids: list[StrictInt] | None = None
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)   # scaled out: requests sharing it stick to one replica
 
     @property
     def stop_list(self) -> list[str]:
@@ -219,8 +220,10 @@ LIMITS_DOC = {"max_stop_strings": MAX_STOP_STRINGS, "max_top_logprobs": MAX_TOP_
 
 
 def engine_dead(error: Exception) -> APIError:
-    """The 503 of a request whose engine stopped (shut down, or died: the server restarts)."""
-    return APIError(503, str(error), type="service_unavailable", code="engine_dead", headers={"Retry-After": "5"})
+    """The 503 of a request whose engine stopped (shut down, or died: the server restarts; or, scaled
+    out, the replica running it died: code replica_lost)."""
+    return APIError(503, str(error), type="service_unavailable", code=getattr(error, "code", "engine_dead"),
+                    headers={"Retry-After": "5"})
 
 
 def as_api_error(error: Exception, where: str) -> APIError:
