@@ -25,7 +25,8 @@ from kvserve.engine.async_engine import EngineDeadError
 from kvserve.engine.engine import EngineFront
 from kvserve.kv.manager import KVCacheStats
 from kvserve.outputs import RequestOutput, RequestStats
-from kvserve.routing.replicas import ROUTING_SESSION, RouteKey, request_block_hashes, route_hashes
+from kvserve.kv.prefix_cache import chain_block_hashes
+from kvserve.routing.replicas import ROUTING_SESSION, RouteKey, route_hashes
 from kvserve.sampling import FinishReason, InvalidRequestError, SamplingParams
 from kvserve.sched.scheduler import SchedulerStats
 
@@ -142,8 +143,8 @@ class RemoteEngine:
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         request = self.engine.make_request(prompt, params, request_id, **options)
-        hashes = request_block_hashes(request.prompt_token_ids, self.block_size, options.get("tenant"),
-                                      options.get("cache_salt"))
+        # The replica's prefix cache keys (its KV manager's rule; cache_salt is already the tenant's namespace).
+        hashes = chain_block_hashes([], request.prompt_token_ids, self.block_size, request.cache_salt)
         route = RouteKey(route_hashes(hashes), ROUTING_SESSION.get())
         responses = self._stream_handle.generate.remote(request.prompt_token_ids, params, request_id, quiet,
                                                         options, route=route)

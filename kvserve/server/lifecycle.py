@@ -55,6 +55,9 @@ class ServeConfig(uvicorn.Config):
     def __init__(self, app, server: ServerConfig, **overrides):
         options = dict(
             host=server.host, port=server.port, http=GuardedH11Protocol,
+            # asyncio's own loop, even where uvloop is installed (ray[serve] brings it): the close
+            # guards (_UnstickableClose) and the header deadline are written against its transports.
+            loop="asyncio",
             timeout_keep_alive=server.keep_alive_timeout_s,
             h11_max_incomplete_event_size=server.max_header_bytes,
             # A frame over --max-body-bytes gets a 413 error frame (websocket.py); one far past it

@@ -6,6 +6,7 @@ one deployment and run in file order; the last one kills a replica. Every wait i
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -22,12 +23,13 @@ PREFIX_CHARS = 20 * BLOCK   # the byte tokenizer: a character is a token; 20 blo
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     """(base URL, server process): the ingress over 2 replicas, on a Ray instance owned by this test."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         address = ray.get_runtime_context().gcs_address
         with serve_process("--replicas", "2", "--ray-address", address, "--replica-imbalance-threshold", "4",
+                           "--state-dir", str(tmp_path_factory.mktemp("state")),
                            timeout_s=180) as (base_url, process):
             assert wait_until(lambda: len(_routed(base_url)) == 2 or _warm(base_url), 60)
             yield base_url, process
@@ -140,6 +142,7 @@ def test_prompts_sharing_a_prefix_land_on_one_replica_and_keep_the_cache_hit_rat
     order = [(g, prefix + f" question {i} of group {g}?") for g, prefix in enumerate(prefixes) for i in range(4)]
     hits0, queried0 = _hit_tokens(base_url)
     prefix_routes0 = metric(_samples(base_url), "kvserve:replica_routes_total", model_name=MODEL, reason="prefix")
+    homes = []
     for group in range(4):
         _chat(base_url, order[4 * group][1])                       # the group's first request: anywhere
         before = _routed(base_url)
@@ -148,11 +151,20 @@ def test_prompts_sharing_a_prefix_land_on_one_replica_and_keep_the_cache_hit_rat
         after = _routed(base_url)
         moved = {replica for replica in after if after[replica] != before.get(replica, 0)}
         assert len(moved) == 1, (group, before, after)             # the other three: one replica
+        homes.append(moved.pop())
     hits1, queried1 = _hit_tokens(base_url)
+    # Later, once the replicas' own reports have replaced the router's inferences (reports every
+    # 1 s, inferences kept 2 s): a group's next request still finds its replica, by what it reported.
+    time.sleep(4)
+    for group in range(4):
+        before = _routed(base_url)
+        _chat(base_url, prefixes[group] + " one more?")
+        after = _routed(base_url)
+        assert after[homes[group]] == before[homes[group]] + 1, (group, before, after)
     deployment = (hits1 - hits0) / (queried1 - queried0)
     prefix_routes = metric(_samples(base_url), "kvserve:replica_routes_total", model_name=MODEL,
                            reason="prefix") - prefix_routes0
-    assert prefix_routes >= 12
+    assert prefix_routes >= 16
     assert alone > 0.5 and deployment >= 0.9 * alone, (deployment, alone)
 
 
@@ -185,6 +197,48 @@ def test_with_one_replica_saturated_unrelated_requests_go_to_the_other(cluster):
             response.close()
         client.close()
     assert wait_until(lambda: all(r["requests"]["running"] == 0 for r in _cache(base_url).values()), 30, 0.2)
+
+
+def test_a_session_sticks_to_one_replica(cluster):
+    """Unrelated prompts of one session (x-session-id, or the body's prompt_cache_key) go to one replica."""
+    import openai
+
+    base_url, _ = cluster
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=60)
+    for session in ({"extra_headers": {"x-session-id": "conversation-1"}},
+                    {"extra_body": {"prompt_cache_key": "conversation-2"}}):
+        before = _routed(base_url)
+        sessions0 = metric(_samples(base_url), "kvserve:replica_routes_total", model_name=MODEL, reason="session")
+        for prompt in _prefixes(4, seed=4 + len(before)):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=1,
+                                           **session)
+        after = _routed(base_url)
+        assert len([r for r in after if after[r] != before.get(r, 0)]) == 1, (session, before, after)
+        assert metric(_samples(base_url), "kvserve:replica_routes_total", model_name=MODEL,
+                      reason="session") - sessions0 == 3
+
+
+def test_batch_lines_spread_over_replicas_by_prefix(cluster):
+    """A batch of 4 prefix groups: both replicas get lines; a group's later lines follow its first."""
+    import openai
+
+    base_url, _ = cluster
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=60)
+    lines = [{"custom_id": f"g{g}-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": prefix + f" {i}"}]}}
+             for g, prefix in enumerate(_prefixes(4, seed=9)) for i in range(3)]
+    before = _routed(base_url)
+    prefix0 = metric(_samples(base_url), "kvserve:replica_routes_total", model_name=MODEL, reason="prefix")
+    uploaded = client.files.create(file=("docs.jsonl", "\n".join(json.dumps(line) for line in lines).encode()),
+                                   purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert wait_until(lambda: client.batches.retrieve(batch.id).status == "completed", 60, 0.2)
+    done = client.batches.retrieve(batch.id)
+    assert done.request_counts.completed == 12 and done.request_counts.failed == 0
+    after = _routed(base_url)
+    assert all(after[r] > before.get(r, 0) for r in after), (before, after)        # spread over both
+    assert metric(_samples(base_url), "kvserve:replica_routes_total", model_name=MODEL,
+                  reason="prefix") - prefix0 == 8                                # each group's later two lines
 
 
 def test_killing_a_replica_fails_its_requests_with_503_and_the_survivor_serves(cluster):
