@@ -579,6 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_sched_options(sched)
     sched.set_defaults(func=cmd_bench_sched)
 
+    replicas = bench.add_parser("replicas", help="cache-aware routing over engine replicas (Ray Serve) against Ray's "
+                                                 "power of two choices: prefix hit rate, TTFT, tokens/s")
+    from kvserve.bench.replicas import add_replicas_options
+
+    add_replicas_options(replicas)
+    replicas.set_defaults(func=cmd_bench_replicas)
+
     routing = bench.add_parser("routing", help="the labelled set through small-only, large-only, routing before "
                                                "generation and routing with escalation: accuracy, cost, TTFT")
     from kvserve.bench.routing import add_routing_options
@@ -592,6 +599,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_options(compare)
     compare.set_defaults(func=cmd_bench_compare)
     return parser
+
+
+def cmd_bench_replicas(args: argparse.Namespace) -> int:
+    from kvserve.bench.replicas import run_replicas_bench
+
+    return run_replicas_bench(args)
 
 
 def cmd_bench_sched(args: argparse.Namespace) -> int:
