@@ -10,8 +10,9 @@ wait, or preempt). So:
 
     want = replicas × max(waiting per replica / target_waiting, KV usage / target_kv_usage)
     up   when want > replicas (rounded up: one waiting request too many is one replica more)
-    down by one when nothing waits and both signals would still be under target with one replica
-         fewer (the load spread over replicas - 1)
+    down by one when nothing waits, at most one request runs per replica that would remain, and the
+         KV usage would still be under target with one replica fewer (spread over replicas - 1);
+         a replica scaled down finishes what it runs first (deploy.py: graceful_shutdown_timeout_s)
 
 Serve then applies min/max replicas and its upscale/downscale delays (the decision must hold that
 long), so a burst does not flap the deployment.
@@ -39,14 +40,16 @@ class EnginePressurePolicy:
         if replicas == 0:   # scaled to zero: one replica as soon as anything asks
             return (1 if ctx.total_num_requests > 0 else 0), {}
         waiting = sum(metrics.get(WAITING, {}).values())
+        running = sum(metrics.get(RUNNING, {}).values())
         usages = list(metrics.get(KV_USAGE, {}).values())
         usage = sum(usages) / len(usages) if usages else 0.0
-        return self.desired(replicas, waiting, usage), {}
+        return self.desired(replicas, waiting, usage, running), {}
 
-    def desired(self, replicas: int, waiting: float, kv_usage: float) -> int:
+    def desired(self, replicas: int, waiting: float, kv_usage: float, running: float = 0.0) -> int:
         pressure = max(waiting / (replicas * self.target_waiting), kv_usage / self.target_kv_usage)
         if pressure > 1:
             return math.ceil(replicas * pressure)
-        if replicas > 1 and waiting == 0 and kv_usage * replicas / (replicas - 1) < self.target_kv_usage:
+        if replicas > 1 and waiting == 0 and running <= replicas - 1 \
+                and kv_usage * replicas / (replicas - 1) < self.target_kv_usage:
             return replicas - 1
         return replicas

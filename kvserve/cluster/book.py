@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvserve.routing.replicas import ReplicaDecision, ReplicaPolicy, ReplicaPolicyConfig, RouteKey
+from kvserve.routing.replicas import ROUTE_HASH_BYTES, ReplicaDecision, ReplicaPolicy, ReplicaPolicyConfig, RouteKey
 
 _BOOKS: dict[str, RouteBook] = {}
 _BOOKS_LOCK = threading.Lock()
@@ -37,10 +37,18 @@ def drop_book(name: str) -> None:
 
 @dataclass
 class ReplicaView:
-    in_flight: int = 0            # requests this process routed there, not yet completed
+    in_flight: int = 0            # requests this process sent there, not yet completed
+    pending: int = 0              # requests the router picked it for, not yet accepted by it
     report_seq: int = 0           # the last report applied
     report: dict = field(default_factory=dict)
-    routed: int = 0               # requests routed there (since start; calls addressed to it not counted)
+    routed: int = 0               # requests sent there (since start; calls addressed to it not counted)
+
+    @property
+    def queue(self) -> int:
+        return self.in_flight + self.pending
+
+
+PENDING_TTL_S = 60.0   # a pick Serve never confirmed (the request was cancelled while it waited) is dropped
 
 
 class RouteBook:
@@ -57,6 +65,10 @@ class RouteBook:
         self.decisions: Counter = Counter()      # reason -> routes
         self.matched_blocks = 0                  # leading blocks the chosen replicas were believed to hold
         self.pow2 = False                        # Ray's own router routes: the book only counts
+        # Serve's internal request id -> where it is: picked (replica, when) or sent (replica).
+        self._picked: dict[str, tuple[str, float]] = {}
+        self._sent: dict[str, str] = {}
+        self._done_early: OrderedDict[str, None] = OrderedDict()   # completions seen before their send
 
     def configure(self, config: ReplicaPolicyConfig, report_lag_s: float) -> None:
         with self.lock:
@@ -71,36 +83,64 @@ class RouteBook:
             for name in [n for n in self.replicas if n not in replicas]:
                 self._remove(name)
             now = self.clock()
+            for request_id, (name, when) in list(self._picked.items()):
+                if now - when > PENDING_TTL_S:
+                    self._unpick(request_id)
             for name, report in replicas.items():
                 view = self.replicas.setdefault(name, ReplicaView())
                 cached = None
                 if report and report.get("seq", 0) != view.report_seq:
                     view.report_seq, view.report = report["seq"], report
-                    cached = report.get("cached", ())
-                self.policy.report(name, view.in_flight, cached, keep_after=now - self.report_lag_s)
+                    cached = report.get("cached", b"")
+                    cached = [cached[i:i + ROUTE_HASH_BYTES] for i in range(0, len(cached), ROUTE_HASH_BYTES)]
+                self.policy.report(name, view.queue, cached, keep_after=now - self.report_lag_s)
 
-    def choose(self, route: RouteKey, candidates: Sequence[str]) -> ReplicaDecision:
+    def choose(self, route: RouteKey, candidates: Sequence[str], request_id: str | None = None) -> ReplicaDecision:
+        """The policy's pick, counted as pending on that replica until Serve sends the request."""
         with self.lock:
             decision = self.policy.choose(route.block_hashes, route.session, candidates)
             self.decisions[decision.reason] += 1
             self.matched_blocks += decision.matched_blocks
+            if request_id is not None:
+                self._unpick(request_id)   # a retry replaces the earlier pick
+                self._picked[request_id] = (decision.replica, self.clock())
+                self.replicas.setdefault(decision.replica, ReplicaView()).pending += 1
             return decision
 
-    def routed(self, replica: str, request: bool = True) -> None:
-        """Serve sent a request (`request` False: a call addressed to the replica) there."""
+    def routed(self, replica: str, request_id: str, request: bool = True) -> None:
+        """Serve sent the request there (`request` False: a call addressed to the replica)."""
         with self.lock:
+            self._unpick(request_id)
+            if request_id in self._done_early:   # its completion came first: nothing left in flight
+                del self._done_early[request_id]
+                return
             view = self.replicas.setdefault(replica, ReplicaView())
+            self._sent[request_id] = replica
             view.in_flight += 1
             if request:
                 view.routed += 1
                 if self.pow2:
                     self.decisions["pow2"] += 1
 
-    def completed(self, replica: str) -> None:
+    def completed(self, request_id: str) -> None:
         with self.lock:
+            replica = self._sent.pop(request_id, None)
+            if replica is None:   # completed before Serve reported it sent (or never sent): remember it
+                self._unpick(request_id)
+                self._done_early[request_id] = None
+                while len(self._done_early) > 10_000:
+                    self._done_early.popitem(last=False)
+                return
             view = self.replicas.get(replica)
             if view is not None and view.in_flight > 0:
                 view.in_flight -= 1
+
+    def _unpick(self, request_id: str) -> None:
+        picked = self._picked.pop(request_id, None)
+        if picked is not None:
+            view = self.replicas.get(picked[0])
+            if view is not None and view.pending > 0:
+                view.pending -= 1
 
     def remove(self, replica: str) -> None:
         with self.lock:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,12 +75,13 @@ class Cluster:
         self.started_ray = False
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
-            if config.ray_address is None:
+            if config.ray_address is None:   # "local": a new instance, never one RAY_ADDRESS or `ray start` left
                 kwargs["num_cpus"] = config.local_cpus
                 self.started_ray = True
-            ray.init(address=config.ray_address, **kwargs)
+            ray.init(address=config.ray_address or "local", **kwargs)
         serve.start(proxy_location="Disabled")
         self.apps: list[str] = []
+        self._lock = threading.Lock()   # deploys run on the loading thread, removals on the server's
         self._stopped = False
 
     def deploy(self, name: str, engine_config: EngineConfig, faults: dict[str, int] | None = None):
@@ -105,7 +107,8 @@ class Cluster:
             name="engine",
             ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": gpus},
             max_ongoing_requests=config.max_ongoing_requests or 4 * engine_config.scheduler.max_num_seqs,
-            health_check_period_s=2.0, health_check_timeout_s=30.0, graceful_shutdown_timeout_s=5.0,
+            # A replica scaled down or redeployed finishes what it runs first (up to a minute).
+            health_check_period_s=2.0, health_check_timeout_s=30.0, graceful_shutdown_timeout_s=60.0,
             request_router_config=RequestRouterConfig(
                 request_router_class=router, request_router_kwargs={"book": app, **config.policy_kwargs},
                 request_routing_stats_period_s=config.stats_period_s, request_routing_stats_timeout_s=10.0),
@@ -119,9 +122,9 @@ class Cluster:
             options["num_replicas"] = config.replicas
         deployment = serve.deployment(EngineReplica).options(**options)
         log.info("deploying %s: %s replica(s) of %s", app, config.replicas, engine_config.model or "the default model")
-        handle = serve.run(deployment.bind(engine_config, faults or {}), name=app, route_prefix=None,
-                           blocking=False)
-        self.apps.append(app)
+        with self._lock:
+            self.apps.append(app)   # first: a deploy that fails is still removed at stop
+        handle = serve.run(deployment.bind(engine_config, faults or {}), name=app, route_prefix=None)
         description = handle.describe.remote().result(timeout_s=config.start_timeout_s)
         checkpoint = load_checkpoint(engine_config.model, seed=engine_config.seed, weights=False)
         max_model_len = min(description["max_model_len"], context_limit(engine_config, checkpoint.config))
@@ -134,24 +137,29 @@ class Cluster:
 
         from kvserve.cluster.book import drop_book
 
-        if app in self.apps:
+        with self._lock:
+            if app not in self.apps:
+                return
             self.apps.remove(app)
-            try:
-                serve.delete(app, _blocking=True)
-            except Exception as error:   # noqa: BLE001 - Ray already gone: nothing left to remove
-                log.warning("removing %s: %s", app, error)
-            drop_book(app)
-        if not self.apps:
+            last = not self.apps
+        try:
+            serve.delete(app, _blocking=True)
+        except Exception as error:   # noqa: BLE001 - Ray already gone: nothing left to remove
+            log.warning("removing %s: %s", app, error)
+        drop_book(app)
+        if last:
             self.stop()
 
     def stop(self) -> None:
         import ray
         from ray import serve
 
-        if self._stopped:
-            return
-        self._stopped = True
-        for app in list(self.apps):
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            apps = list(self.apps)
+        for app in apps:
             self.remove(app)
         if self.started_ray:
             try:

@@ -42,24 +42,33 @@ class ReplicaLostError(EngineDeadError):
     code = "replica_lost"
 
 
+class ReplicasUnavailableError(EngineDeadError):
+    """No replica can take the request now (none running, or Serve's queues full): 503, retry."""
+    code = "replicas_unavailable"
+
+
 def _unwrap(error: BaseException) -> BaseException:
     """The replica's own exception out of Ray's wrapper (whose text carries a remote traceback)."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
-    from ray.serve.exceptions import RequestCancelledError
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+    from ray.serve.exceptions import RayServeException, RequestCancelledError
 
     if isinstance(error, RayTaskError):
         cause = error.cause
-        if isinstance(cause, (InvalidRequestError, EngineDeadError)):
+        if isinstance(cause, InvalidRequestError):
             return cause
-        if isinstance(cause, (RayActorError, ActorUnavailableError)):
+        if isinstance(cause, EngineDeadError):   # that replica's engine stopped; Serve replaces the replica
+            return ReplicaLostError(f"the engine replica serving this request stopped ({cause}); retry")
+        if isinstance(cause, (RayActorError, ActorUnavailableError, RayServeException)):
             error = cause
         else:
             return cause if isinstance(cause, Exception) else error
-    if isinstance(error, (ActorDiedError, RayActorError, ActorUnavailableError)):
+    if isinstance(error, (RayActorError, ActorUnavailableError)):
         return ReplicaLostError("the engine replica serving this request stopped before it finished; retry "
                                 f"(the other replicas serve new requests) [{type(error).__name__}]")
     if isinstance(error, RequestCancelledError):
-        return ReplicaLostError("the request was cancelled on its replica")
+        return ReplicaLostError("the request was cancelled on its replica; retry")
+    if isinstance(error, RayServeException):   # BackPressureError, DeploymentUnavailableError, ...
+        return ReplicasUnavailableError(f"no engine replica can take the request now; retry [{type(error).__name__}]")
     return error
 
 
@@ -105,7 +114,7 @@ class RemoteStream:
     def _end(self) -> None:
         if not self._done:
             self._done = True
-            self._on_end()
+            self._on_end()   # idempotent (a pop)
 
     @property
     def finished(self) -> bool:
@@ -115,7 +124,11 @@ class RemoteStream:
         """Cancel the request on its replica (idempotent; a no-op once it has finished)."""
         if not self._done and not self._aborted:
             self._aborted = True
-            self._responses.cancel()
+            self._on_end()   # forgotten here now, whether or not the consumer reads again
+            try:
+                self._responses.cancel()
+            except Exception as error:   # noqa: BLE001 - it failed before it was sent: nothing runs to cancel
+                log.debug("cancelling %s: %s", self.request_id, error)
 
 
 class RemoteEngine:
@@ -139,6 +152,8 @@ class RemoteEngine:
     async def add(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                   quiet: bool = False, **options) -> RemoteStream:
         self._raise_if_ended()
+        if not self.book.names():
+            raise ReplicasUnavailableError("no engine replica is running (Serve is starting replacements); retry")
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -192,7 +207,7 @@ class RemoteEngine:
 
     def stats(self) -> SchedulerStats:
         """The replicas' latest reported stats, summed (maxima for the since-start maxima)."""
-        reported = [r["stats"] for r in self.book.reports().values() if "stats" in r]
+        reported = [stats_from_dict(r["stats"]) for r in self.book.reports().values() if "stats" in r]
         return sum_stats(reported)
 
     def shutdown(self) -> None:
@@ -201,6 +216,11 @@ class RemoteEngine:
             for stream in list(self._streams.values()):
                 stream.abort()
             self._on_shutdown()
+
+
+def stats_from_dict(values: dict) -> SchedulerStats:
+    """A replica's reported stats (plain values, as dataclasses.asdict gave them)."""
+    return SchedulerStats(**{**values, "kv": KVCacheStats(**values["kv"])})
 
 
 def sum_stats(stats: list[SchedulerStats]) -> SchedulerStats:

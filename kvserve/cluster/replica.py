@@ -16,6 +16,7 @@ policy (`autoscale.py`). A replica whose engine died fails its health check, and
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 
@@ -24,7 +25,7 @@ from kvserve.routing.replicas import ROUTE_HASH_BYTES, RouteKey
 
 log = logging.getLogger(__name__)
 
-MAX_REPORTED_HASHES = 65536   # the newest cached blocks a report names (8 bytes each: 512 KiB at most)
+MAX_REPORTED_HASHES = 4096   # the newest cached blocks a report names (8 bytes each, one bytes object: 32 KiB)
 
 
 class EngineReplica:
@@ -68,9 +69,10 @@ class EngineReplica:
     async def record_routing_stats(self) -> dict:
         stats = self.engine.stats()
         cached = await self.engine.call(lambda e: e.scheduler.kv.prefix_cache.cached_hashes())
-        return {"replica": self.name, "seq": next(self._reports), "stats": stats,
+        # Plain values only: Serve's controller unpickles and hashes every report (no kvserve there).
+        return {"replica": self.name, "seq": next(self._reports), "stats": dataclasses.asdict(stats),
                 "queue": stats.num_running + stats.num_waiting,
-                "cached": [h[:ROUTE_HASH_BYTES] for h in cached[-self.max_reported_hashes:]]}
+                "cached": b"".join(h[:ROUTE_HASH_BYTES] for h in cached[-self.max_reported_hashes:])}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         stats = self.engine.stats()

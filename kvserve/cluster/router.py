@@ -60,11 +60,15 @@ class _BookMixin:
         super().on_replica_actor_died(replica_id)
         self.book.remove(replica_id.unique_id)
 
+    # Serve may report a completion before the send (its hook is armed first), and a request picked
+    # for one replica may be sent to another (the first was full) or cancelled while it waits: the
+    # book counts by Serve's internal request id, so none of these leaves a count behind.
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
-        self.book.routed(replica_id.unique_id, request=_route(pending_request).target is None)
+        self.book.routed(replica_id.unique_id, pending_request.metadata.internal_request_id,
+                         request=_route(pending_request).target is None)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self.book.completed(replica_id.unique_id)
+        self.book.completed(internal_request_id)
 
 
 class KVPrefixRouter(_BookMixin, RequestRouter):
@@ -81,7 +85,8 @@ class KVPrefixRouter(_BookMixin, RequestRouter):
             return targeted
         self._sync(candidate_replicas)
         by_name = {r.replica_id.unique_id: r for r in candidate_replicas}
-        decision = self.book.choose(route, list(by_name))
+        request_id = pending_request.metadata.internal_request_id if pending_request is not None else None
+        decision = self.book.choose(route, list(by_name), request_id)
         chosen = by_name[decision.replica]
         return [[chosen], [r for r in candidate_replicas if r is not chosen]]
 

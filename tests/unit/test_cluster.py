@@ -4,6 +4,7 @@ the cluster options and the replica-lost error. (tests/server/test_scale_out.py 
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +13,7 @@ from kvserve.cli import build_parser, start_cluster
 from kvserve.cluster.autoscale import KV_USAGE, WAITING, EnginePressurePolicy
 from kvserve.cluster.book import RouteBook
 from kvserve.cluster.deploy import ClusterConfig, portable
-from kvserve.cluster.remote import ReplicaLostError, sum_stats
+from kvserve.cluster.remote import ReplicaLostError, stats_from_dict, sum_stats
 from kvserve.config import CacheConfig, ConfigError, EngineConfig
 from kvserve.kv.manager import KVCacheStats
 from kvserve.routing.replicas import (ROUTE_HASH_BYTES, ReplicaPolicy, ReplicaPolicyConfig, RouteKey,
@@ -56,39 +57,58 @@ def test_the_route_book_follows_serve_s_replicas_counts_and_reports():
     book.sync({"a": {}, "b": None})
     assert book.names() == ["a", "b"] and book.reports() == {}
     group = _hashes(3)
-    first = book.choose(RouteKey(group), ["a", "b"])
-    book.routed(first.replica)
-    again = book.choose(RouteKey(group), ["a", "b"])
+    first = book.choose(RouteKey(group), ["a", "b"], "r1")
+    book.routed(first.replica, "r1")
+    again = book.choose(RouteKey(group), ["a", "b"], "r2")
     assert again.replica == first.replica and again.reason == "prefix" and again.matched_blocks == len(group)
-    book.routed(again.replica)
-    book.routed(again.replica, request=False)   # a call addressed to the replica: in flight, not a route
+    book.routed(again.replica, "r2")
+    book.routed(again.replica, "c1", request=False)   # a call addressed to the replica: in flight, not a route
     snapshot = book.snapshot()
     assert snapshot["replicas"][first.replica] == {"in_flight": 3, "routed": 2, "queue": None}
     assert snapshot["decisions"]["prefix"] == 1 and snapshot["matched_blocks"] == len(group)
-    for _ in range(3):
-        book.completed(first.replica)
-    book.completed(first.replica)                # never below zero
+    for request_id in ("r1", "r2", "c1", "r1", "unknown"):   # a repeated or unknown completion takes nothing
+        book.completed(request_id)
     assert book.snapshot()["replicas"][first.replica]["in_flight"] == 0
     # A report (a new seq) replaces inferences older than report_lag_s; the same seq again changes nothing.
     other = "b" if first.replica == "a" else "a"
     clock.now += 60
-    book.sync({first.replica: {"seq": 1, "queue": 0, "cached": list(group[:2])}, other: None})
+    book.sync({first.replica: {"seq": 1, "queue": 0, "cached": b"".join(group[:2])}, other: None})
     assert book.policy.matched(first.replica, group) == 2
     assert book.reports()[first.replica]["queue"] == 0
-    # Load: queues further apart than the threshold are balanced before the prefix is sought.
-    for _ in range(3):
-        book.routed(first.replica)
-    book.sync({first.replica: None, other: None})
-    assert book.choose(RouteKey(group), [first.replica, other]).replica == other
+    # Load: picks not yet sent count as queue, so a burst on one prefix spills once the queues part.
+    picks = [book.choose(RouteKey(group), [first.replica, other], f"burst-{i}").replica for i in range(6)]
+    assert picks[:3] == [first.replica] * 3 and other in picks[3:], picks
     book.sync({other: None})                     # the first replica is gone
     assert book.names() == [other] and first.replica not in book.policy.replicas
+
+
+def test_the_book_never_leaves_a_count_behind():
+    """Serve may report a completion before the send, send a pick elsewhere, or drop a pick (the
+    request was cancelled while it waited): the counts come back to zero in every case."""
+    clock = Clock()
+    book = RouteBook("app", clock=clock)
+    book.sync({"a": None, "b": None})
+    book.choose(RouteKey(_hashes(5)), ["a", "b"], "early")
+    book.completed("early")                      # completion first ...
+    book.routed("a", "early")                    # ... then the send: nothing stays in flight
+    picked = book.choose(RouteKey(_hashes(6)), ["a", "b"], "moved").replica
+    elsewhere = "b" if picked == "a" else "a"
+    book.routed(elsewhere, "moved")              # Serve sent it to the other replica
+    assert book.replicas[picked].pending == 0 and book.replicas[elsewhere].in_flight == 1
+    book.completed("moved")
+    book.choose(RouteKey(_hashes(7)), ["a", "b"], "dropped")
+    book.choose(RouteKey(_hashes(7)), ["a", "b"], "dropped")   # a retry replaces the pick
+    assert sum(v.pending for v in book.replicas.values()) == 1
+    clock.now += 61
+    book.sync({"a": None, "b": None})            # the pick Serve never confirmed expires
+    assert all(v.pending == 0 and v.in_flight == 0 for v in book.replicas.values())
 
 
 def test_the_pow2_book_counts_ray_s_routes():
     book = RouteBook("app")
     book.pow2 = True
-    book.routed("a")
-    book.routed("a", request=False)
+    book.routed("a", "r1")
+    book.routed("a", "c1", request=False)
     assert book.snapshot()["decisions"] == {"pow2": 1}
 
 
@@ -111,6 +131,7 @@ def test_the_autoscaling_policy_reads_waiting_requests_and_kv_usage():
     assert policy(_ctx(2, [0, 0], [0.95, 0.85]))[0] == 3              # KV nearly full: up
     assert policy(_ctx(3, [0, 0, 0], [0.2, 0.2, 0.2]))[0] == 2         # idle: down by one
     assert policy(_ctx(2, [0, 1], [0.1, 0.1]))[0] == 2                # something waits: never down
+    assert policy.desired(3, 0, 0.2, running=5) == 3                  # busy replicas: not down either
     assert policy(_ctx(2, [0, 0], [0.5, 0.5]))[0] == 2                # 0.5 over one replica would be 1.0: stay
     assert policy(_ctx(0, [], [], requests=3))[0] == 1                # scaled to zero: one on demand
     assert policy(_ctx(0, [], []))[0] == 0
@@ -126,6 +147,8 @@ def _stats(running: int, waiting: int, used: int, hits: int, tenants: dict | Non
 
 
 def test_replica_stats_sum_and_maxima_stay_maxima():
+    one = _stats(1, 2, 3, 4, {"x": 1}, 0.25)
+    assert stats_from_dict(dataclasses.asdict(one)) == one      # as a replica reports them
     total = sum_stats([_stats(2, 1, 10, 40, {"a": 5}, 0.5), _stats(1, 0, 20, 60, {"a": 1, "b": 2}, 1.5),
                        _stats(0, 0, 0, 0, None, 0.0)])
     assert (total.num_running, total.num_waiting, total.num_preemptions) == (3, 1, 3)
