@@ -135,7 +135,7 @@ def test_a_client_that_disconnects_frees_the_replica_s_blocks(cluster):
     response = client.send(request, stream=True)
     assert response.status_code == 200
     lines = response.iter_lines()   # held: a dropped line iterator closes the connection
-    assert next(lines).startswith("data: ")   # it runs on a replica now
+    assert next(lines).startswith("data: ")   # the first chunk; the replica gets the request about now
 
     def running() -> int:
         return sum(r["requests"]["running"] + r["requests"]["waiting"] for r in _cache(base_url).values())
@@ -213,6 +213,8 @@ def test_with_one_replica_saturated_unrelated_requests_go_to_the_other(cluster):
             lines = response.iter_lines()
             next(lines)
             streams.append((response, lines))
+        # The first SSE line leaves before the request reaches a replica: wait for Serve to send all four.
+        assert wait_until(lambda: sum(_routed(base_url).values()) - sum(before.values()) == 4, 30, 0.1)
         middle = _routed(base_url)
         loaded = [r for r in middle if middle[r] != before.get(r, 0)]
         assert len(loaded) == 1, (before, middle)
@@ -279,6 +281,7 @@ def test_killing_a_replica_fails_its_requests_with_503_and_the_survivor_serves(c
     response = client.send(request, stream=True)
     lines = response.iter_lines()
     assert response.status_code == 200 and next(lines).startswith("data: ")
+    assert wait_until(lambda: any(r["requests"]["running"] == 1 for r in _cache(base_url).values()), 30, 0.1)
     victim = next(name for name, report in _cache(base_url).items() if report["requests"]["running"] == 1)
     actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
               if a["namespace"] == "serve" and a["name"].endswith(victim)]
