@@ -293,7 +293,9 @@ def start_cluster(args: argparse.Namespace):
         config = ClusterConfig(replicas=args.replicas or args.min_replicas or 1, ray_address=args.ray_address,
                                min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                                replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
-                               router=args.replica_router, imbalance_threshold=args.replica_imbalance_threshold)
+                               router=args.replica_router, imbalance_threshold=args.replica_imbalance_threshold,
+                               min_match_blocks=args.replica_min_match_blocks, decay_s=args.replica_decay_s,
+                               session_ttl_s=args.session_ttl_s)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     try:
@@ -514,6 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--replica-imbalance-threshold", type=int, default=4, metavar="Q",
                        help="queues further apart than Q requests: balance load before seeking the prefix "
                             "(default 4)")
+    group.add_argument("--replica-min-match-blocks", type=int, default=1, metavar="B",
+                       help="a replica holding fewer leading blocks of the prompt is no prefix match (default 1)")
+    group.add_argument("--replica-decay-s", type=float, default=600.0, metavar="S",
+                       help="a route the router inferred (the replica will have cached it) is forgotten S seconds "
+                            "after its last use, unless the replica reports it (default 600)")
+    group.add_argument("--session-ttl-s", type=float, default=3600.0, metavar="S",
+                       help="a sticky session (x-session-id, prompt_cache_key) is forgotten S seconds after its "
+                            "last request (default 3600)")
     add_engine_options(serve, repeat_model=True)
     serve.set_defaults(func=cmd_serve)
 

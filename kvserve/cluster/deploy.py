@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvserve.config import EngineConfig
+from kvserve.routing.replicas import ReplicaPolicyConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class ClusterConfig:
             raise ValueError("--replica-router: kv or pow2")
         if self.replica_cpus <= 0 or self.stats_period_s <= 0:
             raise ValueError("--replica-cpus and the stats period must be positive")
+        ReplicaPolicyConfig(self.imbalance_threshold, self.min_match_blocks, self.decay_s, self.session_ttl_s)
 
     @property
     def policy_kwargs(self) -> dict:

@@ -161,13 +161,15 @@ def test_replica_stats_sum_and_maxima_stay_maxima():
 def test_cluster_options_are_validated():
     assert ClusterConfig(replicas=2).policy_kwargs["report_lag_s"] == 2.0
     for bad in (dict(replicas=0), dict(min_replicas=1), dict(min_replicas=2, max_replicas=4, replicas=1),
-                dict(router="random"), dict(replica_cpus=0)):
+                dict(router="random"), dict(replica_cpus=0), dict(decay_s=0), dict(min_match_blocks=0)):
         with pytest.raises(ValueError):
             ClusterConfig(**bad)
     parser = build_parser()
     assert start_cluster(parser.parse_args(["serve"])) is None   # one process: Ray is never touched
     with pytest.raises(ConfigError, match="go together"):
         start_cluster(parser.parse_args(["serve", "--replicas", "2", "--min-replicas", "1"]))
+    with pytest.raises(ConfigError, match="replica routing"):
+        start_cluster(parser.parse_args(["serve", "--replicas", "2", "--replica-decay-s", "0"]))
 
 
 def test_replica_paths_are_made_absolute(tmp_path, monkeypatch):
