@@ -94,8 +94,12 @@ def load() -> ModuleType | None:
     try:
         # Builds are keyed by sources and flags (the digest, ninja's commands), not headers: their hash is a flag.
         headers = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(HEADERS))).hexdigest()[:12]
-        return build(NAME, SOURCES, build_directory(), extra_cflags=[*CFLAGS, f"-DKVSERVE_HEADERS={headers}"],
-                     extra_ldflags=LDFLAGS)
+        module = build(NAME, SOURCES, build_directory(), extra_cflags=[*CFLAGS, f"-DKVSERVE_HEADERS={headers}"],
+                       extra_ldflags=LDFLAGS)
+        from kvserve.cpu_features import LEVELS, isa
+
+        module.set_isa(LEVELS.index(isa()))   # the CPU's best path, or the one KVSERVE_CPU_ISA asks for
+        return module
     except Exception as error:   # no compiler, no headers, unsupported platform, build timeout: keep the reference path
         log.warning("CPU attention kernel unavailable (%s); using the torch reference attention", error)
         return None

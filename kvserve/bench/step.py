@@ -83,6 +83,7 @@ def _measure(engine, batch_size: int, args: argparse.Namespace, profile: bool) -
 def run_step_bench(args: argparse.Namespace, config: EngineConfig) -> int:
     import torch
 
+    from kvserve import cpu_features
     from kvserve.engine.engine import Engine
 
     engine = Engine(config)
@@ -95,5 +96,7 @@ def run_step_bench(args: argparse.Namespace, config: EngineConfig) -> int:
               f"runner {r['runner_ms']:7.2f} ms  host share {r['host_share']:.1%}")
     print(json.dumps({"bench": "step", "model": config.model or "default",
                       "dtype": str(engine.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+                      "isa": cpu_features.isa() if engine.device.type == "cpu" else None,
+                      "quantization": config.quantization,
                       "context_len": args.context_len, "steps": args.steps, "results": results}))
     return 0

@@ -123,7 +123,9 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         self._generators: dict[str, torch.Generator] = {}
         self.warm_up()
-        log.info("model on %s in %s; KV cache %d blocks of %d tokens", device, dtype, self.num_blocks, self.block_size)
+        kernels = "" if device.type != "cpu" else f"; CPU kernels: {cpu_features.isa()}"
+        log.info("model on %s in %s (quantization: %s%s); KV cache %d blocks of %d tokens", device, dtype,
+                 quantization, kernels, self.num_blocks, self.block_size)
 
     @staticmethod
     def weights_dtype(dtype: torch.dtype, quantization: str) -> torch.dtype:

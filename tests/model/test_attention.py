@@ -149,3 +149,48 @@ def test_cpu_decode_step_rejects_bad_inputs():
         kernels.decode_step(q, kv.bfloat16(), kv.bfloat16(), k_cache, k_cache.clone(), torch.tensor([0]), table, lens, 1.0)
     with pytest.raises(RuntimeError, match="one slot per token"):
         kernels.decode_step(q, kv, kv, k_cache, k_cache.clone(), torch.tensor([0, 1]), table, lens, 1.0)
+
+
+def _available_levels() -> list[str]:
+    from kvserve.cpu_features import LEVELS, cpu_flags, detected_isa
+
+    return list(LEVELS[:LEVELS.index(detected_isa(cpu_flags())) + 1])
+
+
+@pytest.mark.parametrize("level", _available_levels())
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(64, 9, 3), (128, 4, 2), (32, 2, 2), (80, 4, 1), (12, 2, 1)])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_every_decode_kernel_path_equals_the_torch_spec(level, head_dim, num_heads, num_kv_heads, cache_dtype):
+    """Each instruction-set path the CPU can run (KVSERVE_CPU_ISA picks one at run time: an AVX-512
+    machine also runs the AVX2 and portable ones), on shapes that take the specialised and generic
+    variants (head_dim 64 and 128, any multiple of 8 or 16, and others, which go portable)."""
+    from kvserve.cpu_features import LEVELS
+
+    kernels = cpu_kernels.load()
+    assert kernels is not None
+    torch.manual_seed(head_dim + num_heads)
+    block_size, num_blocks = 16, 64
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim).to(cache_dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim).to(cache_dtype)
+    seq_lens = [1, 7, 16, 33, 250]
+    free = torch.randperm(num_blocks).tolist()
+    max_blocks = -(-max(seq_lens) // block_size)
+    table = []
+    for n in seq_lens:
+        blocks = [free.pop() for _ in range(-(-n // block_size))]
+        table.append(blocks + [0] * (max_blocks - len(blocks)))
+    query = torch.randn(len(seq_lens), num_heads, head_dim)
+    scale = head_dim ** -0.5
+    expected = []
+    for i, n in enumerate(seq_lens):
+        rows = torch.tensor([table[i][t // block_size] * block_size + t % block_size for t in range(n)])
+        k = k_cache.reshape(-1, num_kv_heads, head_dim)[rows].float()
+        v = v_cache.reshape(-1, num_kv_heads, head_dim)[rows].float()
+        expected.append(dense_attention(query[i:i + 1], k, v, scale)[0])
+    before = kernels.get_isa()
+    kernels.set_isa(LEVELS.index(level))
+    try:
+        got = kernels.paged_decode(query, k_cache, v_cache, torch.tensor(table), torch.tensor(seq_lens), scale)
+    finally:
+        kernels.set_isa(before)
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-5)

@@ -2,6 +2,8 @@
 
 #include <torch/extension.h>
 
+#include "isa.h"
+
 torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_table, torch::Tensor seq_lens, double scale);
 torch::Tensor decode_step(torch::Tensor query, torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
@@ -26,4 +28,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_matmul", &int8_matmul, "x @ W^T, int8 W with per-channel scales, fp32 math, <= 8 rows");
   m.def("int8_matmul_portable", &int8_matmul_portable, "the same, plain loops (the spec of the vector path)");
   m.def("rotary", &rotary, "rotate-half rotary embedding, bf16");
+  m.def("set_isa", [](int64_t level) { kvserve::isa_level() = static_cast<int>(level); },
+        "the instruction-set level the kernels may use: 0 portable, 1 avx2, 2 avx512");
+  m.def("get_isa", []() { return static_cast<int64_t>(kvserve::isa_level()); }, "the level set");
 }

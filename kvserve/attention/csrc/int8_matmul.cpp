@@ -8,6 +8,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "isa.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -76,6 +78,7 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
   if (rows > 0) {
     at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
 #if defined(__AVX512F__)
+      if (kvserve::isa_level() < kvserve::kAvx512) return int8_rows_portable(xp, wp, sp, yp, rows, n, k, begin, end);
       switch (rows) {
         case 1: return int8_rows_avx512<1>(xp, wp, sp, yp, n, k, begin, end);
         case 2: return int8_rows_avx512<2>(xp, wp, sp, yp, n, k, begin, end);

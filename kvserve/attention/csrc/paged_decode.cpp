@@ -9,8 +9,9 @@
 #include <ATen/Parallel.h>
 
 #include "bf16.h"
+#include "isa.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -230,13 +231,114 @@ void decode_avx512(const float* query, const T* k_cache, const T* v_cache, const
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+// The AVX2 + FMA path (Zen 3, and any AVX-512 machine told KVSERVE_CPU_ISA=avx2), head_dim a multiple
+// of 8 up to 256: the AVX-512 path's one pass with an online softmax, 8 lanes wide. Tiles of 8
+// tokens within a block; each token's key is widened to fp32 once and serves the group's heads;
+// the tile's dots are reduced lane by lane (a horizontal sum per token and head).
+constexpr int64_t kTile2 = 8;
+constexpr int64_t kMaxGroup2 = 16;
+constexpr int64_t kMaxChunks2 = 32;   // head_dim / 8
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// DC = head_dim / 8 when known at compile time (0: read at run time).
+template <typename T, int DC>
+void decode_avx2(const float* query, const T* k_cache, const T* v_cache, const int64_t* block_table,
+                 const int64_t* seq_lens, float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                 int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
+  constexpr int AC = DC > 0 ? DC : kMaxChunks2;
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t chunks = DC > 0 ? DC : head_dim / 8;
+  const int64_t token_stride = num_kv_heads * head_dim;
+  const int64_t block_stride = block_size * token_stride;
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<__m256> qv(kMaxGroup2 * AC), acc(kMaxGroup2 * AC);
+    float probs[kMaxGroup2][kTile2];
+    float peak[kMaxGroup2], total[kMaxGroup2];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
+      const int64_t len = seq_lens[seq];
+      const float* q = query + (seq * num_heads + kv_head * group) * head_dim;
+      const int64_t* blocks = block_table + seq * max_blocks;
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t c = 0; c < chunks; ++c) qv[g * AC + c] = load8(q + g * head_dim + 8 * c), acc[g * AC + c] = _mm256_setzero_ps();
+        peak[g] = -std::numeric_limits<float>::infinity(), total[g] = 0.f;
+      }
+      for (int64_t t0 = 0; t0 < len;) {
+        const int64_t in_block = t0 % block_size;
+        const int64_t n = std::min({kTile2, len - t0, block_size - in_block});
+        const int64_t base = blocks[t0 / block_size] * block_stride + in_block * token_stride + kv_head * head_dim;
+        const T* k = k_cache + base;
+        const T* v = v_cache + base;
+        float tile_peak[kMaxGroup2];
+        for (int64_t g = 0; g < group; ++g) tile_peak[g] = peak[g];
+        for (int64_t t = 0; t < n; ++t) {
+          const T* kt = k + t * token_stride;
+          __m256 kv[AC];
+          for (int64_t c = 0; c < chunks; ++c) kv[c] = load8(kt + 8 * c);
+          for (int64_t g = 0; g < group; ++g) {
+            const __m256* qg = qv.data() + g * AC;
+            __m256 sum = _mm256_mul_ps(qg[0], kv[0]);
+            for (int64_t c = 1; c < chunks; ++c) sum = _mm256_fmadd_ps(qg[c], kv[c], sum);
+            const float score = hsum8(sum) * scale;
+            probs[g][t] = score;
+            tile_peak[g] = std::max(tile_peak[g], score);
+          }
+        }
+        for (int64_t g = 0; g < group; ++g) {
+          float tile_total = 0.f;
+          for (int64_t t = 0; t < n; ++t) {
+            probs[g][t] = std::exp(probs[g][t] - tile_peak[g]);
+            tile_total += probs[g][t];
+          }
+          const float alpha = std::exp(peak[g] - tile_peak[g]);   // 0 on the first tile
+          total[g] = total[g] * alpha + tile_total;
+          peak[g] = tile_peak[g];
+          if (alpha != 1.f) {
+            const __m256 a = _mm256_set1_ps(alpha);
+            for (int64_t c = 0; c < chunks; ++c) acc[g * AC + c] = _mm256_mul_ps(a, acc[g * AC + c]);
+          }
+        }
+        for (int64_t t = 0; t < n; ++t) {
+          const T* vt = v + t * token_stride;
+          __m256 vv[AC];
+          for (int64_t c = 0; c < chunks; ++c) vv[c] = load8(vt + 8 * c);
+          for (int64_t g = 0; g < group; ++g) {
+            const __m256 p = _mm256_set1_ps(probs[g][t]);
+            for (int64_t c = 0; c < chunks; ++c) acc[g * AC + c] = _mm256_fmadd_ps(p, vv[c], acc[g * AC + c]);
+          }
+        }
+        t0 += n;
+      }
+      float* o = out + (seq * num_heads + kv_head * group) * head_dim;
+      for (int64_t g = 0; g < group; ++g) {
+        const __m256 inv = _mm256_set1_ps(1.f / total[g]);
+        for (int64_t c = 0; c < chunks; ++c) _mm256_storeu_ps(o + g * head_dim + 8 * c, _mm256_mul_ps(acc[g * AC + c], inv));
+      }
+    }
+  });
+}
+#endif
+
 template <typename T>
 void decode(const float* query, const T* k_cache, const T* v_cache, const int64_t* block_table,
             const int64_t* seq_lens, float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
             int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
-#if defined(__AVX512F__)
   const int64_t group = num_heads / num_kv_heads;
-  if (head_dim % 16 == 0 && head_dim <= 256 && group <= kMaxGroup) {
+#if defined(__AVX512F__)
+  if (kvserve::isa_level() >= kvserve::kAvx512 && head_dim % 16 == 0 && head_dim <= 256 && group <= kMaxGroup) {
     using Kernel = void (*)(const float*, const T*, const T*, const int64_t*, const int64_t*, float*, int64_t,
                             int64_t, int64_t, int64_t, int64_t, int64_t, float);
     Kernel run = decode_avx512<T, 0, 0>;
@@ -252,6 +354,18 @@ void decode(const float* query, const T* k_cache, const T* v_cache, const int64_
     return;
   }
 #endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if (kvserve::isa_level() >= kvserve::kAvx2 && head_dim % 8 == 0 && head_dim <= 8 * kMaxChunks2 &&
+      group <= kMaxGroup2) {
+    if (head_dim == 64) return decode_avx2<T, 8>(query, k_cache, v_cache, block_table, seq_lens, out, num_seqs,
+                                                  num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale);
+    if (head_dim == 128) return decode_avx2<T, 16>(query, k_cache, v_cache, block_table, seq_lens, out, num_seqs,
+                                                    num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale);
+    return decode_avx2<T, 0>(query, k_cache, v_cache, block_table, seq_lens, out, num_seqs, num_heads, num_kv_heads,
+                             head_dim, block_size, max_blocks, scale);
+  }
+#endif
+  (void)group;
   decode_scalar(query, k_cache, v_cache, block_table, seq_lens, out, num_seqs, num_heads, num_kv_heads, head_dim,
                 block_size, max_blocks, scale);
 }
