@@ -169,3 +169,26 @@ def test_cpu_int8_kernel_rejects_bad_inputs():
         kernels.int8_matmul(torch.zeros(1, 8), w.float(), s)
     with pytest.raises(RuntimeError, match="scale must be"):
         kernels.int8_matmul(torch.zeros(1, 8), w, torch.ones(3))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("in_features", [64, 77])
+def test_every_int8_kernel_path_equals_the_portable_loop(rows, in_features):
+    """Each instruction-set path the CPU can run (set at run time, as KVSERVE_CPU_ISA does) gives the
+    portable loop's result in fp32, a tail of k not a multiple of the vector width included."""
+    from kvserve.attention import cpu_kernels
+    from kvserve.cpu_features import LEVELS, cpu_flags, detected_isa
+
+    kernels = cpu_kernels.load()
+    assert kernels is not None
+    torch.manual_seed(rows * in_features)
+    q = Int8Linear.quantize(torch.randn(300, in_features), dtype=torch.float32)
+    x = torch.randn(rows, in_features)
+    expected = kernels.int8_matmul_portable(x, q.weight, q.scale)
+    before = kernels.get_isa()
+    try:
+        for level in LEVELS[:LEVELS.index(detected_isa(cpu_flags())) + 1]:
+            kernels.set_isa(LEVELS.index(level))
+            torch.testing.assert_close(kernels.int8_matmul(x, q.weight, q.scale), expected, rtol=1e-5, atol=1e-4)
+    finally:
+        kernels.set_isa(before)

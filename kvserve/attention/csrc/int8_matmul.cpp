@@ -3,14 +3,14 @@
 // Weights are widened to fp32 in registers (no activation quantization: the same math as the
 // dequantized weights, in fp32), each weight row read once for all rows of x. Memory-bound at one
 // row: torch's int8 kernel reads these bytes at about half the speed on the project's CPU.
-// The portable loop is the spec of the AVX-512 one.
+// The portable loop is the spec of the AVX-512 and AVX2 ones (kvserve::isa_level() picks).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include "isa.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -34,18 +34,71 @@ void int8_rows_portable(const float* x, const int8_t* w, const float* scale, flo
 template <int R>
 void int8_rows_avx512(const float* x, const int8_t* w, const float* scale, float* y, int64_t n, int64_t k,
                       int64_t begin, int64_t end) {
-  const int64_t full = k / 16 * 16;
+  constexpr int U = R == 1 ? 2 : 1;   // two FMA chains for one row: the latency, not the loads, bounded one
+  const int64_t wide = k / (16 * U) * (16 * U), full = k / 16 * 16;
   for (int64_t o = begin; o < end; ++o) {
     const int8_t* wo = w + o * k;
     _mm_prefetch(reinterpret_cast<const char*>(wo + 4 * k), _MM_HINT_T0);
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < full; j += 16) {
+    __m512 acc[R][U];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < wide; j += 16 * U)
+      for (int u = 0; u < U; ++u) {
+        const __m512 wv = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wo + j + 16 * u))));
+        for (int r = 0; r < R; ++r) acc[r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + j + 16 * u), wv, acc[r][u]);
+      }
+    for (int64_t j = wide; j < full; j += 16) {
       const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wo + j))));
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + j), wv, acc[r]);
+      for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + j), wv, acc[r][0]);
     }
     for (int r = 0; r < R; ++r) {
-      float total = _mm512_reduce_add_ps(acc[r]);
+      __m512 sum = acc[r][0];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[r][u]);
+      float total = _mm512_reduce_add_ps(sum);
+      for (int64_t j = full; j < k; ++j) total += x[r * k + j] * static_cast<float>(wo[j]);
+      y[r * n + o] = total * scale[o];
+    }
+  }
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+// The AVX2 + FMA path: the AVX-512 one at 8 lanes (8 int8 weights widened to fp32 per FMA).
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int R>
+void int8_rows_avx2(const float* x, const int8_t* w, const float* scale, float* y, int64_t n, int64_t k,
+                    int64_t begin, int64_t end) {
+  // U independent accumulators per row: with few rows, one FMA chain per row would wait on the FMA
+  // latency (4 cycles) instead of the loads.
+  constexpr int U = R == 1 ? 4 : (R <= 3 ? 2 : 1);
+  const int64_t wide = k / (8 * U) * (8 * U), full = k / 8 * 8;
+  for (int64_t o = begin; o < end; ++o) {
+    const int8_t* wo = w + o * k;
+    _mm_prefetch(reinterpret_cast<const char*>(wo + 4 * k), _MM_HINT_T0);
+    __m256 acc[R][U];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < wide; j += 8 * U)
+      for (int u = 0; u < U; ++u) {
+        const __m256 wv = _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wo + j + 8 * u))));
+        for (int r = 0; r < R; ++r) acc[r][u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + j + 8 * u), wv, acc[r][u]);
+      }
+    for (int64_t j = wide; j < full; j += 8) {
+      const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wo + j))));
+      for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + j), wv, acc[r][0]);
+    }
+    for (int r = 0; r < R; ++r) {
+      __m256 sum = acc[r][0];
+      for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[r][u]);
+      float total = hsum8(sum);
       for (int64_t j = full; j < k; ++j) total += x[r * k + j] * static_cast<float>(wo[j]);
       y[r * n + o] = total * scale[o];
     }
@@ -78,20 +131,34 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
   if (rows > 0) {
     at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
 #if defined(__AVX512F__)
-      if (kvserve::isa_level() < kvserve::kAvx512) return int8_rows_portable(xp, wp, sp, yp, rows, n, k, begin, end);
-      switch (rows) {
-        case 1: return int8_rows_avx512<1>(xp, wp, sp, yp, n, k, begin, end);
-        case 2: return int8_rows_avx512<2>(xp, wp, sp, yp, n, k, begin, end);
-        case 3: return int8_rows_avx512<3>(xp, wp, sp, yp, n, k, begin, end);
-        case 4: return int8_rows_avx512<4>(xp, wp, sp, yp, n, k, begin, end);
-        case 5: return int8_rows_avx512<5>(xp, wp, sp, yp, n, k, begin, end);
-        case 6: return int8_rows_avx512<6>(xp, wp, sp, yp, n, k, begin, end);
-        case 7: return int8_rows_avx512<7>(xp, wp, sp, yp, n, k, begin, end);
-        default: return int8_rows_avx512<8>(xp, wp, sp, yp, n, k, begin, end);
+      if (kvserve::isa_level() >= kvserve::kAvx512) {
+        switch (rows) {
+          case 1: return int8_rows_avx512<1>(xp, wp, sp, yp, n, k, begin, end);
+          case 2: return int8_rows_avx512<2>(xp, wp, sp, yp, n, k, begin, end);
+          case 3: return int8_rows_avx512<3>(xp, wp, sp, yp, n, k, begin, end);
+          case 4: return int8_rows_avx512<4>(xp, wp, sp, yp, n, k, begin, end);
+          case 5: return int8_rows_avx512<5>(xp, wp, sp, yp, n, k, begin, end);
+          case 6: return int8_rows_avx512<6>(xp, wp, sp, yp, n, k, begin, end);
+          case 7: return int8_rows_avx512<7>(xp, wp, sp, yp, n, k, begin, end);
+          default: return int8_rows_avx512<8>(xp, wp, sp, yp, n, k, begin, end);
+        }
       }
-#else
-      int8_rows_portable(xp, wp, sp, yp, rows, n, k, begin, end);
 #endif
+#if defined(__AVX2__) && defined(__FMA__)
+      if (kvserve::isa_level() >= kvserve::kAvx2) {
+        switch (rows) {
+          case 1: return int8_rows_avx2<1>(xp, wp, sp, yp, n, k, begin, end);
+          case 2: return int8_rows_avx2<2>(xp, wp, sp, yp, n, k, begin, end);
+          case 3: return int8_rows_avx2<3>(xp, wp, sp, yp, n, k, begin, end);
+          case 4: return int8_rows_avx2<4>(xp, wp, sp, yp, n, k, begin, end);
+          case 5: return int8_rows_avx2<5>(xp, wp, sp, yp, n, k, begin, end);
+          case 6: return int8_rows_avx2<6>(xp, wp, sp, yp, n, k, begin, end);
+          case 7: return int8_rows_avx2<7>(xp, wp, sp, yp, n, k, begin, end);
+          default: return int8_rows_avx2<8>(xp, wp, sp, yp, n, k, begin, end);
+        }
+      }
+#endif
+      int8_rows_portable(xp, wp, sp, yp, rows, n, k, begin, end);
     });
   }
   return y.to(x.scalar_type());
