@@ -196,3 +196,20 @@ def test_concurrent_builders_share_one_build(tmp_path):
     again = _build("slow", source, directory, timeout_s=60)    # the published build: no lock, no compiler
     assert again.returncode == 0 and again.stdout.split() == ["42"], again.stderr
     assert "Building" not in again.stderr and "Waiting" not in again.stderr
+
+
+@pytest.mark.parametrize("level", ["portable", "avx2"])
+def test_the_kernels_take_the_level_kvserve_cpu_isa_asks_for(level):
+    """A process started with KVSERVE_CPU_ISA runs that path (when the CPU has it)."""
+    import os
+    import subprocess
+    import sys
+
+    from kvserve.cpu_features import LEVELS, cpu_flags, detected_isa
+
+    if LEVELS.index(level) > LEVELS.index(detected_isa(cpu_flags())):
+        pytest.skip(f"this CPU has no {level} path")
+    code = "from kvserve.attention import cpu_kernels; print(cpu_kernels.load().get_isa())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "KVSERVE_CPU_ISA": level},
+                         capture_output=True, text=True, timeout=600)
+    assert out.stdout.strip() == str(LEVELS.index(level)), out.stderr[-2000:]
