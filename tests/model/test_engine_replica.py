@@ -27,12 +27,16 @@ def test_a_replica_streams_reports_what_it_caches_and_frees_a_cancelled_request(
                                                          "r1", False, options)]
             assert outputs[-1].finish_reason == FinishReason.LENGTH
             assert sum(len(o.token_ids) for o in outputs) == 5
-            report = await replica.record_routing_stats()
+            for _ in range(200):   # the stats snapshot follows the last output by a step
+                report = await replica.record_routing_stats()
+                if report["queue"] == 0:
+                    break
+                await asyncio.sleep(0.01)
             expected = route_hashes(request_block_hashes(prompt, 16, "acme", "s1"))   # the policy's rule
             cached = {report["cached"][i:i + 8] for i in range(0, len(report["cached"]), 8)}
             assert len(expected) == 4 and set(expected) <= cached   # the keys the ingress routes by
-            assert report["queue"] == 0 and report["seq"] == 1 and report["stats"]["num_running"] == 0
-            assert (await replica.record_routing_stats())["seq"] == 2
+            assert report["queue"] == 0 and report["stats"]["num_running"] == 0
+            assert (await replica.record_routing_stats())["seq"] == report["seq"] + 1
 
             # The caller goes away mid-answer (Serve cancels the call): the request is aborted.
             stream = replica.generate([5] * 40, SamplingParams(max_tokens=3000, ignore_eos=True), "r2", False, {})
