@@ -672,6 +672,12 @@ def with_serve_args(argv: list[str], environ=os.environ) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kvserve import cpu_features
+
+    try:   # KVSERVE_CPU_ISA caps torch's kernels too: set before anything imports torch
+        cpu_features.cap_torch()
+    except ConfigError as error:
+        logging.getLogger("kvserve").warning("%s", error)
     args = build_parser().parse_args(with_serve_args(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -54,6 +54,28 @@ def isa() -> str:
     return asked
 
 
+# What torch's own kernels are told when KVSERVE_CPU_ISA asks for less than the CPU has: ATen's
+# vectorised kernels and oneDNN's (the bf16 and fp32 matmuls) then run at that level too, so an
+# AVX-512 machine measures what an AVX2-only one (Zen 3) would run, not only kvserve's own kernels.
+TORCH_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+             "portable": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}}
+
+
+def cap_torch(environ=os.environ, modules=None) -> dict[str, str]:
+    """Set TORCH_ENV for the level KVSERVE_CPU_ISA asks for (before torch is imported: both are read
+    once). Variables already set are left alone. Returns what was set."""
+    import sys
+
+    asked = environ.get(ENV, "").strip().lower()
+    if asked not in TORCH_ENV:
+        return {}
+    if "torch" in (sys.modules if modules is None else modules):
+        raise ConfigError(f"{ENV}={asked} must be set before torch is imported (it caps torch's kernels too)")
+    applied = {name: value for name, value in TORCH_ENV[asked].items() if name not in environ}
+    environ.update(applied)
+    return applied
+
+
 def native_bf16() -> bool:
     """bf16 dot products in hardware (AVX512-BF16) at the level in use."""
     return isa() == "avx512" and "avx512_bf16" in cpu_flags()

@@ -57,3 +57,16 @@ def test_dtype_auto_follows_native_bf16(monkeypatch):
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     with_flags(monkeypatch, ZEN4)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+
+
+def test_the_cap_reaches_torch_s_own_kernels_when_set_before_torch():
+    env = {cpu_features.ENV: "avx2"}
+    assert cpu_features.cap_torch(env, modules={}) == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    env = {cpu_features.ENV: "portable", "ATEN_CPU_CAPABILITY": "avx2"}      # what is set stays
+    assert cpu_features.cap_torch(env, modules={}) == {"ONEDNN_MAX_CPU_ISA": "SSE41"}
+    assert env["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert cpu_features.cap_torch({}, modules={}) == {}                       # no cap asked: nothing
+    assert cpu_features.cap_torch({cpu_features.ENV: "avx512"}, modules={}) == {}
+    with pytest.raises(ConfigError, match="before torch"):
+        cpu_features.cap_torch({cpu_features.ENV: "avx2"}, modules={"torch": object()})
