@@ -285,7 +285,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def start_cluster(args: argparse.Namespace):
     """The Ray connection for --replicas / --ray-address / --min-replicas (None: one process)."""
-    if args.replicas is None and args.ray_address is None and args.min_replicas is None:
+    if args.replicas is None and args.ray_address is None and args.min_replicas is None and not args.attach:
         return None
     from kvserve.cluster.deploy import Cluster, ClusterConfig
 
@@ -295,7 +295,7 @@ def start_cluster(args: argparse.Namespace):
                                replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
                                router=args.replica_router, imbalance_threshold=args.replica_imbalance_threshold,
                                min_match_blocks=args.replica_min_match_blocks, decay_s=args.replica_decay_s,
-                               session_ttl_s=args.session_ttl_s)
+                               session_ttl_s=args.session_ttl_s, attach=args.attach)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     try:
@@ -502,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--ray-address", default=None, metavar="ADDR",
                        help="join this Ray cluster (`ray start --head` prints it; 'auto': the local node's); "
                             "default: start a local Ray instance")
+    group.add_argument("--attach", action="store_true",
+                       help="with --ray-address: one more HTTP front for the deployment another `kvserve serve "
+                            "--replicas` started (same --model names); deploys and removes nothing")
     group.add_argument("--min-replicas", type=int, default=None, metavar="N",
                        help="autoscale between --min-replicas and --max-replicas on the replicas' waiting requests "
                             "and KV usage")

@@ -43,6 +43,7 @@ class ClusterConfig:
     stats_period_s: float = 1.0             # how often replicas report their cache and load
     max_ongoing_requests: int | None = None  # per replica; None: the engine's max_num_seqs × 4
     local_cpus: int | None = None           # the local Ray instance's CPUs (None: all)
+    attach: bool = False                    # serve a deployment another kvserve started; deploy nothing
     start_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -52,6 +53,8 @@ class ClusterConfig:
             raise ValueError("--min-replicas and --max-replicas go together")
         if self.min_replicas is not None and not 0 <= self.min_replicas <= self.replicas <= self.max_replicas:
             raise ValueError("autoscaling needs 0 <= --min-replicas <= --replicas <= --max-replicas")
+        if self.attach and self.ray_address is None:
+            raise ValueError("--attach needs --ray-address (the cluster whose deployment to serve)")
         if self.router not in ("kv", "pow2"):
             raise ValueError("--replica-router: kv or pow2")
         if self.replica_cpus <= 0 or self.stats_period_s <= 0:
@@ -92,15 +95,17 @@ class Cluster:
         from ray import serve
         from ray.serve.config import RequestRouterConfig
 
-        from kvserve.cluster.book import route_book
-        from kvserve.cluster.remote import RemoteEngine
         from kvserve.cluster.replica import EngineReplica
-        from kvserve.engine.engine import EngineFront, context_limit
-        from kvserve.model.checkpoint import load_checkpoint
 
         config = self.config
         engine_config = portable(engine_config)
         app = APP_PREFIX + name
+        if config.attach:   # another front's deployment: route to it, never redeploy or delete it
+            try:
+                handle = serve.get_deployment_handle("engine", app_name=app)
+            except Exception as error:   # noqa: BLE001 - Serve says why (no such application, ...)
+                raise ValueError(f"--attach: no kvserve deployment {app!r} on this cluster ({error})") from None
+            return self._remote(handle, app, engine_config, on_shutdown=lambda: None)
         gpus = config.replica_gpus
         if gpus is None:
             gpus = 1.0 if engine_config.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
@@ -127,12 +132,19 @@ class Cluster:
         with self._lock:
             self.apps.append(app)   # first: a deploy that fails is still removed at stop
         handle = serve.run(deployment.bind(engine_config, faults or {}), name=app, route_prefix=None)
-        description = handle.describe.remote().result(timeout_s=config.start_timeout_s)
+        return self._remote(handle, app, engine_config, on_shutdown=lambda: self.remove(app))
+
+    def _remote(self, handle, app: str, engine_config: EngineConfig, on_shutdown):
+        from kvserve.cluster.book import route_book
+        from kvserve.cluster.remote import RemoteEngine
+        from kvserve.engine.engine import EngineFront, context_limit
+        from kvserve.model.checkpoint import load_checkpoint
+
+        description = handle.describe.remote().result(timeout_s=self.config.start_timeout_s)
         checkpoint = load_checkpoint(engine_config.model, seed=engine_config.seed, weights=False)
         max_model_len = min(description["max_model_len"], context_limit(engine_config, checkpoint.config))
         front = EngineFront(engine_config, checkpoint.config, checkpoint.tokenizer, max_model_len)
-        return RemoteEngine(front, handle, route_book(app), description["block_size"],
-                            on_shutdown=lambda: self.remove(app))
+        return RemoteEngine(front, handle, route_book(app), description["block_size"], on_shutdown=on_shutdown)
 
     def remove(self, app: str) -> None:
         from ray import serve

@@ -19,6 +19,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 
 BLOCK = 16
+RAY_ADDRESS: list[str] = []   # the module's Ray instance (set by the fixture)
 PREFIX_CHARS = 20 * BLOCK   # the byte tokenizer: a character is a token; 20 blocks a prefix (the template adds its own)
 
 
@@ -28,6 +29,7 @@ def cluster(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         address = ray.get_runtime_context().gcs_address
+        RAY_ADDRESS.append(address)
         # Autoscaling between 2 and 3 replicas: Serve takes kvserve's policy and stats (a third replica
         # would wait for a CPU; the tests never load the deployment for long enough to ask for one).
         with serve_process("--replicas", "2", "--min-replicas", "2", "--max-replicas", "3",
@@ -270,6 +272,24 @@ def test_batch_lines_spread_over_replicas_by_prefix(cluster):
     assert all(after[r] > before.get(r, 0) for r in after), (before, after)        # spread over both
     assert metric(_samples(base_url), "kvserve:replica_routes_total", model_name=MODEL,
                   reason="prefix") - prefix0 == 8                                # each group's later two lines
+
+
+def test_a_second_front_attaches_to_the_deployment_and_routes_by_the_replicas_reports(cluster):
+    """`--attach`: another HTTP front over the same replicas. It has routed nothing yet, so it finds a
+    prefix only through what the replicas report."""
+    base_url, _ = cluster
+    prefix = _prefixes(1, seed=11)[0]
+    before = _routed(base_url)
+    _chat(base_url, prefix + " first, through the first front")
+    after = _routed(base_url)
+    [home] = [r for r in after if after[r] != before.get(r, 0)]
+    time.sleep(3)   # the replicas report every second; the front reads the reports Serve passes on
+    with serve_process("--attach", "--ray-address", RAY_ADDRESS[0], timeout_s=120) as (second, _):
+        answer = _chat(second, prefix + " again, through the second front")
+        assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16 * 16
+        assert _routed(second).get(home) == 1
+        assert metric(_samples(second), "kvserve:replica_routes_total", model_name=MODEL, reason="prefix") == 1
+    assert _chat(base_url, "the first front still serves")["choices"]   # the second left the deployment be
 
 
 def test_killing_a_replica_fails_its_requests_with_503_and_the_survivor_serves(cluster):

@@ -161,7 +161,7 @@ def test_replica_stats_sum_and_maxima_stay_maxima():
 def test_cluster_options_are_validated():
     assert ClusterConfig(replicas=2).policy_kwargs["report_lag_s"] == 2.0
     for bad in (dict(replicas=0), dict(min_replicas=1), dict(min_replicas=2, max_replicas=4, replicas=1),
-                dict(router="random"), dict(replica_cpus=0), dict(decay_s=0), dict(min_match_blocks=0)):
+                dict(router="random"), dict(replica_cpus=0), dict(decay_s=0), dict(min_match_blocks=0), dict(attach=True)):
         with pytest.raises(ValueError):
             ClusterConfig(**bad)
     parser = build_parser()
