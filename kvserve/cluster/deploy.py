@@ -109,6 +109,12 @@ class Cluster:
         gpus = config.replica_gpus
         if gpus is None:
             gpus = 1.0 if engine_config.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        total = ray.cluster_resources()
+        for resource, each in (("CPU", config.replica_cpus), ("GPU", gpus)):
+            if each and config.replicas * each > total.get(resource, 0):   # Serve would wait without a word
+                log.warning("%s: %d replicas × %g %s = %g, but the cluster has %g %s now; the replicas that do not "
+                            "fit wait until nodes join (see `ray status`)", app, config.replicas, each, resource,
+                            config.replicas * each, total.get(resource, 0), resource)
         router = "kvserve.cluster.router:" + ("KVPrefixRouter" if config.router == "kv" else "Pow2Router")
         options = dict(
             name="engine",
