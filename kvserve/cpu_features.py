@@ -40,6 +40,11 @@ def detected_isa(flags: frozenset[str]) -> str:
     return "portable"
 
 
+def available_levels() -> list[str]:
+    """Every level this CPU can run, portable first (what KVSERVE_CPU_ISA may ask for)."""
+    return list(LEVELS[:LEVELS.index(detected_isa(cpu_flags())) + 1])
+
+
 @cache
 def isa() -> str:
     """The level in use: the CPU's best, or KVSERVE_CPU_ISA when it asks for less."""

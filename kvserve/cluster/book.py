@@ -39,8 +39,7 @@ def drop_book(name: str) -> None:
 class ReplicaView:
     in_flight: int = 0            # requests this process sent there, not yet completed
     pending: int = 0              # requests the router picked it for, not yet accepted by it
-    report_seq: int = 0           # the last report applied
-    report: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)   # the last report applied (its "seq" tells a new one)
     routed: int = 0               # requests sent there (since start; calls addressed to it not counted)
 
     @property
@@ -89,8 +88,8 @@ class RouteBook:
             for name, report in replicas.items():
                 view = self.replicas.setdefault(name, ReplicaView())
                 cached = None
-                if report and report.get("seq", 0) != view.report_seq:
-                    view.report_seq, view.report = report["seq"], report
+                if report and report.get("seq") != view.report.get("seq"):
+                    view.report = report
                     cached = report.get("cached", b"")
                     cached = [cached[i:i + ROUTE_HASH_BYTES] for i in range(0, len(cached), ROUTE_HASH_BYTES)]
                 self.policy.report(name, view.queue, cached, keep_after=now - self.report_lag_s)

@@ -95,10 +95,6 @@ class RemoteStream:
         except StopAsyncIteration:
             self._end()
             raise
-        except asyncio.CancelledError:
-            if not self._aborted:
-                raise
-            output = None
         except Exception as error:   # noqa: BLE001 - Ray's wrappers: the replica's error, or its death
             if not self._aborted:
                 self._end()

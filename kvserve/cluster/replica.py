@@ -68,11 +68,12 @@ class EngineReplica:
 
     async def record_routing_stats(self) -> dict:
         stats = self.engine.stats()
-        cached = await self.engine.call(lambda e: e.scheduler.kv.prefix_cache.cached_hashes())
+        limit = self.max_reported_hashes
+        cached = await self.engine.call(lambda e: e.scheduler.kv.prefix_cache.cached_hashes(limit))
         # Plain values only: Serve's controller unpickles and hashes every report (no kvserve there).
         return {"replica": self.name, "seq": next(self._reports), "stats": dataclasses.asdict(stats),
                 "queue": stats.num_running + stats.num_waiting,
-                "cached": b"".join(h[:ROUTE_HASH_BYTES] for h in cached[-self.max_reported_hashes:])}
+                "cached": b"".join(h[:ROUTE_HASH_BYTES] for h in cached)}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         stats = self.engine.stats()

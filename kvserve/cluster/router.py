@@ -49,7 +49,8 @@ class _BookMixin:
         report_lag_s = config.pop("report_lag_s", 2.0)
         self.book.configure(ReplicaPolicyConfig(**config), report_lag_s)
 
-    def _sync(self, candidates: list[RunningReplica]) -> None:
+    def _sync(self) -> None:
+        """Every replica Serve knows (not only this request's candidates) and its latest report."""
         self.book.sync({r.replica_id.unique_id: r.routing_stats for r in self.curr_replicas.values()})
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
@@ -83,7 +84,7 @@ class KVPrefixRouter(_BookMixin, RequestRouter):
         targeted = _targeted(route, candidate_replicas)
         if targeted is not None:
             return targeted
-        self._sync(candidate_replicas)
+        self._sync()
         by_name = {r.replica_id.unique_id: r for r in candidate_replicas}
         request_id = pending_request.metadata.internal_request_id if pending_request is not None else None
         decision = self.book.choose(route, list(by_name), request_id)
@@ -101,5 +102,5 @@ class Pow2Router(_BookMixin, PowerOfTwoChoicesRequestRouter):
         targeted = _targeted(_route(pending_request), candidate_replicas) if candidate_replicas else None
         if targeted is not None:
             return targeted
-        self._sync(candidate_replicas)
+        self._sync()
         return await super().choose_replicas(candidate_replicas, pending_request)

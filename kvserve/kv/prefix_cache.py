@@ -17,6 +17,7 @@ prefix caching is off.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
 from collections.abc import Sequence
 
@@ -89,9 +90,10 @@ class PrefixCache:
     def cached_block_ids(self) -> list[int]:
         return list(self._hash_by_block)
 
-    def cached_hashes(self) -> list[bytes]:
-        """Every block hash held now (what a scale-out replica reports to its router)."""
-        return list(self._block_by_hash)
+    def cached_hashes(self, limit: int) -> list[bytes]:
+        """The `limit` block hashes cached most recently, newest first (what a scale-out replica
+        reports to its router), without copying the rest."""
+        return list(itertools.islice(reversed(self._block_by_hash), limit))
 
     def is_cached(self, block_id: int) -> bool:
         return block_id in self._hash_by_block

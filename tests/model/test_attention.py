@@ -10,6 +10,7 @@ from kvserve.attention.backend import AttentionMetadata
 from kvserve.attention import cpu_kernels
 from kvserve.attention.cpu import CpuPagedAttention
 from kvserve.attention.torch_ref import TorchPagedAttention
+from kvserve.cpu_features import available_levels
 
 
 def make_backend(name: str):
@@ -151,13 +152,7 @@ def test_cpu_decode_step_rejects_bad_inputs():
         kernels.decode_step(q, kv, kv, k_cache, k_cache.clone(), torch.tensor([0, 1]), table, lens, 1.0)
 
 
-def _available_levels() -> list[str]:
-    from kvserve.cpu_features import LEVELS, cpu_flags, detected_isa
-
-    return list(LEVELS[:LEVELS.index(detected_isa(cpu_flags())) + 1])
-
-
-@pytest.mark.parametrize("level", _available_levels())
+@pytest.mark.parametrize("level", available_levels())
 @pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(64, 9, 3), (128, 4, 2), (32, 2, 2), (80, 4, 1), (12, 2, 1)])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_every_decode_kernel_path_equals_the_torch_spec(level, head_dim, num_heads, num_kv_heads, cache_dtype):

@@ -177,7 +177,7 @@ def test_every_int8_kernel_path_equals_the_portable_loop(rows, in_features):
     """Each instruction-set path the CPU can run (set at run time, as KVSERVE_CPU_ISA does) gives the
     portable loop's result in fp32, a tail of k not a multiple of the vector width included."""
     from kvserve.attention import cpu_kernels
-    from kvserve.cpu_features import LEVELS, cpu_flags, detected_isa
+    from kvserve.cpu_features import LEVELS, available_levels
 
     kernels = cpu_kernels.load()
     assert kernels is not None
@@ -187,7 +187,7 @@ def test_every_int8_kernel_path_equals_the_portable_loop(rows, in_features):
     expected = kernels.int8_matmul_portable(x, q.weight, q.scale)
     before = kernels.get_isa()
     try:
-        for level in LEVELS[:LEVELS.index(detected_isa(cpu_flags())) + 1]:
+        for level in available_levels():
             kernels.set_isa(LEVELS.index(level))
             torch.testing.assert_close(kernels.int8_matmul(x, q.weight, q.scale), expected, rtol=1e-5, atol=1e-4)
     finally:

@@ -65,6 +65,20 @@ def _chat(base_url: str, content: str, max_tokens: int = 2, headers: dict | None
     return response.json()
 
 
+def _long_stream(client: httpx.Client, base_url: str, content: str, max_tokens: int = 3500):
+    """A streamed answer that runs for seconds: (response, its line iterator), its first line read.
+    The iterator must be held: a dropped one closes the connection. The first chunk leaves before
+    Serve has sent the request to a replica."""
+    request = client.build_request("POST", f"{base_url}/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+        "ignore_eos": True, "stream": True})
+    response = client.send(request, stream=True)
+    assert response.status_code == 200
+    lines = response.iter_lines()
+    assert next(lines).startswith("data: ")
+    return response, lines
+
+
 def _cache(base_url: str) -> dict[str, dict]:
     return httpx.get(f"{base_url}/v1/cache", timeout=60).json()["models"][MODEL]["replicas"]
 
@@ -131,13 +145,7 @@ def test_websocket_requests_multiplex_over_the_replicas(cluster):
 def test_a_client_that_disconnects_frees_the_replica_s_blocks(cluster):
     base_url, _ = cluster
     client = httpx.Client(timeout=60)
-    request = client.build_request("POST", f"{base_url}/v1/chat/completions", json={
-        "model": MODEL, "messages": [{"role": "user", "content": "go on and on"}], "max_tokens": 3500,
-        "ignore_eos": True, "stream": True})
-    response = client.send(request, stream=True)
-    assert response.status_code == 200
-    lines = response.iter_lines()   # held: a dropped line iterator closes the connection
-    assert next(lines).startswith("data: ")   # the first chunk; the replica gets the request about now
+    response, lines = _long_stream(client, base_url, "go on and on")
 
     def running() -> int:
         return sum(r["requests"]["running"] + r["requests"]["waiting"] for r in _cache(base_url).values())
@@ -207,14 +215,7 @@ def test_with_one_replica_saturated_unrelated_requests_go_to_the_other(cluster):
                                           if name == "kvserve:replica_in_flight"), 30, 0.2)
         before = _routed(base_url)
         for i in range(4):   # four long answers on one prefix: the router keeps them on one replica
-            request = client.build_request("POST", f"{base_url}/v1/chat/completions", json={
-                "model": MODEL, "messages": [{"role": "user", "content": busy + f" {i}"}], "max_tokens": 3000,
-                "ignore_eos": True, "stream": True})
-            response = client.send(request, stream=True)
-            assert response.status_code == 200
-            lines = response.iter_lines()
-            next(lines)
-            streams.append((response, lines))
+            streams.append(_long_stream(client, base_url, busy + f" {i}", max_tokens=3000))
         # The first SSE line leaves before the request reaches a replica: wait for Serve to send all four.
         assert wait_until(lambda: sum(_routed(base_url).values()) - sum(before.values()) == 4, 30, 0.1)
         middle = _routed(base_url)
@@ -295,12 +296,7 @@ def test_a_second_front_attaches_to_the_deployment_and_routes_by_the_replicas_re
 def test_killing_a_replica_fails_its_requests_with_503_and_the_survivor_serves(cluster):
     base_url, _ = cluster
     client = httpx.Client(timeout=60)
-    request = client.build_request("POST", f"{base_url}/v1/chat/completions", json={
-        "model": MODEL, "messages": [{"role": "user", "content": "a long one"}], "max_tokens": 3500,
-        "ignore_eos": True, "stream": True})
-    response = client.send(request, stream=True)
-    lines = response.iter_lines()
-    assert response.status_code == 200 and next(lines).startswith("data: ")
+    response, lines = _long_stream(client, base_url, "a long one")
     assert wait_until(lambda: any(r["requests"]["running"] == 1 for r in _cache(base_url).values()), 30, 0.1)
     victim = next(name for name, report in _cache(base_url).items() if report["requests"]["running"] == 1)
     actors = [a for a in ray.util.list_named_actors(all_namespaces=True)

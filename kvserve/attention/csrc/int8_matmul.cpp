@@ -15,6 +15,7 @@
 #endif
 
 #include <cstdint>
+#include <type_traits>
 
 namespace {
 
@@ -65,13 +66,6 @@ void int8_rows_avx512(const float* x, const int8_t* w, const float* scale, float
 
 #if defined(__AVX2__) && defined(__FMA__)
 // The AVX2 + FMA path: the AVX-512 one at 8 lanes (8 int8 weights widened to fp32 per FMA).
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 template <int R>
 void int8_rows_avx2(const float* x, const int8_t* w, const float* scale, float* y, int64_t n, int64_t k,
                     int64_t begin, int64_t end) {
@@ -98,13 +92,28 @@ void int8_rows_avx2(const float* x, const int8_t* w, const float* scale, float* 
     for (int r = 0; r < R; ++r) {
       __m256 sum = acc[r][0];
       for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[r][u]);
-      float total = hsum8(sum);
+      float total = kvserve::hsum8(sum);
       for (int64_t j = full; j < k; ++j) total += x[r * k + j] * static_cast<float>(wo[j]);
       y[r * n + o] = total * scale[o];
     }
   }
 }
 #endif
+
+// run(std::integral_constant<int, R>) for R = rows (1..8): a row count known at compile time.
+template <typename Run>
+void by_rows(int64_t rows, Run run) {
+  switch (rows) {
+    case 1: return run(std::integral_constant<int, 1>{});
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 3: return run(std::integral_constant<int, 3>{});
+    case 4: return run(std::integral_constant<int, 4>{});
+    case 5: return run(std::integral_constant<int, 5>{});
+    case 6: return run(std::integral_constant<int, 6>{});
+    case 7: return run(std::integral_constant<int, 7>{});
+    default: return run(std::integral_constant<int, 8>{});
+  }
+}
 
 void check(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
@@ -131,32 +140,12 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
   if (rows > 0) {
     at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
 #if defined(__AVX512F__)
-      if (kvserve::isa_level() >= kvserve::kAvx512) {
-        switch (rows) {
-          case 1: return int8_rows_avx512<1>(xp, wp, sp, yp, n, k, begin, end);
-          case 2: return int8_rows_avx512<2>(xp, wp, sp, yp, n, k, begin, end);
-          case 3: return int8_rows_avx512<3>(xp, wp, sp, yp, n, k, begin, end);
-          case 4: return int8_rows_avx512<4>(xp, wp, sp, yp, n, k, begin, end);
-          case 5: return int8_rows_avx512<5>(xp, wp, sp, yp, n, k, begin, end);
-          case 6: return int8_rows_avx512<6>(xp, wp, sp, yp, n, k, begin, end);
-          case 7: return int8_rows_avx512<7>(xp, wp, sp, yp, n, k, begin, end);
-          default: return int8_rows_avx512<8>(xp, wp, sp, yp, n, k, begin, end);
-        }
-      }
+      if (kvserve::isa_level() >= kvserve::kAvx512)
+        return by_rows(rows, [&](auto r) { int8_rows_avx512<decltype(r)::value>(xp, wp, sp, yp, n, k, begin, end); });
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-      if (kvserve::isa_level() >= kvserve::kAvx2) {
-        switch (rows) {
-          case 1: return int8_rows_avx2<1>(xp, wp, sp, yp, n, k, begin, end);
-          case 2: return int8_rows_avx2<2>(xp, wp, sp, yp, n, k, begin, end);
-          case 3: return int8_rows_avx2<3>(xp, wp, sp, yp, n, k, begin, end);
-          case 4: return int8_rows_avx2<4>(xp, wp, sp, yp, n, k, begin, end);
-          case 5: return int8_rows_avx2<5>(xp, wp, sp, yp, n, k, begin, end);
-          case 6: return int8_rows_avx2<6>(xp, wp, sp, yp, n, k, begin, end);
-          case 7: return int8_rows_avx2<7>(xp, wp, sp, yp, n, k, begin, end);
-          default: return int8_rows_avx2<8>(xp, wp, sp, yp, n, k, begin, end);
-        }
-      }
+      if (kvserve::isa_level() >= kvserve::kAvx2)
+        return by_rows(rows, [&](auto r) { int8_rows_avx2<decltype(r)::value>(xp, wp, sp, yp, n, k, begin, end); });
 #endif
       int8_rows_portable(xp, wp, sp, yp, rows, n, k, begin, end);
     });

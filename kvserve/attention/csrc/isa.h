@@ -4,6 +4,10 @@
 // tests and measures the AVX2 and portable paths.
 #pragma once
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace kvserve {
 
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -12,5 +16,15 @@ inline int& isa_level() {
   static int level = kAvx512;   // capped by what was compiled in: each path is also guarded by #if
   return level;
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+// The sum of the 8 lanes (the AVX2 paths' reduction).
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
 
 }  // namespace kvserve

@@ -246,13 +246,6 @@ inline __m256 load8(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 }
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // DC = head_dim / 8 when known at compile time (0: read at run time).
 template <typename T, int DC>
 void decode_avx2(const float* query, const T* k_cache, const T* v_cache, const int64_t* block_table,
@@ -292,7 +285,7 @@ void decode_avx2(const float* query, const T* k_cache, const T* v_cache, const i
             const __m256* qg = qv.data() + g * AC;
             __m256 sum = _mm256_mul_ps(qg[0], kv[0]);
             for (int64_t c = 1; c < chunks; ++c) sum = _mm256_fmadd_ps(qg[c], kv[c], sum);
-            const float score = hsum8(sum) * scale;
+            const float score = kvserve::hsum8(sum) * scale;
             probs[g][t] = score;
             tile_peak[g] = std::max(tile_peak[g], score);
           }
