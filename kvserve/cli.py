@@ -32,9 +32,10 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
     group.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu"],
                        help="cpu: C++ decode kernel over the paged cache (built on first use); torch: the "
                             "reference; auto: cpu on CPU when it builds")
-    group.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
-                       help="weight-only, CPU, bf16: int8 with per-channel scales (half the weight memory); "
-                            "int4 in groups of 32 (a GGUF's own Q4_1 weights; fastest for a few streams)")
+    group.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+                       help="weight-only, CPU: int8 with per-channel scales (half the weight memory); int4 in "
+                            "groups of 32 (a GGUF's own Q4_1 weights; fastest for a few streams); auto (default): "
+                            "int4 on CPU with --dtype auto, else none")
     group.add_argument("--seed", type=int, default=0, help="seed for random init and unseeded sampling")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     group.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")

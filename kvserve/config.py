@@ -156,7 +156,7 @@ class SchedulerConfig:
 DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch", "cpu")
-QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,10 @@ class EngineConfig:
     device: str = "auto"
     seed: int = 0
     attention_backend: str = "auto"   # auto: the C++ CPU kernel on CPU when it builds, else torch
-    quantization: str = "none"        # weight-only: int8 (per-channel scales) or int4 (groups of 32, Q4_1 layout)
+    # weight-only: int8 (per-channel scales) or int4 (groups of 32, Q4_1 layout); auto: int4 on CPU when the
+    # dtype is auto too (the speed default of `kvserve serve`), else none. The library keeps none: an engine
+    # built in code computes what its dtype says unless it asks for more.
+    quantization: str = "none"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -6,8 +6,8 @@ cache: no per-step gather of the whole context into a padded batch, no dtype cop
 mask. Same math as the reference in fp32; tests hold the two together.
 
 When every row of a step decodes (most steps), the K/V write and attention are one C++ call
-(`forward` → decode_step); in bf16 the model hands over the qkv projection's output and the rotary
-embedding is folded in too (`decode_qkv`).
+(`forward` → decode_step); where the model uses the fused ops (bf16, and quantized fp32 models) it
+hands over the qkv projection's output and the rotary embedding is folded in too (`decode_qkv`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 
 from kvserve.attention.backend import AttentionMetadata, KVCache
 from kvserve.attention.torch_ref import TorchPagedAttention, _StepPlan
+
+FUSED_DTYPES = (torch.bfloat16, torch.float32)
 
 
 class CpuPagedAttention(TorchPagedAttention):
@@ -37,11 +39,12 @@ class CpuPagedAttention(TorchPagedAttention):
 
     def decode_qkv(self, qkv: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
                    metadata: AttentionMetadata, scale: float, num_heads: int, num_kv_heads: int) -> torch.Tensor | None:
-        """The whole attention of an all-decode bf16 step from the fused qkv projection output
-        ([n, (heads + 2 kv_heads) * head_dim]): rotary, K/V write and attention in one C++ call;
-        [n, heads * head_dim]. None when it does not apply (prefill rows, other dtypes): the caller
-        then takes the torch path (rotary in layers.py, then forward)."""
-        if qkv.dtype != torch.bfloat16 or kv_cache[0].dtype != torch.bfloat16 or not qkv.is_contiguous():
+        """The whole attention of an all-decode step (bf16, or fp32 where the model uses the fused
+        ops) from the fused qkv projection output ([n, (heads + 2 kv_heads) * head_dim]): rotary, K/V
+        write and attention in one C++ call; [n, heads * head_dim]. None when it does not apply
+        (prefill rows, other dtypes): the caller then takes the torch path (rotary in layers.py, then
+        forward)."""
+        if qkv.dtype not in FUSED_DTYPES or kv_cache[0].dtype != qkv.dtype or not qkv.is_contiguous():
             return None
         plan = self._step_plan(metadata, qkv.device)
         if plan.prefills:

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 NAME = "kvserve_cpu_kernels"
 HEADERS = list((Path(__file__).parent / "csrc").glob("*.h"))
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp",
-                                                                  "int8_matmul.cpp")]
+                                                                  "int8_matmul.cpp", "int4_matmul.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 LDFLAGS = ["-fopenmp", "-lmvec"]
 
@@ -90,7 +90,7 @@ def build_timeout_s() -> float:
 @cache
 def load() -> ModuleType | None:
     """The compiled module (`paged_decode`, `decode_step`, `decode_qkv`; the fused bf16 ops `rms_norm`,
-    `silu_mul`, `rotary`; `int8_matmul`), or None when it cannot be built here."""
+    `silu_mul`, `rotary`; `int8_matmul`, `int4_matmul`), or None when it cannot be built here."""
     try:
         # Builds are keyed by sources and flags (the digest, ninja's commands), not headers: their hash is a flag.
         headers = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(HEADERS))).hexdigest()[:12]

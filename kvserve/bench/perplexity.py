@@ -34,8 +34,8 @@ def run_perplexity_bench(args: argparse.Namespace, config: EngineConfig) -> int:
     engine = Engine(config)
     ppl, n = perplexity(engine, Path(args.text).read_text(encoding="utf-8"))
     print(f"perplexity {ppl:.4f} over {n} tokens ({str(engine.dtype).removeprefix('torch.')}, "
-          f"quantization {config.quantization})")
+          f"quantization {engine.quantization})")
     print(json.dumps({"bench": "perplexity", "model": config.model or "default", "text": Path(args.text).name,
-                      "dtype": str(engine.dtype).removeprefix("torch."), "quantization": config.quantization,
+                      "dtype": str(engine.dtype).removeprefix("torch."), "quantization": engine.quantization,
                       "tokens": n, "perplexity": round(ppl, 4)}))
     return 0

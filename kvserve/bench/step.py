@@ -97,6 +97,6 @@ def run_step_bench(args: argparse.Namespace, config: EngineConfig) -> int:
     print(json.dumps({"bench": "step", "model": config.model or "default",
                       "dtype": str(engine.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
                       "isa": cpu_features.isa() if engine.device.type == "cpu" else None,
-                      "quantization": config.quantization,
+                      "quantization": engine.quantization,
                       "context_len": args.context_len, "steps": args.steps, "results": results}))
     return 0

@@ -22,7 +22,7 @@ from kvserve.model.checkpoint import Checkpoint, load_checkpoint
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.outputs import RequestOutput, RequestStats, TokenDelta
 from kvserve.request import Request
-from kvserve.runner.model_runner import ModelRunner, resolve_device, resolve_dtype
+from kvserve.runner.model_runner import ModelRunner, resolve_device, resolve_dtype, resolve_quantization
 from kvserve.sampling import FinishReason, InvalidRequestError, SamplingParams
 from kvserve.sched.scheduler import Scheduler, SchedulerStats
 
@@ -88,11 +88,12 @@ class Engine(EngineFront):
         """`checkpoint` overrides loading `config.model` (tests reuse one loaded checkpoint)."""
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)   # resolved once, here
+        self.quantization = resolve_quantization(config.quantization, config.dtype, self.device)
         if checkpoint is None:
             checkpoint = load_checkpoint(config.model, seed=config.seed,
-                                         dtype=ModelRunner.weights_dtype(self.dtype, config.quantization))
+                                         dtype=ModelRunner.weights_dtype(self.dtype, self.quantization))
         runner = ModelRunner(checkpoint.config, checkpoint.weights, config.cache, self.dtype, self.device, config.seed,
-                             attention=config.attention_backend, quantization=config.quantization)
+                             attention=config.attention_backend, quantization=self.quantization)
         kv = KVCacheManager(runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
                             pin_budget_fraction=config.cache.pin_budget_fraction,
                             num_host_blocks=runner.num_host_blocks, num_disk_blocks=runner.num_disk_blocks)

@@ -1,9 +1,11 @@
 """RMSNorm, rotary embedding and the gated MLP, in plain torch (numerics follow Hugging Face's
 Llama so that fp32 output matches it token for token).
 
-The torch code is the spec. On CPU in bf16 the layers can use fused C++ kernels instead
+The torch code is the spec. On CPU the layers can use fused C++ kernels instead
 (`use_fused_kernels`, csrc/fused_ops.cpp): one call for what takes five to nine torch ops, rounding
-to bf16 where torch does (tests/model/test_fused_ops.py holds the two together)."""
+to bf16 where torch does (tests/model/test_fused_ops.py holds the two together). The runner hands
+them to bf16 models and to quantized fp32 ones; an unquantized fp32 model keeps the spec, op for op
+(it is the one compared with transformers token for token)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from torch import nn
 
 
 def _fusable(kernels, x: torch.Tensor) -> bool:
-    return kernels is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+    return kernels is not None and x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu"
 
 
 class RMSNorm(nn.Module):
@@ -22,7 +24,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
-        self.kernels = None          # fused CPU kernels (bf16), set by use_fused_kernels
+        self.kernels = None          # fused CPU kernels, set by use_fused_kernels
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with `residual`: (norm(x + residual), x + residual), the sum in x's dtype."""
@@ -111,7 +113,7 @@ class GatedMLP(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.kernels = None          # fused CPU kernels (bf16), set by use_fused_kernels
+        self.kernels = None          # fused CPU kernels, set by use_fused_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)

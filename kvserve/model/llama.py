@@ -28,13 +28,13 @@ class LlamaAttention(nn.Module):
         self.backend = backend
         self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
-        self.kernels = None          # fused CPU kernels (bf16), set by use_fused_kernels
+        self.kernels = None          # fused CPU kernels, set by use_fused_kernels
 
     def forward(self, hidden: torch.Tensor, rotary: Rotary, kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
-        if self.kernels is not None and hasattr(self.backend, "decode_qkv"):    # fused CPU path (bf16)
+        if self.kernels is not None and hasattr(self.backend, "decode_qkv"):    # fused CPU path
             out = self.backend.decode_qkv(qkv, rotary, kv_cache, metadata, self.scale, self.num_heads,
                                           self.num_kv_heads)
             if out is not None:
@@ -103,8 +103,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, metadata)
 
     def use_fused_kernels(self, kernels) -> None:
-        """Let the norms, rotary embedding and MLP use the fused C++ CPU kernels (bf16 only; the
-        torch code stays the path for other dtypes and devices)."""
+        """Let the norms, rotary embedding, attention and MLP use the fused C++ CPU kernels (bf16 or
+        fp32; the torch code stays the path for other dtypes and devices), and the quantized linears
+        their matmuls."""
         for module in self.modules():
             if hasattr(module, "kernels"):
                 module.kernels = kernels

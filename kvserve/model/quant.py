@@ -4,21 +4,23 @@ int8: each weight matrix [out, in] is stored as int8 with one scale per output c
 (symmetric, scale = max|row| / 127): half the memory of bf16, and a decode step of one stream,
 which streams every weight once and is bound by memory bandwidth, reads half the bytes.
 
-int4: groups of 32 consecutive weights of a row share a scale d and a minimum m, and each weight
-is a 4-bit q in 0..15 (w = d·q + m): the layout of llama.cpp's Q4_1. Quantizing a GGUF's Q4_1
-tensor this way gives back its own q, d and m (its quantizer is this min/max rule), so the weights
-are the file's 4-bit weights, read at a quarter of bf16's bytes. The LM head, and layers whose shape
-torch's int4 kernel cannot take (out % 16, in % 32), use int8 instead.
+int4: groups of 32 consecutive weights of a row share a scale d and a minimum m (fp16) and each
+weight is a 4-bit q in 0..15 (w = d·q + m): llama.cpp's Q4_1 block. Quantizing a GGUF's Q4_1 tensor
+this way gives back its own q, d and m (its quantizer is this min/max rule), so the weights are the
+file's 4-bit weights, read at a quarter of bf16's bytes. The LM head, and layers of other shapes
+(out % 16, in % 32), use int8 instead.
 
-Two kernels per layer, chosen by the number of rows in the call (the same weights either way):
+Activations may be bf16 or fp32 (a CPU without native bf16 math runs fp32). Two kernels per layer,
+chosen by the number of rows in the call (the same weights either way):
   - up to `MAX_INT8_ROWS` / `MAX_INT4_ROWS` rows (decode of a few streams): a quantized-weight
-    matmul that reads the packed weights directly: torch's int4 kernel; for int8 kvserve's C++
-    kernel (csrc/int8_matmul.cpp, twice as fast here) when it is built, else torch's;
-  - more rows (prefill chunks, large decode batches, which are bound by compute, not bandwidth):
-    int8 widens its weights to the activations' dtype on the fly (int8 keeps its memory saving);
-    int4 keeps the dequantized bf16 weights beside the packed ones (int4 is for speed, not memory:
-    1.25× the bytes of bf16) and uses the plain bf16 matmul.
-Measured on the project's CPU in docs/speed-notes.md.
+    matmul in kvserve's C++ kernels that reads the packed weights directly (csrc/int8_matmul.cpp;
+    csrc/int4_matmul.cpp, which quantizes the activations to int8 per group of 32 as llama.cpp does
+    and takes integer dot products: AVX512-VNNI, AVX2, or the portable loop);
+  - more rows (prefill chunks, large decode batches, which are bound by compute, not bandwidth), or
+    no C++ kernels: the plain matmul on the dequantized weights kept beside the packed ones (for int4,
+    speed and not memory: 1.25× the bytes of bf16), prepacked for oneDNN in bf16; int8 without them
+    widens its weights on the fly.
+Measured on the project's CPUs in docs/speed-notes.md.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch import nn
 from kvserve.model.packed import packed_linear
 
 MAX_INT8_ROWS = 4
-MAX_INT4_ROWS = 8          # torch's int4 kernel beats bf16 up to ~12 rows on this CPU (speed notes)
+MAX_INT4_ROWS = 8          # the int4 kernel takes at most 8 rows (speed notes: where it beats the plain matmul)
 INT4_GROUP = 32
 
 
@@ -95,7 +97,8 @@ class Int8Linear(nn.Module):
 
 
 def int4_fits(out_features: int, in_features: int) -> bool:
-    """Whether torch's CPU int4 kernel takes this shape."""
+    """Whether a layer of this shape is taken in int4 (groups of 32 along its inputs; outputs in
+    multiples of 16, as the kernel's threads split them)."""
     return out_features % 16 == 0 and in_features % INT4_GROUP == 0
 
 
@@ -111,54 +114,75 @@ def quantize_groups_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q.view(out_features, in_features), d, low
 
 
-def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """What torch's int4 kernel computes with: (q - 8)·scale + zero, in the scales' dtype."""
-    sz = scales_and_zeros.float()
-    scale = sz[..., 0].t().repeat_interleave(INT4_GROUP, dim=1)
-    zero = sz[..., 1].t().repeat_interleave(INT4_GROUP, dim=1)
-    return ((q.float() - 8) * scale + zero).to(scales_and_zeros.dtype)
+def pack_q4(q: torch.Tensor) -> torch.Tensor:
+    """q [out, in] in 0..15 → [out, in/2] uint8 in Q4_1's order: in each group of 32, byte j holds
+    q[j] in its low nibble and q[j + 16] in its high one."""
+    groups = q.view(q.shape[0], -1, INT4_GROUP).to(torch.uint8)
+    return (groups[..., :16] | (groups[..., 16:] << 4)).reshape(q.shape[0], -1).contiguous()
+
+
+def unpack_q4(qs: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_q4: [out, in/2] uint8 → q [out, in] int32."""
+    b = qs.view(qs.shape[0], -1, 16).to(torch.int32)
+    return torch.cat([b & 15, b >> 4], dim=-1).view(qs.shape[0], -1)
+
+
+def dequantize_q4(qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+    """d·q + m in fp32, [out, in], from the packed q and the fp16 (d, m) of each group."""
+    q = unpack_q4(qs).view(qs.shape[0], -1, INT4_GROUP).float()
+    d, m = dm.float().unbind(-1)
+    return (q * d[..., None] + m[..., None]).view(qs.shape[0], -1)
+
+
+def quantize_q8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 kernel's activations, in torch (its spec): each row's groups of 32 as int8 values a
+    (held in fp32) with the scale e = max|x| / 127, a = round(x / e). Returns (a, e [rows, k/32])."""
+    g = x.float().view(x.shape[0], -1, INT4_GROUP)
+    e = g.abs().amax(dim=-1) / 127
+    a = torch.round(g * torch.where(e > 0, 1 / e, torch.zeros_like(e))[..., None])
+    return a.view(x.shape), e
+
+
+def int4_matmul_reference(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+    """What kvserve's int4 kernel computes, in fp32: the int8-quantized activations times the 4-bit
+    weights, both dequantized (llama.cpp's Q4_1 × Q8_1)."""
+    a, e = quantize_q8_rows(x)
+    return (a.view(*e.shape, INT4_GROUP) * e[..., None]).view(x.shape) @ dequantize_q4(qs, dm).t()
 
 
 class Int4Linear(nn.Module):
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, wide: torch.Tensor,
-                 bias: torch.Tensor | None):
+    def __init__(self, qs: torch.Tensor, dm: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.register_buffer("packed", packed)                       # torch's CPU int4 packing
-        self.register_buffer("scales_and_zeros", scales_and_zeros)   # [in/32, out, 2] bf16
-        self.register_buffer("wide", wide)                           # [out, in] dequantized, bf16
+        self.register_buffer("qs", qs)           # [out, in/2] uint8, Q4_1's nibble order
+        self.register_buffer("dm", dm)           # [out, in/32, 2] fp16: each group's (d, m), as in the GGUF
+        self.register_buffer("wide", wide)       # [out, in] dequantized, in the activations' dtype
         self.register_buffer("bias", bias)
         self.out_features, self.in_features = wide.shape
+        self.dtype = wide.dtype
+        self.kernels = None      # kvserve's C++ CPU kernels (set by use_fused_kernels): int4_matmul
         self.packed_wide = None  # `wide` prepacked for oneDNN (kvserve.model.packed), when packed
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  dtype: torch.dtype = torch.bfloat16) -> "Int4Linear":
         """Groups of 32 of `weight` (best from the fp32 weights: a GGUF Q4_1 tensor's own groups are
-        recovered exactly). torch's kernel computes w = (q - 8)·scale + zero, so scale = d and
-        zero = m + 8d; it wants both in the activations' dtype (bf16)."""
-        if dtype != torch.bfloat16:
-            raise ValueError("int4 weights run with bfloat16 activations")
+        recovered exactly, its fp16 d and m included); activations in `dtype` (bf16 or fp32)."""
+        if dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"int4 layers run with bfloat16 or float32 activations, not {dtype}")
         if not int4_fits(*weight.shape):
             raise ValueError(f"int4 needs out % 16 == 0 and in % {INT4_GROUP} == 0; got {tuple(weight.shape)}")
         q, d, m = quantize_groups_q4(weight)
-        packed = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
-        scales_and_zeros = torch.stack([d.t(), (m + 8 * d).t()], dim=-1).to(dtype).contiguous()
-        return cls(packed, scales_and_zeros, dequantize_int4(q, scales_and_zeros),
-                   None if bias is None else bias.detach().to(dtype).clone())
+        qs, dm = pack_q4(q), torch.stack([d, m], dim=-1).half().contiguous()
+        return cls(qs, dm, dequantize_q4(qs, dm).to(dtype), None if bias is None else bias.detach().to(dtype).clone())
 
     def dequantized(self) -> torch.Tensor:
-        """The weights the int4 kernel computes with, [out, in] in bf16 (read back through the kernel
-        once the plain copy was dropped for a packed one: x = I gives W^T, exactly)."""
-        if self.wide is not None:
-            return self.wide
-        eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
-        return torch._weight_int4pack_mm_for_cpu(eye, self.packed, INT4_GROUP, self.scales_and_zeros).t().contiguous()
+        """The weights the layer computes with, [out, in] in its activations' dtype."""
+        return self.wide if self.wide is not None else dequantize_q4(self.qs, self.dm).to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)      # flat batches: no reshape
-        if rows.shape[0] <= MAX_INT4_ROWS:
-            rows = rows if rows.is_contiguous() else rows.contiguous()
-            out = torch._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_and_zeros)
+        if rows.shape[0] <= MAX_INT4_ROWS and self.kernels is not None:     # kernels are only set on CPU
+            out = self.kernels.int4_matmul(rows, self.qs, self.dm)
         elif self.packed_wide is not None:
             out = packed_linear(rows, self.packed_wide)
         else:
@@ -168,10 +192,11 @@ class Int4Linear(nn.Module):
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def pack_wide(self, pack) -> bool:
-        """Prepack the bf16 weights for oneDNN; the plain copy is then dropped (no third copy)."""
-        self.packed_wide = pack(self.wide)
-        if self.packed_wide is not None:
-            self.wide = None
+        """Prepack the widened bf16 weights for oneDNN; the plain copy is then dropped (no third copy)."""
+        if self.wide is not None and self.wide.dtype == torch.bfloat16:
+            self.packed_wide = pack(self.wide)
+            if self.packed_wide is not None:
+                self.wide = None
         return self.packed_wide is not None
 
     def extra_repr(self) -> str:

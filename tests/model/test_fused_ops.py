@@ -1,5 +1,6 @@
-"""The fused C++ CPU ops (csrc/fused_ops.cpp) equal the torch spec in layers.py, in bf16, bit for
-bit on these inputs; the whole model gives the same logits either way; bad inputs raise."""
+"""The fused C++ CPU ops (csrc/fused_ops.cpp) equal the torch spec in layers.py: in bf16 bit for bit
+on these inputs, in fp32 within a few ulps; the whole model gives the same logits either way; an
+unquantized fp32 model keeps the spec; bad inputs raise."""
 
 import pytest
 import torch
@@ -52,11 +53,42 @@ def test_rotary_matches_torch_on_a_strided_slice(kernels, rows):
     assert torch.equal(apply_rotary(qk, cos, sin, kernels=kernels), apply_rotary(qk, cos, sin))
 
 
-def test_fp32_never_takes_the_fused_path(kernels):
-    norm = RMSNorm(16, 1e-5)
+@pytest.mark.parametrize("rows", [1, 300])
+def test_fp32_fused_ops_match_torch_within_ulps(kernels, rows):
+    """fp32 (a quantized model on a CPU without native bf16): the same expressions, nothing to round."""
+    torch.manual_seed(rows)
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data = torch.randn(576)
+    x, residual = torch.randn(rows, 576) * 3, torch.randn(rows, 576)
+    expected = norm(x, residual)
     norm.kernels = kernels
-    x = torch.randn(3, 16)
-    assert torch.equal(norm(x), RMSNorm(16, 1e-5)(x))       # fp32: the torch spec
+    got = norm(x, residual)
+    assert torch.equal(got[1], expected[1])
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    mlp = GatedMLP(64, 96)
+    h = torch.randn(rows, 64)
+    expected = mlp(h)
+    mlp.kernels = kernels
+    torch.testing.assert_close(mlp(h), expected, rtol=1e-5, atol=1e-6)
+    qk = torch.randn(rows, 15, 64)[:, :12]
+    cos, sin = torch.randn(rows, 1, 64), torch.randn(rows, 1, 64)
+    torch.testing.assert_close(apply_rotary(qk, cos, sin, kernels=kernels), apply_rotary(qk, cos, sin),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_unquantized_fp32_models_keep_the_torch_spec():
+    """The fp32 model compared with transformers token for token takes no fused op; its quantized
+    twin does (there the quantization's own error is far above an ulp)."""
+    from kvserve.config import EngineConfig
+    from kvserve.engine.engine import Engine
+    from kvserve.model.checkpoint import load_checkpoint
+
+    for quantization, fused in (("none", False), ("int4", True)):
+        engine = Engine(EngineConfig(model="random:tiny", dtype="float32", quantization=quantization),
+                        load_checkpoint("random:tiny"))
+        model = engine.core.runner.model
+        assert (model.model.norm.kernels is not None) == fused
+        assert (model.model.layers[0].self_attn.kernels is not None) == fused
 
 
 def test_the_model_gives_the_same_logits_with_fused_ops():
@@ -79,9 +111,11 @@ def test_the_model_gives_the_same_logits_with_fused_ops():
 
 
 def test_fused_ops_reject_bad_inputs(kernels):
-    with pytest.raises(RuntimeError, match="bfloat16"):
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        kernels.rms_norm(torch.randn(2, 8).half(), None, torch.ones(8).half(), 1e-5)
+    with pytest.raises(RuntimeError, match="weight must be"):
         kernels.rms_norm(torch.randn(2, 8), None, torch.ones(8).bfloat16(), 1e-5)
-    with pytest.raises(RuntimeError, match="weight must be bfloat16"):
+    with pytest.raises(RuntimeError, match="weight must be"):
         kernels.rms_norm(torch.randn(2, 8).bfloat16(), None, torch.ones(4).bfloat16(), 1e-5)
     with pytest.raises(RuntimeError, match="differ in shape"):
         kernels.rms_norm(torch.randn(2, 8).bfloat16(), torch.randn(3, 8).bfloat16(), torch.ones(8).bfloat16(), 1e-5)
@@ -93,15 +127,16 @@ def test_fused_ops_reject_bad_inputs(kernels):
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-def test_decode_qkv_equals_rotary_then_decode_step(kernels, rows):
-    """The one-call bf16 decode (rotary + K/V write + attention from the qkv projection) gives what
-    the separate fused rotary and decode_step give, caches included."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_qkv_equals_rotary_then_decode_step(kernels, rows, dtype):
+    """The one-call decode (rotary + K/V write + attention from the qkv projection) gives what the
+    separate fused rotary and decode_step give, caches included."""
     torch.manual_seed(rows)
     heads, kv_heads, d, bs = 9, 3, 64, 16
-    k_cache = torch.randn(40, bs, kv_heads, d).bfloat16()
-    v_cache = torch.randn(40, bs, kv_heads, d).bfloat16()
-    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d).bfloat16()
-    cos, sin = torch.randn(rows, 1, d).bfloat16(), torch.randn(rows, 1, d).bfloat16()
+    k_cache = torch.randn(40, bs, kv_heads, d).to(dtype)
+    v_cache = torch.randn(40, bs, kv_heads, d).to(dtype)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d).to(dtype)
+    cos, sin = torch.randn(rows, 1, d).to(dtype), torch.randn(rows, 1, d).to(dtype)
     lens = torch.tensor([30 + 7 * i for i in range(rows)])
     table = torch.stack([torch.randperm(40)[:4] for _ in range(rows)])
     slots = torch.tensor([table[i, (lens[i] - 1) // bs] * bs + (lens[i] - 1) % bs for i in range(rows)])
@@ -111,7 +146,12 @@ def test_decode_qkv_equals_rotary_then_decode_step(kernels, rows):
     qk = kernels.rotary(view[:, :heads + kv_heads], cos, sin)
     expected = kernels.decode_step(qk[:, :heads], qk[:, heads:], view[:, heads + kv_heads:], *caches[1], slots,
                                    table, lens, 0.125)
-    assert torch.equal(got, expected.reshape(rows, -1))
-    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, expected.reshape(rows, -1))
+        assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    else:                                   # fp32: the rotary's products may be fused multiply-adds
+        torch.testing.assert_close(got, expected.reshape(rows, -1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(caches[0][0], caches[1][0], rtol=1e-6, atol=1e-6)
+        assert torch.equal(caches[0][1], caches[1][1])
     with pytest.raises(RuntimeError, match="qkv must be"):
         kernels.decode_qkv(qkv[:, :-d], cos, sin, *caches[0], slots, table, lens, 0.125, heads, kv_heads)

@@ -7,8 +7,9 @@ from torch import nn
 
 from kvserve.config import ConfigError, EngineConfig
 from kvserve.model.checkpoint import load_checkpoint
-from kvserve.model.quant import (INT4_GROUP, MAX_INT4_ROWS, MAX_INT8_ROWS, Int4Linear, Int8Linear, quantize_groups_q4,
-                                 quantize_int4, quantize_int8)
+from kvserve.model.quant import (INT4_GROUP, MAX_INT4_ROWS, MAX_INT8_ROWS, Int4Linear, Int8Linear, dequantize_q4,
+                                 int4_matmul_reference, pack_q4, quantize_groups_q4, quantize_int4, quantize_int8,
+                                 quantize_q8_rows, unpack_q4)
 
 
 def test_quantization_error_is_at_most_half_a_step_per_channel():
@@ -39,16 +40,19 @@ def test_quantize_int8_replaces_nested_linears():
 
 
 def test_unknown_quantization_is_a_config_error():
-    with pytest.raises(ConfigError, match="--quantization must be one of none, int8"):
+    with pytest.raises(ConfigError, match="--quantization must be one of auto, none, int8"):
         EngineConfig(quantization="int3")
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantization_needs_bf16(mode):
+def test_quantization_runs_with_fp32_activations(mode):
+    """A CPU without native bf16 math runs fp32: both modes take fp32 activations, kernels and all."""
     from kvserve.engine.engine import Engine
 
-    with pytest.raises(ValueError, match=f"{mode} runs with bfloat16"):
-        Engine(EngineConfig(model="random:tiny", dtype="float32", quantization=mode), load_checkpoint("random:tiny"))
+    engine = Engine(EngineConfig(model="random:tiny", dtype="float32", quantization=mode), load_checkpoint("random:tiny"))
+    layers = [m for m in engine.core.runner.model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+    assert layers and all(m.dequantized().dtype == torch.float32 for m in layers)
+    assert all(m.kernels is not None for m in layers)            # the C++ kernels serve fp32 too
 
 
 def q4_1_weights(out_features, in_features, seed=0):
@@ -75,24 +79,31 @@ def test_int4_error_is_at_most_half_a_step_plus_bf16_rounding():
     w = torch.randn(48, 64) * torch.logspace(-3, 0, 48)[:, None]
     q, d, _ = quantize_groups_q4(w)
     assert q.min() >= 0 and q.max() <= 15
-    err = (Int4Linear.quantize(w).dequantized().float() - w).abs()
     step = d.repeat_interleave(INT4_GROUP, dim=1)
-    assert (err <= step / 2 + w.abs() / 64 + 1e-6).all()      # bf16 scales/zeros: ~2^-8 relative slack
+    err = (Int4Linear.quantize(w, dtype=torch.float32).dequantized() - w).abs()
+    assert (err <= step / 2 + w.abs() / 512 + 1e-6).all()     # fp16 scales and minimums: ~2^-11 relative slack
+    err = (Int4Linear.quantize(w).dequantized().float() - w).abs()
+    assert (err <= step / 2 + w.abs() / 64 + 1e-6).all()      # bf16 weights for many rows: ~2^-8 more
 
 
 @pytest.mark.parametrize("rows", [1, MAX_INT4_ROWS, MAX_INT4_ROWS + 1, 64])
 @pytest.mark.parametrize("bias", [False, True])
 def test_int4_kernels_match_the_dequantized_weights(rows, bias):
+    from kvserve.attention import cpu_kernels
+
     torch.manual_seed(rows)
     w, *_ = q4_1_weights(48, 64, seed=rows)
     b = torch.randn(48) if bias else None
-    q = Int4Linear.quantize(w, b)
-    x = torch.randn(rows, 64, dtype=torch.bfloat16)
-    expected = nn.functional.linear(x.float(), q.dequantized().float(), None if b is None else b.bfloat16().float())
-    torch.testing.assert_close(q(x).float(), expected, rtol=2e-2, atol=2e-2)
-    # and the dequantized weights are the Q4_1 weights up to bf16 scales
-    torch.testing.assert_close(q.dequantized().float(), w, rtol=1e-2, atol=2e-3)
-    assert q(x.view(1, rows, 64)).shape == (1, rows, 48)
+    for dtype in (torch.bfloat16, torch.float32):
+        q = Int4Linear.quantize(w, b, dtype=dtype)
+        x = torch.randn(rows, 64, dtype=dtype)
+        expected = nn.functional.linear(x.float(), q.dequantized().float(), None if b is None else b.to(dtype).float())
+        for kernels in (None, cpu_kernels.load()):     # the plain matmul, then the C++ kernel for few rows
+            q.kernels = kernels
+            torch.testing.assert_close(q(x).float(), expected, rtol=2e-2, atol=5e-2)
+            assert q(x).dtype == dtype and q(x.view(1, rows, 64)).shape == (1, rows, 48)
+        # and the Q4_1 weights are held exactly (fp16 d and m, as in the GGUF)
+        assert torch.equal(dequantize_q4(q.qs, q.dm), w)
 
 
 def test_int4_rejects_shapes_and_dtypes_its_kernel_cannot_take():
@@ -100,8 +111,8 @@ def test_int4_rejects_shapes_and_dtypes_its_kernel_cannot_take():
         Int4Linear.quantize(torch.randn(40, 64))
     with pytest.raises(ValueError, match="in % 32"):
         Int4Linear.quantize(torch.randn(32, 48))
-    with pytest.raises(ValueError, match="bfloat16"):
-        Int4Linear.quantize(torch.randn(32, 64), dtype=torch.float32)
+    with pytest.raises(ValueError, match="bfloat16 or float32"):
+        Int4Linear.quantize(torch.randn(32, 64), dtype=torch.float16)
 
 
 def test_quantize_int4_uses_int8_for_the_head_and_odd_shapes():
@@ -192,3 +203,70 @@ def test_every_int8_kernel_path_equals_the_portable_loop(rows, in_features):
             torch.testing.assert_close(kernels.int8_matmul(x, q.weight, q.scale), expected, rtol=1e-5, atol=1e-4)
     finally:
         kernels.set_isa(before)
+
+
+def test_q4_packing_is_q4_1s_nibble_order():
+    q = torch.arange(64, dtype=torch.int32).remainder(16).view(1, 64)       # two groups of 32
+    qs = pack_q4(q)
+    assert qs.dtype == torch.uint8 and qs.shape == (1, 32)
+    assert qs[0, 0].item() == (q[0, 0] | q[0, 16] << 4).item()               # byte j: q[j] low, q[j+16] high
+    assert qs[0, 16].item() == (q[0, 32] | q[0, 48] << 4).item()
+    assert torch.equal(unpack_q4(qs), q)
+
+
+def test_q8_activations_are_within_half_a_step():
+    torch.manual_seed(0)
+    x = torch.randn(3, 96) * torch.tensor([1e-3, 1.0, 50.0])[:, None]
+    x[1, :32] = 0                                                             # an all-zero group
+    a, e = quantize_q8_rows(x)
+    assert a.abs().max() <= 127 and torch.equal(a, a.round())
+    assert (e[1, 0] == 0) and (a[1, :32] == 0).all()
+    err = (a.view(3, 3, 32) * e[..., None]).view(3, 96) - x
+    assert (err.abs() <= e.repeat_interleave(32, dim=1) / 2 * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("shape", [(48, 64), (64, 96), (576, 1536)])      # 96: an odd number of groups
+def test_every_int4_kernel_path_equals_its_torch_spec(rows, shape):
+    """Each instruction-set path the CPU can run (set at run time, as KVSERVE_CPU_ISA does), and the
+    portable loop, compute the spec: int8 activations per group of 32 times the Q4_1 weights."""
+    from kvserve.attention import cpu_kernels
+    from kvserve.cpu_features import LEVELS, available_levels
+
+    kernels = cpu_kernels.load()
+    assert kernels is not None
+    torch.manual_seed(rows * shape[1])
+    q = Int4Linear.quantize(torch.randn(*shape), dtype=torch.float32)
+    x = torch.randn(rows, shape[1])
+    expected = int4_matmul_reference(x, q.qs, q.dm)
+    atol = 2e-6 * shape[1] ** 0.5 * expected.abs().max().item()
+    torch.testing.assert_close(kernels.int4_matmul_portable(x, q.qs, q.dm), expected, rtol=1e-5, atol=atol)
+    before = kernels.get_isa()
+    try:
+        for level in available_levels():
+            kernels.set_isa(LEVELS.index(level))
+            torch.testing.assert_close(kernels.int4_matmul(x, q.qs, q.dm), expected, rtol=1e-5, atol=atol)
+            bf16 = kernels.int4_matmul(x.bfloat16(), q.qs, q.dm)
+            assert bf16.dtype == torch.bfloat16
+            torch.testing.assert_close(bf16.float(), int4_matmul_reference(x.bfloat16(), q.qs, q.dm), rtol=1e-2,
+                                       atol=1e-2 * expected.abs().max().item())
+    finally:
+        kernels.set_isa(before)
+    # the spec is the plain product up to the activations' rounding (half a step of 1/127 per group)
+    plain = x @ q.dequantized().t()
+    assert (expected - plain).abs().max() < 0.02 * plain.abs().max()
+
+
+def test_cpu_int4_kernel_rejects_bad_inputs():
+    from kvserve.attention import cpu_kernels
+
+    kernels = cpu_kernels.load()
+    q = Int4Linear.quantize(torch.randn(16, 64), dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        kernels.int4_matmul(torch.zeros(9, 64), q.qs, q.dm)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        kernels.int4_matmul(torch.zeros(1, 48), q.qs[:, :24], q.dm)
+    with pytest.raises(RuntimeError, match="qs must be"):
+        kernels.int4_matmul(torch.zeros(1, 64), q.qs.int(), q.dm)
+    with pytest.raises(RuntimeError, match="dm must be"):
+        kernels.int4_matmul(torch.zeros(1, 64), q.qs, q.dm.float())

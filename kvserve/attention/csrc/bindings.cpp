@@ -17,6 +17,8 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor
 torch::Tensor silu_mul(torch::Tensor gate_up);
 torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
 torch::Tensor int8_matmul_portable(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
+torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor dm);
+torch::Tensor int4_matmul_portable(torch::Tensor x, torch::Tensor qs, torch::Tensor dm);
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -27,6 +29,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection, bf16");
   m.def("int8_matmul", &int8_matmul, "x @ W^T, int8 W with per-channel scales, fp32 math, <= 8 rows");
   m.def("int8_matmul_portable", &int8_matmul_portable, "the same, plain loops (the spec of the vector path)");
+  m.def("int4_matmul", &int4_matmul, "x @ W^T, Q4_1 W (groups of 32), int8 activations, <= 8 rows");
+  m.def("int4_matmul_portable", &int4_matmul_portable, "the same, plain loops (the spec of the vector paths)");
   m.def("rotary", &rotary, "rotate-half rotary embedding, bf16");
   m.def("set_isa", [](int64_t level) { kvserve::isa_level() = static_cast<int>(level); },
         "the instruction-set level the kernels may use: 0 portable, 1 avx2, 2 avx512");

@@ -1,7 +1,10 @@
-// Fused element-wise ops of a Llama layer for bf16 on CPU: one call where the torch spec
-// (kvserve/model/layers.py) makes five to nine. Each rounds to bf16 exactly where the torch ops do
-// (after every op that torch computes in bf16), so results match the spec up to the order of the
-// RMS sum. Rows are spread over threads only when there is enough work to pay for it.
+// Fused element-wise ops of a Llama layer on CPU: one call where the torch spec
+// (kvserve/model/layers.py) makes five to nine. In bf16 each rounds to bf16 exactly where the torch
+// ops do (after every op that torch computes in bf16), so results match the spec up to the order of
+// the RMS sum. In fp32 (the quantized models of a CPU without native bf16 math) they are the same
+// expressions with nothing to round: equal to the spec within a few ulps (sum order, fused
+// multiply-adds). Rows are spread over threads only when there is enough work to pay for it.
+// The loops are written for the compiler to vectorise at the build's width (-march=native).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -14,12 +17,30 @@
 
 namespace {
 
-using kvserve::bf16_to_float;
-using kvserve::float_to_bf16;
-using kvserve::round_bf16;
+// How each element type is read, written and rounded (fp32: not at all).
+struct Bf16 {
+  using T = uint16_t;
+  static float load(T v) { return kvserve::bf16_to_float(v); }
+  static T store(float f) { return kvserve::float_to_bf16(f); }
+  static float round(float f) { return kvserve::round_bf16(f); }
+  static const T* data(const torch::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr<at::BFloat16>()); }
+  static T* data_mut(torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr<at::BFloat16>()); }
+};
 
-const uint16_t* bits(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
-uint16_t* bits_mut(torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+struct F32 {
+  using T = float;
+  static float load(T v) { return v; }
+  static T store(float f) { return f; }
+  static float round(float f) { return f; }
+  static const T* data(const torch::Tensor& t) { return t.data_ptr<float>(); }
+  static T* data_mut(torch::Tensor& t) { return t.data_ptr<float>(); }
+};
+
+// fn(Bf16{}) or fn(F32{}) by the tensor's dtype (the only two).
+template <typename Fn>
+auto by_dtype(const torch::Tensor& t, Fn fn) {
+  return t.scalar_type() == at::kBFloat16 ? fn(Bf16{}) : fn(F32{});
+}
 
 template <typename F>
 void for_rows(int64_t rows, int64_t row_work, const F& body) {
@@ -31,113 +52,150 @@ void for_rows(int64_t rows, int64_t row_work, const F& body) {
   }
 }
 
-void check_bf16_matrix(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.dim() == 2 && t.is_contiguous(), name,
-              " must be a contiguous 2-D bfloat16 tensor");
+bool supported(const torch::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat; }
+
+void check_matrix(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(supported(t) && t.dim() == 2 && t.is_contiguous(), name,
+              " must be a contiguous 2-D bfloat16 or float32 tensor");
 }
 
-}  // namespace
+void check_same_dtype(const torch::Tensor& a, const torch::Tensor& b, const char* name) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), name, " must have the input's dtype");
+}
 
-// [residual = x + residual;] out = weight * bf16(r * rsqrt(mean(r^2) + eps)), r in fp32.
-// Returns (out, residual) where residual is the new sum (or x itself when no residual was given).
-std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight,
-                                    double eps) {
-  check_bf16_matrix(x, "x");
-  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 1 && weight.size(0) == x.size(1),
-              "weight must be bfloat16 [hidden]");
+template <typename E>
+void rms_norm_rows(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual, torch::Tensor& sum,
+                   const torch::Tensor& weight, torch::Tensor& out, float epsilon) {
+  using T = typename E::T;
   const int64_t rows = x.size(0), h = x.size(1);
-  torch::Tensor sum = x;
-  if (residual.has_value()) {
-    check_bf16_matrix(*residual, "residual");
-    TORCH_CHECK(residual->sizes() == x.sizes(), "residual and x differ in shape");
-    sum = torch::empty_like(x);
-  }
-  auto out = torch::empty_like(x);
-  const uint16_t* xs = bits(x);
-  const uint16_t* rs = residual.has_value() ? bits(*residual) : nullptr;
-  uint16_t* ss = residual.has_value() ? bits_mut(sum) : nullptr;
-  const uint16_t* w = bits(weight.contiguous());
-  uint16_t* os = bits_mut(out);
-  const float epsilon = static_cast<float>(eps);
+  const T* xs = E::data(x);
+  const T* rs = residual.has_value() ? E::data(*residual) : nullptr;
+  T* ss = residual.has_value() ? E::data_mut(sum) : nullptr;
+  const T* w = E::data(weight);
+  T* os = E::data_mut(out);
   for_rows(rows, h, [&](int64_t begin, int64_t end) {
     std::vector<float> row(h);
     for (int64_t i = begin; i < end; ++i) {
-      const uint16_t* xi = xs + i * h;
+      const T* xi = xs + i * h;
       if (rs != nullptr) {
-        const uint16_t* ri = rs + i * h;
-        uint16_t* si = ss + i * h;
+        const T* ri = rs + i * h;
+        T* si = ss + i * h;
 #pragma omp simd
         for (int64_t j = 0; j < h; ++j) {
-          const uint16_t b = float_to_bf16(bf16_to_float(xi[j]) + bf16_to_float(ri[j]));
+          const T b = E::store(E::load(xi[j]) + E::load(ri[j]));
           si[j] = b;
-          row[j] = bf16_to_float(b);
+          row[j] = E::load(b);
         }
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < h; ++j) row[j] = bf16_to_float(xi[j]);
+        for (int64_t j = 0; j < h; ++j) row[j] = E::load(xi[j]);
       }
       float squares = 0.f;
 #pragma omp simd reduction(+ : squares)
       for (int64_t j = 0; j < h; ++j) squares += row[j] * row[j];
       const float inv = 1.f / std::sqrt(squares / static_cast<float>(h) + epsilon);
-      uint16_t* oi = os + i * h;
+      T* oi = os + i * h;
 #pragma omp simd
-      for (int64_t j = 0; j < h; ++j) oi[j] = float_to_bf16(bf16_to_float(w[j]) * round_bf16(row[j] * inv));
+      for (int64_t j = 0; j < h; ++j) oi[j] = E::store(E::load(w[j]) * E::round(row[j] * inv));
     }
   });
-  return {out, sum};
 }
 
-// gate_up [n, 2i] -> bf16(bf16(silu(gate)) * up), [n, i].
-torch::Tensor silu_mul(torch::Tensor gate_up) {
-  check_bf16_matrix(gate_up, "gate_up");
-  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even number of columns");
+template <typename E>
+void silu_mul_rows(const torch::Tensor& gate_up, torch::Tensor& out) {
+  using T = typename E::T;
   const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
-  auto out = torch::empty({rows, inter}, gate_up.options());
-  const uint16_t* in = bits(gate_up);
-  uint16_t* o = bits_mut(out);
+  const T* in = E::data(gate_up);
+  T* o = E::data_mut(out);
   for_rows(rows, inter, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const uint16_t* g = in + i * 2 * inter;
-      const uint16_t* u = g + inter;
-      uint16_t* oi = o + i * inter;
+      const T* g = in + i * 2 * inter;
+      const T* u = g + inter;
+      T* oi = o + i * inter;
 #pragma omp simd
       for (int64_t j = 0; j < inter; ++j) {
-        const float x = bf16_to_float(g[j]);
-        oi[j] = float_to_bf16(round_bf16(x / (1.f + std::exp(-x))) * bf16_to_float(u[j]));
+        const float x = E::load(g[j]);
+        oi[j] = E::store(E::round(x / (1.f + std::exp(-x))) * E::load(u[j]));
       }
     }
   });
+}
+
+// One element of rotate-half rotary, rounding where torch's ops do:
+// out = round(round(x * cos) + round(rotate_half(x) * sin)).
+template <typename E>
+inline float rotary_value(const typename E::T* x, const typename E::T* cos, const typename E::T* sin, int64_t j,
+                          int64_t half) {
+  const float rotated = j < half ? -E::load(x[j + half]) : E::load(x[j - half]);
+  return E::round(E::round(E::load(x[j]) * E::load(cos[j])) + E::round(rotated * E::load(sin[j])));
+}
+
+template <typename E>
+void rotary_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& out) {
+  using T = typename E::T;
+  const int64_t n = x.size(0), heads = x.size(1), d = x.size(2), half = d / 2, row_stride = x.stride(0);
+  const T* xs = E::data(x);
+  const T* cs = E::data(cos);
+  const T* sn = E::data(sin);
+  T* os = E::data_mut(out);
+  for_rows(n, heads * d, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* c = cs + i * d;
+      const T* s = sn + i * d;
+      for (int64_t hd = 0; hd < heads; ++hd) {
+        const T* xi = xs + i * row_stride + hd * d;
+        T* oi = os + (i * heads + hd) * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) oi[j] = E::store(rotary_value<E>(xi, c, s, j, half));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// [residual = x + residual;] out = weight * round(r * rsqrt(mean(r^2) + eps)), r in fp32; bf16 or fp32.
+// Returns (out, residual) where residual is the new sum (or x itself when no residual was given).
+std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight,
+                                    double eps) {
+  check_matrix(x, "x");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.dim() == 1 && weight.size(0) == x.size(1),
+              "weight must be [hidden] in x's dtype");
+  torch::Tensor sum = x;
+  if (residual.has_value()) {
+    check_matrix(*residual, "residual");
+    check_same_dtype(x, *residual, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes(), "residual and x differ in shape");
+    sum = torch::empty_like(x);
+  }
+  auto out = torch::empty_like(x);
+  const auto w = weight.contiguous();
+  by_dtype(x, [&](auto e) { rms_norm_rows<decltype(e)>(x, residual, sum, w, out, static_cast<float>(eps)); });
+  return {out, sum};
+}
+
+// gate_up [n, 2i] -> round(round(silu(gate)) * up), [n, i]; bf16 or fp32.
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  check_matrix(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even number of columns");
+  auto out = torch::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  by_dtype(gate_up, [&](auto e) { silu_mul_rows<decltype(e)>(gate_up, out); });
   return out;
 }
 
 // x [n, heads, d] (rows may be strided, as a slice of the qkv projection); cos, sin [n, 1, d].
-// Returns bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)), contiguous [n, heads, d].
+// Returns round(round(x * cos) + round(rotate_half(x) * sin)), contiguous [n, heads, d]; bf16 or fp32.
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2),
-              "x must be bfloat16 [n, heads, head_dim] with contiguous heads");
+  TORCH_CHECK(supported(x) && x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2),
+              "x must be bfloat16 or float32 [n, heads, head_dim] with contiguous heads");
   TORCH_CHECK(x.size(2) % 2 == 0, "head_dim must be even");
   cos = cos.reshape({x.size(0), x.size(2)}).contiguous();
   sin = sin.reshape({x.size(0), x.size(2)}).contiguous();
-  check_bf16_matrix(cos, "cos");
-  check_bf16_matrix(sin, "sin");
-  const int64_t n = x.size(0), heads = x.size(1), d = x.size(2), half = d / 2, row_stride = x.stride(0);
-  auto out = torch::empty({n, heads, d}, x.options());
-  const uint16_t* xs = bits(x);
-  const uint16_t* cs = bits(cos);
-  const uint16_t* sn = bits(sin);
-  uint16_t* os = bits_mut(out);
-  for_rows(n, heads * d, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const uint16_t* c = cs + i * d;
-      const uint16_t* s = sn + i * d;
-      for (int64_t hd = 0; hd < heads; ++hd) {
-        const uint16_t* xi = xs + i * row_stride + hd * d;
-        uint16_t* oi = os + (i * heads + hd) * d;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) oi[j] = float_to_bf16(kvserve::rotary_element(xi, c, s, j, half));
-      }
-    }
-  });
+  check_matrix(cos, "cos");
+  check_matrix(sin, "sin");
+  check_same_dtype(x, cos, "cos");
+  check_same_dtype(x, sin, "sin");
+  auto out = torch::empty({x.size(0), x.size(1), x.size(2)}, x.options());
+  by_dtype(x, [&](auto e) { rotary_rows<decltype(e)>(x, cos, sin, out); });
   return out;
 }

@@ -21,6 +21,15 @@ namespace {
 
 constexpr int64_t kMaxRows = 8;
 
+#if defined(__AVX2__) && defined(__FMA__)
+// Row o + 8's weights, every cache line of it, requested now, so that reading a row overlaps the
+// arithmetic on the rows before it (one line per row left ~40% of the memory bandwidth unused).
+inline void prefetch_row(const int8_t* row, int64_t k) {
+  const char* next = reinterpret_cast<const char*>(row + 8 * k);
+  for (int64_t at = 0; at < k; at += 64) _mm_prefetch(next + at, _MM_HINT_T0);
+}
+#endif
+
 void int8_rows_portable(const float* x, const int8_t* w, const float* scale, float* y, int64_t rows, int64_t n,
                         int64_t k, int64_t begin, int64_t end) {
   for (int64_t o = begin; o < end; ++o)
@@ -39,7 +48,7 @@ void int8_rows_avx512(const float* x, const int8_t* w, const float* scale, float
   const int64_t wide = k / (16 * U) * (16 * U), full = k / 16 * 16;
   for (int64_t o = begin; o < end; ++o) {
     const int8_t* wo = w + o * k;
-    _mm_prefetch(reinterpret_cast<const char*>(wo + 4 * k), _MM_HINT_T0);
+    prefetch_row(wo, k);
     __m512 acc[R][U];
     for (int r = 0; r < R; ++r)
       for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
@@ -75,7 +84,7 @@ void int8_rows_avx2(const float* x, const int8_t* w, const float* scale, float* 
   const int64_t wide = k / (8 * U) * (8 * U), full = k / 8 * 8;
   for (int64_t o = begin; o < end; ++o) {
     const int8_t* wo = w + o * k;
-    _mm_prefetch(reinterpret_cast<const char*>(wo + 4 * k), _MM_HINT_T0);
+    prefetch_row(wo, k);
     __m256 acc[R][U];
     for (int r = 0; r < R; ++r)
       for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();

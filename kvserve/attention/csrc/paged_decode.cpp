@@ -453,9 +453,10 @@ torch::Tensor decode_step(torch::Tensor query, torch::Tensor key, torch::Tensor 
 torch::Tensor decode_qkv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
                          torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_table,
                          torch::Tensor seq_lens, double scale, int64_t num_heads, int64_t num_kv_heads) {
-  TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
-              v_cache.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16 &&
-              sin.scalar_type() == at::kBFloat16, "decode_qkv is for bfloat16 tensors");
+  const auto dtype = qkv.scalar_type();
+  TORCH_CHECK((dtype == at::kBFloat16 || dtype == at::kFloat) && k_cache.scalar_type() == dtype &&
+                  v_cache.scalar_type() == dtype && cos.scalar_type() == dtype && sin.scalar_type() == dtype,
+              "decode_qkv is for bfloat16 or float32 tensors, all of one dtype");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "caches must be contiguous [blocks, block_size, kv_heads, head_dim]");
   const int64_t d = k_cache.size(3), half = d / 2;
@@ -467,14 +468,37 @@ torch::Tensor decode_qkv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin
   sin = sin.reshape({n, d}).contiguous();
   torch::Tensor slot_keep;
   const int64_t* slot = checked_slots(slot_mapping, n, k_cache, slot_keep);
+  auto query = torch::empty({n, num_heads, d}, qkv.options().dtype(at::kFloat));
+  float* q = query.data_ptr<float>();
+  const int64_t row = (num_heads + 2 * num_kv_heads) * d, kv_row = num_kv_heads * d;
+  if (dtype == at::kFloat) {   // the same expressions with nothing to round (x·cos + rotate_half(x)·sin)
+    const float* x = qkv.data_ptr<float>();
+    const float* cs = cos.data_ptr<float>();
+    const float* sn = sin.data_ptr<float>();
+    float* kc = k_cache.data_ptr<float>();
+    float* vc = v_cache.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xi = x + i * row;
+      const float* c = cs + i * d;
+      const float* s = sn + i * d;
+      float* k_slot = kc + slot[i] * kv_row;
+      for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
+        const float* xh = xi + h * d;
+        float* dst = h < num_heads ? q + (i * num_heads + h) * d : k_slot + (h - num_heads) * d;
+        for (int64_t j = 0; j < half; ++j) {
+          dst[j] = xh[j] * c[j] - xh[j + half] * s[j];
+          dst[j + half] = xh[j + half] * c[j + half] + xh[j] * s[j + half];
+        }
+      }
+      std::memcpy(vc + slot[i] * kv_row, xi + (num_heads + num_kv_heads) * d, kv_row * sizeof(float));
+    }
+    return paged_decode(query, k_cache, v_cache, block_table, seq_lens, scale).view({n, num_heads * d});
+  }
   const auto* x = reinterpret_cast<const uint16_t*>(qkv.data_ptr<at::BFloat16>());
   const auto* cs = reinterpret_cast<const uint16_t*>(cos.data_ptr<at::BFloat16>());
   const auto* sn = reinterpret_cast<const uint16_t*>(sin.data_ptr<at::BFloat16>());
   auto* kc = reinterpret_cast<uint16_t*>(k_cache.data_ptr<at::BFloat16>());
   auto* vc = reinterpret_cast<uint16_t*>(v_cache.data_ptr<at::BFloat16>());
-  auto query = torch::empty({n, num_heads, d}, qkv.options().dtype(at::kFloat));
-  float* q = query.data_ptr<float>();
-  const int64_t row = (num_heads + 2 * num_kv_heads) * d, kv_row = num_kv_heads * d;
   for (int64_t i = 0; i < n; ++i) {
     const uint16_t* xi = x + i * row;
     const uint16_t* c = cs + i * d;
