@@ -1,5 +1,5 @@
-"""kvserve command line: serve | generate | bench offline | bench cache | bench step | bench perplexity | bench serve |
-bench compare | bench soak."""
+"""kvserve command line: serve | generate | bench offline | bench cache | bench step | bench kernels |
+bench perplexity | bench serve | bench compare | bench soak."""
 
 from __future__ import annotations
 
@@ -397,6 +397,12 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
     return run_step_bench(args, engine_config_from_args(args))
 
 
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from kvserve.bench.kernels import run_kernels_bench
+
+    return run_kernels_bench(args)
+
+
 def cmd_bench_perplexity(args: argparse.Namespace) -> int:
     from kvserve.bench.perplexity import run_perplexity_bench
 
@@ -572,6 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_options(sub)
         add_engine_options(sub)
         sub.set_defaults(func=command)
+
+    kernels_bench = bench.add_parser("kernels", help="few-row weight matmuls of one layer, every way this CPU runs "
+                                                     "them (kvserve's int4/int8 kernels, torch's, bf16, fp32)")
+    from kvserve.bench.kernels import add_kernels_options
+
+    add_kernels_options(kernels_bench)
+    kernels_bench.set_defaults(func=cmd_bench_kernels)
 
     serve_bench = bench.add_parser("serve", help="seeded load on any OpenAI-compatible server (streamed chat)")
     from kvserve.bench.serve import add_serve_options

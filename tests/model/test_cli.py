@@ -46,3 +46,15 @@ def test_bench_cache_reports_hit_and_miss():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["bench"] == "cache" and result["cached_tokens_on_hit"] == 192   # whole 16-token blocks
     assert result["ttft_hit_ms"] > 0 and result["ttft_miss_ms"] > 0
+
+
+def test_bench_kernels_times_every_path_and_rejects_bad_rows():
+    out = kvserve("bench", "kernels", "--rows", "1,3", "--shape", "32x64,16x96", "--repeats", "3")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "kernels" and set(result["us_per_layer"]) == {"1", "3"}
+    timed = result["us_per_layer"]["1"]
+    assert {"kvserve int4, fp32 in", "kvserve int8, fp32 in", "fp32 F.linear"} <= set(timed)
+    assert all(us > 0 for us in timed.values())
+    bad = kvserve("bench", "kernels", "--rows", "9")
+    assert bad.returncode == 2 and "between 1 and 8" in bad.stderr

@@ -37,7 +37,7 @@ def test_llama_server_needs_a_build_or_gives_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("kvserve_args, in_log", [
     ("--dtype float32 --no-such-option", "unrecognized arguments: --no-such-option"),        # exits at once
-    ("--dtype float32 --quantization int4", "--quantization int4 runs with bfloat16"),        # cannot load its model
+    ("--dtype float32 --kv-cache-memory 1", "--kv-cache-memory 1 bytes holds no block"),      # cannot load its model
 ])
 def test_a_server_that_cannot_start_ends_the_wait_at_once_with_its_log(kvserve_args, in_log):
     """Regression: the bench used to wait 300 s on a server that had already failed, then said only
