@@ -62,8 +62,11 @@ def isa() -> str:
 # What torch's own kernels are told when KVSERVE_CPU_ISA asks for less than the CPU has: ATen's
 # vectorised kernels and oneDNN's (the bf16 and fp32 matmuls) then run at that level too, so an
 # AVX-512 machine measures what an AVX2-only one (Zen 3) would run, not only kvserve's own kernels.
-TORCH_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
-             "portable": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}}
+# MKL runs torch's fp32 matmuls (F.linear): without its own cap an "avx2" run still multiplied at
+# AVX-512 width, 1.6× faster than an AVX2 CPU would at prefill sizes (measured: 9.3 vs 15.8 ms a layer).
+TORCH_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+             "portable": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                          "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}}
 
 
 def cap_torch(environ=os.environ, modules=None) -> dict[str, str]:

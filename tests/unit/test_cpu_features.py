@@ -1,5 +1,7 @@
 """The CPU level kvserve uses: detection from /proc/cpuinfo's flags, and the KVSERVE_CPU_ISA cap."""
 
+import os
+
 import pytest
 
 from kvserve import cpu_features
@@ -61,12 +63,30 @@ def test_dtype_auto_follows_native_bf16(monkeypatch):
 
 def test_the_cap_reaches_torch_s_own_kernels_when_set_before_torch():
     env = {cpu_features.ENV: "avx2"}
-    assert cpu_features.cap_torch(env, modules={}) == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert cpu_features.cap_torch(env, modules={}) == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                                       "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
     assert env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
     env = {cpu_features.ENV: "portable", "ATEN_CPU_CAPABILITY": "avx2"}      # what is set stays
-    assert cpu_features.cap_torch(env, modules={}) == {"ONEDNN_MAX_CPU_ISA": "SSE41"}
+    assert cpu_features.cap_torch(env, modules={}) == {"ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
     assert env["ATEN_CPU_CAPABILITY"] == "avx2"
     assert cpu_features.cap_torch({}, modules={}) == {}                       # no cap asked: nothing
     assert cpu_features.cap_torch({cpu_features.ENV: "avx512"}, modules={}) == {}
     with pytest.raises(ConfigError, match="before torch"):
         cpu_features.cap_torch({cpu_features.ENV: "avx2"}, modules={"torch": object()})
+
+
+def test_mkl_s_fp32_matmuls_obey_the_cap():
+    """torch's fp32 F.linear runs in MKL, which reads its own variable: an avx2 run multiplies at
+    AVX2 width (MKL_VERBOSE names the code path it took)."""
+    import subprocess
+    import sys
+
+    if "avx2" not in cpu_features.available_levels():
+        pytest.skip("this CPU has no AVX2")
+    script = ("from kvserve import cpu_features; cpu_features.cap_torch(); import torch; "
+              "assert torch.backends.mkl.is_available(); "
+              "torch.nn.functional.linear(torch.randn(64, 128), torch.randn(128, 128))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, cpu_features.ENV: "avx2", "MKL_VERBOSE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "(Intel(R) AVX2) enabled processors" in out.stdout, out.stdout[:500]
