@@ -41,6 +41,9 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
     group.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
     group.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                        help="KV pool size in bytes, e.g. 512MiB or 2GiB (default 1GiB)")
+    group.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                       help="the KV cache's dtype; auto: bf16 under a quantized fp32 model on CPU (half the bytes, "
+                            "read with fp32 math), else the model's dtype")
     group.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
     group.add_argument("--kv-host-memory", type=parse_bytes, default=0,
                        help="host-memory tier for blocks evicted from the KV pool, e.g. 2GiB (default: none)")
@@ -81,7 +84,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                           memory_bytes=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
                           host_memory_bytes=args.kv_host_memory, disk_dir=args.kv_disk_dir,
-                          disk_num_blocks=args.kv_disk_blocks, pin_budget_fraction=args.pin_budget),
+                          disk_num_blocks=args.kv_disk_blocks, pin_budget_fraction=args.pin_budget,
+                          dtype=args.kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                   policy=args.scheduling_policy, background_step_factor=args.background_step_factor,

@@ -60,6 +60,9 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float32")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache: block size and how many blocks the pool holds.
@@ -76,8 +79,13 @@ class CacheConfig:
     disk_dir: str | None = None         # --kv-disk-dir: the disk tier below the host tier (None: none)
     disk_num_blocks: int = 4096         # --kv-disk-blocks: files the disk tier keeps at most (LRU)
     pin_budget_fraction: float = 0.5    # --pin-budget: share of the pool cache checkpoints may hold
+    # --kv-cache-dtype: auto = bf16 under a quantized fp32 model on CPU (half the bytes, twice the
+    # tokens; read with fp32 math), else the model's dtype
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.dtype!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size must be a positive power of two, got {self.block_size}")
         if self.num_blocks is not None and self.memory_bytes is not None:

@@ -31,10 +31,12 @@ class CpuPagedAttention(TorchPagedAttention):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         plan = self._step_plan(metadata, query.device)
-        if not plan.prefills and key.dtype == kv_cache[0].dtype:
-            # Every row decodes (most steps): K/V write and attention in one C++ call.
-            return self.kernels.decode_step(query, key, value, *kv_cache, metadata.slot_mapping,
-                                            plan.decode_block_ids, plan.decode_seq_lens, scale)
+        if not plan.prefills:
+            # Every row decodes (most steps): K/V write and attention in one C++ call (this step's
+            # few keys and values converted first when the cache holds another dtype).
+            cache_dtype = kv_cache[0].dtype
+            return self.kernels.decode_step(query, key.to(cache_dtype), value.to(cache_dtype), *kv_cache,
+                                            metadata.slot_mapping, plan.decode_block_ids, plan.decode_seq_lens, scale)
         return super().forward(query, key, value, kv_cache, metadata, scale)
 
     def decode_qkv(self, qkv: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
@@ -44,7 +46,8 @@ class CpuPagedAttention(TorchPagedAttention):
         write and attention in one C++ call; [n, heads * head_dim]. None when it does not apply
         (prefill rows, other dtypes): the caller then takes the torch path (rotary in layers.py, then
         forward)."""
-        if qkv.dtype not in FUSED_DTYPES or kv_cache[0].dtype != qkv.dtype or not qkv.is_contiguous():
+        if qkv.dtype not in FUSED_DTYPES or kv_cache[0].dtype not in (qkv.dtype, torch.bfloat16) or \
+                not qkv.is_contiguous():
             return None
         plan = self._step_plan(metadata, qkv.device)
         if plan.prefills:

@@ -98,5 +98,6 @@ def run_step_bench(args: argparse.Namespace, config: EngineConfig) -> int:
                       "dtype": str(engine.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
                       "isa": cpu_features.isa() if engine.device.type == "cpu" else None,
                       "quantization": engine.quantization,
+                      "kv_cache_dtype": str(engine.core.runner.kv_dtype).removeprefix("torch."),
                       "context_len": args.context_len, "steps": args.steps, "results": results}))
     return 0

@@ -62,6 +62,18 @@ def resolve_quantization(name: str, dtype_name: str, device: torch.device) -> st
     return "int4" if cpu_kernels.load() is not None else "none"
 
 
+def resolve_kv_dtype(name: str, dtype: torch.dtype, quantization: str, device: torch.device) -> torch.dtype:
+    """auto → bf16 under a quantized fp32 model on CPU, else the model's dtype. Measured on an AVX2
+    CPU (docs/speed-notes.md): the decode kernel reads a bf16 cache with fp32 math faster than an
+    fp32 one, and the pool holds twice the tokens; an unquantized fp32 model keeps its exact fp32
+    cache (the one compared with transformers token for token)."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cpu" and dtype == torch.float32 and quantization != "none":
+        return torch.bfloat16
+    return dtype
+
+
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     return 2 * config.num_layers * block_size * config.kv_size * dtype.itemsize
 
@@ -121,26 +133,27 @@ class ModelRunner:
         if kernels is not None and (dtype == torch.bfloat16 or quantization != "none"):
             model.use_fused_kernels(kernels)     # unquantized fp32 keeps the torch spec, op for op
         self.model = model.eval()
-        self.num_blocks = num_kv_blocks(cache, config, dtype)
+        self.kv_dtype = resolve_kv_dtype(cache.dtype, dtype, quantization, device)
+        self.num_blocks = num_kv_blocks(cache, config, self.kv_dtype)
         self.kv_caches = self._new_kv_caches(self.num_blocks)
         shape = self.kv_caches[0][0].shape
         # The host tier: a separate bounded store in host memory (pinned on CUDA for fast copies).
-        self.num_host_blocks = cache.host_memory_bytes // kv_bytes_per_block(config, cache.block_size, dtype)
+        self.num_host_blocks = cache.host_memory_bytes // kv_bytes_per_block(config, cache.block_size, self.kv_dtype)
         host_shape = (self.num_host_blocks, *shape[1:])
         pin = device.type == "cuda"
-        self.host_caches = [(torch.zeros(host_shape, dtype=dtype, pin_memory=pin),
-                             torch.zeros(host_shape, dtype=dtype, pin_memory=pin))
+        self.host_caches = [(torch.zeros(host_shape, dtype=self.kv_dtype, pin_memory=pin),
+                             torch.zeros(host_shape, dtype=self.kv_dtype, pin_memory=pin))
                             for _ in range(config.num_layers)] if self.num_host_blocks else []
         # The disk tier below it (only below a host tier): one file per block, old files cleared.
         self.num_disk_blocks = cache.disk_num_blocks if cache.disk_dir and self.num_host_blocks else 0
-        self.disk_files = (KVBlockFiles(cache.disk_dir, (config.num_layers, 2, *shape[1:]), dtype)
+        self.disk_files = (KVBlockFiles(cache.disk_dir, (config.num_layers, 2, *shape[1:]), self.kv_dtype)
                            if self.num_disk_blocks else None)
         self.sampler = Sampler(seed)
         self._generators: dict[str, torch.Generator] = {}
         self.warm_up()
         kernels = "" if device.type != "cpu" else f"; CPU kernels: {cpu_features.isa()}"
-        log.info("model on %s in %s (quantization: %s%s); KV cache %d blocks of %d tokens", device, dtype,
-                 quantization, kernels, self.num_blocks, self.block_size)
+        log.info("model on %s in %s (quantization: %s%s); KV cache %d blocks of %d tokens in %s", device, dtype,
+                 quantization, kernels, self.num_blocks, self.block_size, str(self.kv_dtype).removeprefix("torch."))
 
     @staticmethod
     def weights_dtype(dtype: torch.dtype, quantization: str) -> torch.dtype:
@@ -185,8 +198,8 @@ class ModelRunner:
     def _new_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zeroed (K, V) per layer, each [num_blocks, block_size, kv_heads, head_dim]."""
         shape = (num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
-        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.config.num_layers)]
+        return [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(self.config.num_layers)]
 
     def warm_up(self) -> None:
         """Run a prefill chunk and a few one-token steps through a private cache before serving, so
@@ -237,7 +250,7 @@ class ModelRunner:
             value[:count].copy_(host, non_blocking=True)
         synchronize()
         copy_s = max(time.perf_counter() - started, 1e-6)
-        per_block = kv_bytes_per_block(self.config, bs, self.dtype)
+        per_block = kv_bytes_per_block(self.config, bs, self.kv_dtype)
         costs = PreemptionCosts(copy_bytes_per_s=2 * count * per_block / copy_s,
                                 prefill_tokens_per_s=n / max(prefill_s, 1e-6),
                                 decode_step_s=max(decode_s, 1e-6), bytes_per_block=per_block)

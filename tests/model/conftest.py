@@ -12,7 +12,7 @@ from kvserve.engine.engine import Engine
 from kvserve.model.checkpoint import Checkpoint, load_checkpoint
 
 _CACHE_OPTIONS = {"block_size", "num_blocks", "memory_bytes", "enable_prefix_caching", "host_memory_bytes",
-                  "disk_dir", "disk_num_blocks"}
+                  "disk_dir", "disk_num_blocks", "dtype"}
 _SCHEDULER_OPTIONS = {"max_num_batched_tokens", "max_num_seqs", "max_model_len", "policy", "preemption_mode",
                       "aging_factor"}
 
@@ -27,7 +27,7 @@ def make_engine(**options) -> Engine:
     """A fresh fp32 Engine on the shared tiny checkpoint.
 
     Keyword options go to CacheConfig (block_size, num_blocks, memory_bytes,
-    enable_prefix_caching) or SchedulerConfig (max_num_batched_tokens, max_num_seqs,
+    enable_prefix_caching, dtype: the KV cache's) or SchedulerConfig (max_num_batched_tokens, max_num_seqs,
     max_model_len, policy); `seed` goes to EngineConfig. The pool defaults to 512 blocks of 16.
     """
     unknown = set(options) - _CACHE_OPTIONS - _SCHEDULER_OPTIONS - {"seed"}

@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -185,6 +186,26 @@ def test_greedy_and_seeded_output_unchanged_under_forced_preemption(preemption_c
         assert stats.num_preemptions_recompute == 0
     assert stats.kv.num_swapped_requests == 0
     assert_all_blocks_free(engine)
+
+
+def test_a_bf16_cache_under_an_fp32_model_gives_the_same_tokens_through_swap_and_recompute():
+    """--kv-cache-dtype bfloat16 under an fp32 model (the default of quantized fp32 models): the
+    cache holds bf16 and is read with fp32 math. Preempted by swap through the host tier (bf16 too)
+    or by recompute, the output is the never-preempted run's, and no block is left behind."""
+    rng = random.Random(11)
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(90, 110))] for _ in range(12)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    reference = make_engine(dtype="bfloat16")
+    assert reference.core.runner.kv_dtype == torch.bfloat16 and reference.dtype == torch.float32
+    expected = run_tokens(reference, prompts, params)
+    for mode in ("swap", "recompute"):
+        engine = make_engine(dtype="bfloat16", num_blocks=20, block_size=16, preemption_mode=mode,
+                             host_memory_bytes=0 if mode == "recompute" else 4 << 20)
+        assert all(c.dtype == torch.bfloat16 for layer in engine.core.runner.host_caches for c in layer)
+        outputs = run_all(engine, prompts, params, check=True)
+        assert engine.stats().num_preemptions > 0
+        assert [tokens_of(o) for o in outputs] == expected, mode
+        assert_all_blocks_free(engine)
 
 
 # ---- 5: a shared prefix is computed once ---------------------------------------------------------

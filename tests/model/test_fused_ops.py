@@ -155,3 +155,26 @@ def test_decode_qkv_equals_rotary_then_decode_step(kernels, rows, dtype):
         assert torch.equal(caches[0][1], caches[1][1])
     with pytest.raises(RuntimeError, match="qkv must be"):
         kernels.decode_qkv(qkv[:, :-d], cos, sin, *caches[0], slots, table, lens, 0.125, heads, kv_heads)
+
+
+def test_decode_qkv_writes_an_fp32_models_keys_into_a_bf16_cache(kernels):
+    """fp32 qkv, bf16 cache (a quantized fp32 model's default): the cache gets the fp32 rotary's
+    keys and the values rounded to bf16, and attention reads them with fp32 math, as decode_step does."""
+    torch.manual_seed(3)
+    rows, heads, kv_heads, d, bs = 3, 9, 3, 64, 16
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d)
+    cos, sin = torch.randn(rows, 1, d), torch.randn(rows, 1, d)
+    lens = torch.tensor([30, 41, 17])
+    table = torch.stack([torch.randperm(40)[:4] for _ in range(rows)])
+    slots = torch.tensor([table[i, (lens[i] - 1) // bs] * bs + (lens[i] - 1) % bs for i in range(rows)])
+    base = (torch.randn(40, bs, kv_heads, d).bfloat16(), torch.randn(40, bs, kv_heads, d).bfloat16())
+    caches = [(base[0].clone(), base[1].clone()) for _ in range(2)]
+    got = kernels.decode_qkv(qkv, cos, sin, *caches[0], slots, table, lens, 0.125, heads, kv_heads)
+    view = qkv.view(rows, heads + 2 * kv_heads, d)
+    qk = apply_rotary(view[:, :heads + kv_heads], cos, sin)
+    expected = kernels.decode_step(qk[:, :heads], qk[:, heads:].bfloat16(), view[:, heads + kv_heads:].bfloat16(),
+                                   *caches[1], slots, table, lens, 0.125)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.reshape(rows, -1), rtol=1e-5, atol=1e-5)
+    assert (caches[0][0].float() - caches[1][0].float()).abs().max() <= 0.02      # one bf16 step at most
+    assert torch.equal(caches[0][1], caches[1][1])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from kvserve.config import ConfigError, EngineConfig
+from kvserve.config import CacheConfig, ConfigError, EngineConfig
 from kvserve.model.checkpoint import load_checkpoint
 from kvserve.model.quant import (INT4_GROUP, MAX_INT4_ROWS, MAX_INT8_ROWS, Int4Linear, Int8Linear, dequantize_q4,
                                  int4_matmul_reference, pack_q4, quantize_groups_q4, quantize_int4, quantize_int8,
@@ -270,3 +270,35 @@ def test_cpu_int4_kernel_rejects_bad_inputs():
         kernels.int4_matmul(torch.zeros(1, 64), q.qs.int(), q.dm)
     with pytest.raises(RuntimeError, match="dm must be"):
         kernels.int4_matmul(torch.zeros(1, 64), q.qs, q.dm.float())
+
+
+def test_kv_cache_dtype_follows_the_model_unless_a_quantized_fp32_model_can_halve_it():
+    from kvserve.runner.model_runner import resolve_kv_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_kv_dtype("auto", torch.float32, "int4", cpu) == torch.bfloat16
+    assert resolve_kv_dtype("auto", torch.float32, "int8", cpu) == torch.bfloat16
+    assert resolve_kv_dtype("auto", torch.float32, "none", cpu) == torch.float32     # the exact fp32 model
+    assert resolve_kv_dtype("auto", torch.bfloat16, "int4", cpu) == torch.bfloat16
+    assert resolve_kv_dtype("auto", torch.float32, "int4", cuda) == torch.float32
+    assert resolve_kv_dtype("float32", torch.float32, "int4", cpu) == torch.float32
+    with pytest.raises(ConfigError, match="--kv-cache-dtype must be one of auto, bfloat16, float32"):
+        CacheConfig(dtype="fp8")
+
+
+def test_a_quantized_fp32_engine_holds_twice_the_tokens_in_the_same_memory():
+    from kvserve.engine.engine import Engine
+    from kvserve.sampling import SamplingParams
+
+    engines = {q: Engine(EngineConfig(model="random:tiny", dtype="float32", quantization=q,
+                                      cache=CacheConfig(memory_bytes=8 << 20)), load_checkpoint("random:tiny"))
+               for q in ("none", "int4")}
+    assert engines["int4"].core.runner.kv_dtype == torch.bfloat16
+    assert engines["int4"].core.runner.num_blocks == 2 * engines["none"].core.runner.num_blocks
+
+    engine = engines["int4"]
+    engine.add(list(range(5, 60)), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    tokens = []
+    while engine.has_unfinished:
+        tokens += [t for o in engine.step() for t in o.token_ids]
+    assert len(tokens) == 6

@@ -454,9 +454,13 @@ torch::Tensor decode_qkv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin
                          torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_table,
                          torch::Tensor seq_lens, double scale, int64_t num_heads, int64_t num_kv_heads) {
   const auto dtype = qkv.scalar_type();
-  TORCH_CHECK((dtype == at::kBFloat16 || dtype == at::kFloat) && k_cache.scalar_type() == dtype &&
-                  v_cache.scalar_type() == dtype && cos.scalar_type() == dtype && sin.scalar_type() == dtype,
-              "decode_qkv is for bfloat16 or float32 tensors, all of one dtype");
+  // fp32 activations may keep a bf16 cache (half the bytes to read; a quantized fp32 model's default).
+  const bool bf16_cache = k_cache.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((dtype == at::kBFloat16 || dtype == at::kFloat) && (k_cache.scalar_type() == dtype || bf16_cache) &&
+                  v_cache.scalar_type() == k_cache.scalar_type() && cos.scalar_type() == dtype &&
+                  sin.scalar_type() == dtype,
+              "decode_qkv is for bfloat16 or float32 tensors, all of one dtype (a float32 qkv may have a bfloat16 "
+              "cache)");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "caches must be contiguous [blocks, block_size, kv_heads, head_dim]");
   const int64_t d = k_cache.size(3), half = d / 2;
@@ -475,22 +479,31 @@ torch::Tensor decode_qkv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin
     const float* x = qkv.data_ptr<float>();
     const float* cs = cos.data_ptr<float>();
     const float* sn = sin.data_ptr<float>();
-    float* kc = k_cache.data_ptr<float>();
-    float* vc = v_cache.data_ptr<float>();
+    std::vector<float> key(kv_row);
     for (int64_t i = 0; i < n; ++i) {
       const float* xi = x + i * row;
       const float* c = cs + i * d;
       const float* s = sn + i * d;
-      float* k_slot = kc + slot[i] * kv_row;
       for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
         const float* xh = xi + h * d;
-        float* dst = h < num_heads ? q + (i * num_heads + h) * d : k_slot + (h - num_heads) * d;
+        float* dst = h < num_heads ? q + (i * num_heads + h) * d : key.data() + (h - num_heads) * d;
         for (int64_t j = 0; j < half; ++j) {
           dst[j] = xh[j] * c[j] - xh[j + half] * s[j];
           dst[j + half] = xh[j + half] * c[j + half] + xh[j] * s[j + half];
         }
       }
-      std::memcpy(vc + slot[i] * kv_row, xi + (num_heads + num_kv_heads) * d, kv_row * sizeof(float));
+      const float* value = xi + (num_heads + num_kv_heads) * d;
+      if (bf16_cache) {
+        auto* k_slot = reinterpret_cast<uint16_t*>(k_cache.data_ptr<at::BFloat16>()) + slot[i] * kv_row;
+        auto* v_slot = reinterpret_cast<uint16_t*>(v_cache.data_ptr<at::BFloat16>()) + slot[i] * kv_row;
+        for (int64_t j = 0; j < kv_row; ++j) {
+          k_slot[j] = kvserve::float_to_bf16(key[j]);
+          v_slot[j] = kvserve::float_to_bf16(value[j]);
+        }
+      } else {
+        std::memcpy(k_cache.data_ptr<float>() + slot[i] * kv_row, key.data(), kv_row * sizeof(float));
+        std::memcpy(v_cache.data_ptr<float>() + slot[i] * kv_row, value, kv_row * sizeof(float));
+      }
     }
     return paged_decode(query, k_cache, v_cache, block_table, seq_lens, scale).view({n, num_heads * d});
   }
