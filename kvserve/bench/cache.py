@@ -59,6 +59,7 @@ def run_cache_bench(args: argparse.Namespace, config: EngineConfig) -> int:
         cached.append(hit_cached)
     miss_ms, hit_ms = statistics.median(misses) * 1000, statistics.median(hits) * 1000
     result = {"bench": "cache", "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device),
+              "quantization": engine.quantization,
               "prefix_len": args.prefix_len, "suffix_len": args.suffix_len, "rounds": args.rounds,
               "workload_seed": args.workload_seed, "ttft_miss_ms": round(miss_ms, 1), "ttft_hit_ms": round(hit_ms, 1),
               "hit_over_miss": round(hit_ms / miss_ms, 4), "cached_tokens_on_hit": min(cached)}

@@ -77,18 +77,21 @@ def run_kernels_bench(args: argparse.Namespace) -> int:
     rows_list = [int(r) for r in args.rows.split(",")]
     if any(not 1 <= r <= 8 for r in rows_list):
         raise ValueError("--rows: each row count must be between 1 and 8")
-    if any(len(s) != 2 or s[1] % 32 or s[0] < 1 for s in shapes):
-        raise ValueError("--shape: OUTxIN with IN a multiple of 32, e.g. 960x576")
+    if any(len(s) != 2 or s[1] % 32 or s[1] < 32 or s[0] % 16 or s[0] < 16 for s in shapes):
+        raise ValueError("--shape: OUTxIN with OUT a multiple of 16 and IN a multiple of 32, e.g. 960x576")
     kernels = cpu_kernels.load()
     generator = torch.Generator().manual_seed(args.seed)
     weights = [torch.randn(*shape, generator=generator) * 0.05 for shape in shapes]
     results = {}
     for rows in tqdm(rows_list, desc="row counts", unit="rows"):
         total: dict[str, float] = {}
+        counted: dict[str, int] = {}
         for weight in weights:
             for name, fn in _candidates(kernels, weight, rows, generator).items():
                 total[name] = total.get(name, 0.0) + _time(fn, args.repeats)
-        results[rows] = {name: round(us, 1) for name, us in total.items()}
+                counted[name] = counted.get(name, 0) + 1
+        # a way that could not take every shape of the layer has no per-layer figure
+        results[rows] = {name: round(us, 1) for name, us in total.items() if counted[name] == len(weights)}
     names = sorted({n for r in results.values() for n in r})
     print(f"µs per layer ({args.shape}), {torch.get_num_threads()} threads, kernels at {cpu_features.isa()}:")
     print(f"{'':24s}" + "".join(f"{r:>10d} rows" for r in rows_list))

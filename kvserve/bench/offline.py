@@ -85,7 +85,9 @@ def run_offline_bench(args: argparse.Namespace, config: EngineConfig) -> int:
                            engine.eos_token_ids, args.workload_seed)
     result = {
         "bench": "offline", "model": config.model or "default", "dtype": str(engine.dtype).removeprefix("torch."),
-        "device": str(engine.device), "threads": torch.get_num_threads(), "num_prompts": len(prompts),
+        "device": str(engine.device), "quantization": engine.quantization,
+        "kv_cache_dtype": str(engine.core.runner.kv_dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "num_prompts": len(prompts),
         "prompt_tokens": sum(map(len, prompts)), "output_len": args.output_len,
         "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
         "max_num_seqs": config.scheduler.max_num_seqs, "workload_seed": args.workload_seed,

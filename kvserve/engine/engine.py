@@ -88,7 +88,8 @@ class Engine(EngineFront):
         """`checkpoint` overrides loading `config.model` (tests reuse one loaded checkpoint)."""
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)   # resolved once, here
-        self.quantization = resolve_quantization(config.quantization, config.dtype, self.device)
+        self.quantization = resolve_quantization(config.quantization, config.dtype, self.device,
+                                                 config.attention_backend)
         if checkpoint is None:
             checkpoint = load_checkpoint(config.model, seed=config.seed,
                                          dtype=ModelRunner.weights_dtype(self.dtype, self.quantization))

@@ -97,8 +97,8 @@ class Int8Linear(nn.Module):
 
 
 def int4_fits(out_features: int, in_features: int) -> bool:
-    """Whether a layer of this shape is taken in int4 (groups of 32 along its inputs; outputs in
-    multiples of 16, as the kernel's threads split them)."""
+    """Whether a layer of this shape is taken in int4: groups of 32 along its inputs, and outputs in
+    multiples of 16 (the layers of the supported models; others keep int8)."""
     return out_features % 16 == 0 and in_features % INT4_GROUP == 0
 
 

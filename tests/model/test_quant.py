@@ -226,7 +226,9 @@ def test_q8_activations_are_within_half_a_step():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 8])
-@pytest.mark.parametrize("shape", [(48, 64), (64, 96), (576, 1536)])      # 96: an odd number of groups
+# in 96: 3 groups (odd); 160: a block of four and an odd one; 192: a block and a pair; 224: a block, a
+# pair and an odd one; 576 (SmolLM2's hidden size): four blocks and a pair
+@pytest.mark.parametrize("shape", [(48, 64), (64, 96), (32, 160), (32, 192), (48, 224), (64, 576), (576, 1536)])
 def test_every_int4_kernel_path_equals_its_torch_spec(rows, shape):
     """Each instruction-set path the CPU can run (set at run time, as KVSERVE_CPU_ISA does), and the
     portable loop, compute the spec: int8 activations per group of 32 times the Q4_1 weights."""
@@ -302,3 +304,16 @@ def test_a_quantized_fp32_engine_holds_twice_the_tokens_in_the_same_memory():
     while engine.has_unfinished:
         tokens += [t for o in engine.step() for t in o.token_ids]
     assert len(tokens) == 6
+
+
+def test_quantization_auto_is_int4_only_where_its_kernel_runs():
+    from kvserve.runner.model_runner import resolve_quantization
+
+    cpu = torch.device("cpu")
+    assert resolve_quantization("auto", "auto", cpu) == "int4"                  # the kernels build here
+    assert resolve_quantization("auto", "auto", cpu, "cpu") == "int4"
+    assert resolve_quantization("auto", "float32", cpu) == "none"               # an explicit dtype: its numerics
+    assert resolve_quantization("auto", "bfloat16", cpu) == "none"
+    assert resolve_quantization("auto", "auto", cpu, "torch") == "none"         # the reference path: no kernels
+    assert resolve_quantization("auto", "auto", torch.device("cuda")) == "none"
+    assert resolve_quantization("int8", "float32", cpu, "torch") == "int8"      # asked for: given

@@ -199,7 +199,7 @@ void int4_rows_avx2(const Q8Rows& q, const Prepared& p, const uint8_t* qs, const
   for (int64_t o = begin; o < end; ++o) {
     const uint8_t* row = qs + o * (k / 2);
     const c10::Half* dmo = dm + o * groups * 2;
-    prefetch_row(row, dmo, k);
+    if (o + kAhead < n) prefetch_row(row, dmo, k);
     __m256 acc[R];
     __m128 macc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), macc[r] = _mm_setzero_ps();
@@ -229,7 +229,7 @@ void int4_rows_avx512(const Q8Rows& q, const Prepared& p, const uint8_t* qs, con
   for (int64_t o = begin; o < end; ++o) {
     const uint8_t* row = qs + o * (k / 2);
     const c10::Half* dmo = dm + o * groups * 2;
-    prefetch_row(row, dmo, k);
+    if (o + kAhead < n) prefetch_row(row, dmo, k);
     __m512 acc[R];
     __m256 macc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), macc[r] = _mm256_setzero_ps();
@@ -300,21 +300,22 @@ torch::Tensor run(torch::Tensor x, torch::Tensor qs, torch::Tensor dm, bool port
   const int64_t rows = xf.size(0), k = xf.size(1), n = qs.size(0);
   auto y = torch::empty({rows, n}, xf.options());
   if (rows == 0 || n == 0) return y.to(x.scalar_type());
+  const int level = portable ? kvserve::kPortable : kvserve::isa_level();   // read once for the whole call
   const Q8Rows q = quantize_rows(xf.data_ptr<float>(), rows, k);
 #if defined(KVSERVE_INT4_AVX2)
-  const Prepared p = portable || kvserve::isa_level() < kvserve::kAvx2 ? Prepared{} : prepare(q, rows, k);
+  const Prepared p = level < kvserve::kAvx2 ? Prepared{} : prepare(q, rows, k);
 #endif
   const uint8_t* qp = qs.data_ptr<uint8_t>();
   const c10::Half* dp = dm.data_ptr<c10::Half>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    if (!portable) {
+    {
 #if defined(KVSERVE_INT4_AVX512)
-      if (kvserve::isa_level() >= kvserve::kAvx512)
+      if (level >= kvserve::kAvx512)
         return by_rows(rows, [&](auto r) { int4_rows_avx512<decltype(r)::value>(q, p, qp, dp, yp, n, k, begin, end); });
 #endif
 #if defined(KVSERVE_INT4_AVX2)
-      if (kvserve::isa_level() >= kvserve::kAvx2)
+      if (level >= kvserve::kAvx2)
         return by_rows(rows, [&](auto r) { int4_rows_avx2<decltype(r)::value>(q, p, qp, dp, yp, n, k, begin, end); });
 #endif
     }

@@ -48,7 +48,7 @@ void int8_rows_avx512(const float* x, const int8_t* w, const float* scale, float
   const int64_t wide = k / (16 * U) * (16 * U), full = k / 16 * 16;
   for (int64_t o = begin; o < end; ++o) {
     const int8_t* wo = w + o * k;
-    prefetch_row(wo, k);
+    if (o + 8 < n) prefetch_row(wo, k);
     __m512 acc[R][U];
     for (int r = 0; r < R; ++r)
       for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
@@ -84,7 +84,7 @@ void int8_rows_avx2(const float* x, const int8_t* w, const float* scale, float* 
   const int64_t wide = k / (8 * U) * (8 * U), full = k / 8 * 8;
   for (int64_t o = begin; o < end; ++o) {
     const int8_t* wo = w + o * k;
-    prefetch_row(wo, k);
+    if (o + 8 < n) prefetch_row(wo, k);
     __m256 acc[R][U];
     for (int r = 0; r < R; ++r)
       for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
