@@ -105,7 +105,9 @@ class KVCacheStats:
 
     @property
     def usage(self) -> float:
-        return self.num_used_blocks / self.num_blocks
+        """Used share of the pool; 0 for a pool of no blocks (the summed stats of replicas that have
+        not reported yet: /metrics must not fail then)."""
+        return self.num_used_blocks / self.num_blocks if self.num_blocks else 0.0
 
 
 class KVCacheManager:

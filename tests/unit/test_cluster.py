@@ -185,3 +185,10 @@ def test_a_lost_replica_is_a_503_that_says_so():
     error = as_api_error(ReplicaLostError("the engine replica serving this request stopped; retry"), "/x")
     assert error.status == 503 and error.body()["error"]["code"] == "replica_lost"
     assert error.headers["Retry-After"]
+
+
+def test_summed_stats_of_no_reports_yet_have_a_usage_of_zero():
+    """/metrics on a front whose replicas have not reported: an empty pool, no division by zero."""
+    from kvserve.cluster.remote import sum_stats
+
+    assert sum_stats([]).kv.usage == 0.0
