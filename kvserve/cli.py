@@ -702,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(with_serve_args(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kvserve.startup").setLevel(logging.INFO)   # what each model runs with, always said
     try:
         return args.func(args)
     except (ConfigError, InvalidRequestError, ValueError, FileNotFoundError) as error:

@@ -21,6 +21,9 @@ from kvserve.sched.cost import PreemptionCosts
 from kvserve.sched.plan import EMPTY_MODEL_OUTPUT, ModelOutput, ScheduledChunk, SchedulerOutput
 
 log = logging.getLogger(__name__)
+# The one line per model that `kvserve` prints at start-up whatever the log level (cli.main): the
+# dtype, quantization, KV dtype and CPU kernel level in use.
+startup_log = logging.getLogger("kvserve.startup")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -153,8 +156,9 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
         self.warm_up()
         kernels = "" if device.type != "cpu" else f"; CPU kernels: {cpu_features.isa()}"
-        log.info("model on %s in %s (quantization: %s%s); KV cache %d blocks of %d tokens in %s", device, dtype,
-                 quantization, kernels, self.num_blocks, self.block_size, str(self.kv_dtype).removeprefix("torch."))
+        startup_log.info("model on %s in %s (quantization: %s%s); KV cache %d blocks of %d tokens in %s", device,
+                         str(dtype).removeprefix("torch."), quantization, kernels, self.num_blocks, self.block_size,
+                         str(self.kv_dtype).removeprefix("torch."))
 
     @staticmethod
     def weights_dtype(dtype: torch.dtype, quantization: str) -> torch.dtype:

@@ -15,6 +15,9 @@ def test_generate_streams_to_the_terminal():
                   "--ignore-eos")
     assert out.returncode == 0, out.stderr
     assert "[length: " in out.stderr and "8 generated]" in out.stderr
+    # the start-up line says what the model runs with, at the default log level
+    assert "kvserve.startup: model on cpu in float32 (quantization: none; CPU kernels: " in out.stderr
+    assert "blocks of 16 tokens in float32" in out.stderr
 
 
 def test_bench_offline_ends_with_one_json_line():
