@@ -23,11 +23,4 @@ inline uint16_t float_to_bf16(float f) {
 
 inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
-// One head of rotate-half rotary in bf16, rounding where torch's ops do:
-// out = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)).
-inline float rotary_element(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t j, int64_t half) {
-  const float rotated = j < half ? -bf16_to_float(x[j + half]) : bf16_to_float(x[j - half]);
-  return round_bf16(round_bf16(bf16_to_float(x[j]) * bf16_to_float(cos[j])) + round_bf16(rotated * bf16_to_float(sin[j])));
-}
-
 }  // namespace kvserve

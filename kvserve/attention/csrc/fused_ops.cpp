@@ -9,7 +9,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include "bf16.h"
+#include "elem.h"
 
 #include <cmath>
 #include <cstdint>
@@ -17,30 +17,10 @@
 
 namespace {
 
-// How each element type is read, written and rounded (fp32: not at all).
-struct Bf16 {
-  using T = uint16_t;
-  static float load(T v) { return kvserve::bf16_to_float(v); }
-  static T store(float f) { return kvserve::float_to_bf16(f); }
-  static float round(float f) { return kvserve::round_bf16(f); }
-  static const T* data(const torch::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr<at::BFloat16>()); }
-  static T* data_mut(torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr<at::BFloat16>()); }
-};
-
-struct F32 {
-  using T = float;
-  static float load(T v) { return v; }
-  static T store(float f) { return f; }
-  static float round(float f) { return f; }
-  static const T* data(const torch::Tensor& t) { return t.data_ptr<float>(); }
-  static T* data_mut(torch::Tensor& t) { return t.data_ptr<float>(); }
-};
-
-// fn(Bf16{}) or fn(F32{}) by the tensor's dtype (the only two).
-template <typename Fn>
-auto by_dtype(const torch::Tensor& t, Fn fn) {
-  return t.scalar_type() == at::kBFloat16 ? fn(Bf16{}) : fn(F32{});
-}
+using kvserve::Bf16;
+using kvserve::by_dtype;
+using kvserve::F32;
+using kvserve::rotary_value;
 
 template <typename F>
 void for_rows(int64_t rows, int64_t row_work, const F& body) {
@@ -119,15 +99,6 @@ void silu_mul_rows(const torch::Tensor& gate_up, torch::Tensor& out) {
       }
     }
   });
-}
-
-// One element of rotate-half rotary, rounding where torch's ops do:
-// out = round(round(x * cos) + round(rotate_half(x) * sin)).
-template <typename E>
-inline float rotary_value(const typename E::T* x, const typename E::T* cos, const typename E::T* sin, int64_t j,
-                          int64_t half) {
-  const float rotated = j < half ? -E::load(x[j + half]) : E::load(x[j - half]);
-  return E::round(E::round(E::load(x[j]) * E::load(cos[j])) + E::round(rotated * E::load(sin[j])));
 }
 
 template <typename E>

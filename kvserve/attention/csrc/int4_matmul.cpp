@@ -32,7 +32,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -153,8 +152,16 @@ inline float half_to_float(const c10::Half* h) {
   return _cvtsh_ss(*reinterpret_cast<const uint16_t*>(h));
 }
 
-// One group on its own (an odd number of groups leaves one): d·e·Σ q·a + m·s.
-inline float single_group(const uint8_t* b, const c10::Half* dm, const int8_t* a, float e, float s) {
+// The last group of an odd number of groups, which no pair takes, for row r of x: d·e·Σ q·a + m·s
+// (0 when the number is even).
+inline float odd_group(const Q8Rows& q, const uint8_t* row, const c10::Half* dmo, int64_t r, int64_t k) {
+  const int64_t groups = k / kGroup;
+  if (!(groups & 1)) return 0.f;
+  const int64_t g = groups - 1;
+  const uint8_t* b = row + 16 * g;
+  const c10::Half* dm = dmo + 2 * g;
+  const int8_t* a = q.a.data() + r * k + g * kGroup;
+  const float e = q.e[r * groups + g], s = q.s[r * groups + g];
   const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
   const __m128i low = _mm_set1_epi8(15);
   const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
@@ -187,11 +194,6 @@ inline void pairs_avx2(const Prepared& p, const uint8_t* row, const c10::Half* d
   }
 }
 
-inline float hsum4(__m128 v) {
-  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
-}
-
 template <int R>
 void int4_rows_avx2(const Q8Rows& q, const Prepared& p, const uint8_t* qs, const c10::Half* dm, float* y, int64_t n,
                     int64_t k, int64_t begin, int64_t end) {
@@ -205,13 +207,7 @@ void int4_rows_avx2(const Q8Rows& q, const Prepared& p, const uint8_t* qs, const
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), macc[r] = _mm_setzero_ps();
     pairs_avx2<R>(p, row, dmo, 0, p.pairs, acc, macc);
     for (int r = 0; r < R; ++r) {
-      float total = kvserve::hsum8(acc[r]) + hsum4(macc[r]);
-      if (groups & 1) {
-        const int64_t g = groups - 1;
-        total += single_group(row + 16 * g, dmo + 2 * g, q.a.data() + r * k + g * kGroup, q.e[r * groups + g],
-                              q.s[r * groups + g]);
-      }
-      y[r * n + o] = total;
+      y[r * n + o] = kvserve::hsum8(acc[r]) + kvserve::hsum4(macc[r]) + odd_group(q, row, dmo, r, k);
     }
   }
 }
@@ -256,31 +252,12 @@ void int4_rows_avx512(const Q8Rows& q, const Prepared& p, const uint8_t* qs, con
     for (int r = 0; r < R; ++r) acc2[r] = _mm256_setzero_ps(), macc2[r] = _mm_setzero_ps();
     pairs_avx2<R>(p, row, dmo, 2 * blocks, p.pairs, acc2, macc2);     // a pair left over
     for (int r = 0; r < R; ++r) {
-      float total = _mm512_reduce_add_ps(acc[r]) + kvserve::hsum8(_mm256_add_ps(macc[r], acc2[r])) + hsum4(macc2[r]);
-      if (groups & 1) {
-        const int64_t g = groups - 1;
-        total += single_group(row + 16 * g, dmo + 2 * g, q.a.data() + r * k + g * kGroup, q.e[r * groups + g],
-                              q.s[r * groups + g]);
-      }
-      y[r * n + o] = total;
+      y[r * n + o] = _mm512_reduce_add_ps(acc[r]) + kvserve::hsum8(_mm256_add_ps(macc[r], acc2[r])) +
+                     kvserve::hsum4(macc2[r]) + odd_group(q, row, dmo, r, k);
     }
   }
 }
 #endif
-
-template <typename Run>
-void by_rows(int64_t rows, Run run) {
-  switch (rows) {
-    case 1: return run(std::integral_constant<int, 1>{});
-    case 2: return run(std::integral_constant<int, 2>{});
-    case 3: return run(std::integral_constant<int, 3>{});
-    case 4: return run(std::integral_constant<int, 4>{});
-    case 5: return run(std::integral_constant<int, 5>{});
-    case 6: return run(std::integral_constant<int, 6>{});
-    case 7: return run(std::integral_constant<int, 7>{});
-    default: return run(std::integral_constant<int, 8>{});
-  }
-}
 
 void check(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& dm) {
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
@@ -312,11 +289,11 @@ torch::Tensor run(torch::Tensor x, torch::Tensor qs, torch::Tensor dm, bool port
     {
 #if defined(KVSERVE_INT4_AVX512)
       if (level >= kvserve::kAvx512)
-        return by_rows(rows, [&](auto r) { int4_rows_avx512<decltype(r)::value>(q, p, qp, dp, yp, n, k, begin, end); });
+        return kvserve::by_rows(rows, [&](auto r) { int4_rows_avx512<decltype(r)::value>(q, p, qp, dp, yp, n, k, begin, end); });
 #endif
 #if defined(KVSERVE_INT4_AVX2)
       if (level >= kvserve::kAvx2)
-        return by_rows(rows, [&](auto r) { int4_rows_avx2<decltype(r)::value>(q, p, qp, dp, yp, n, k, begin, end); });
+        return kvserve::by_rows(rows, [&](auto r) { int4_rows_avx2<decltype(r)::value>(q, p, qp, dp, yp, n, k, begin, end); });
 #endif
     }
     int4_rows_portable(q, qp, dp, yp, rows, n, k, begin, end);

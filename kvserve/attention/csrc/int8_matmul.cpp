@@ -15,7 +15,6 @@
 #endif
 
 #include <cstdint>
-#include <type_traits>
 
 namespace {
 
@@ -109,21 +108,6 @@ void int8_rows_avx2(const float* x, const int8_t* w, const float* scale, float* 
 }
 #endif
 
-// run(std::integral_constant<int, R>) for R = rows (1..8): a row count known at compile time.
-template <typename Run>
-void by_rows(int64_t rows, Run run) {
-  switch (rows) {
-    case 1: return run(std::integral_constant<int, 1>{});
-    case 2: return run(std::integral_constant<int, 2>{});
-    case 3: return run(std::integral_constant<int, 3>{});
-    case 4: return run(std::integral_constant<int, 4>{});
-    case 5: return run(std::integral_constant<int, 5>{});
-    case 6: return run(std::integral_constant<int, 6>{});
-    case 7: return run(std::integral_constant<int, 7>{});
-    default: return run(std::integral_constant<int, 8>{});
-  }
-}
-
 void check(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
               "x must be [rows, k] bfloat16 or float32");
@@ -150,11 +134,11 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
     at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
 #if defined(__AVX512F__)
       if (kvserve::isa_level() >= kvserve::kAvx512)
-        return by_rows(rows, [&](auto r) { int8_rows_avx512<decltype(r)::value>(xp, wp, sp, yp, n, k, begin, end); });
+        return kvserve::by_rows(rows, [&](auto r) { int8_rows_avx512<decltype(r)::value>(xp, wp, sp, yp, n, k, begin, end); });
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
       if (kvserve::isa_level() >= kvserve::kAvx2)
-        return by_rows(rows, [&](auto r) { int8_rows_avx2<decltype(r)::value>(xp, wp, sp, yp, n, k, begin, end); });
+        return kvserve::by_rows(rows, [&](auto r) { int8_rows_avx2<decltype(r)::value>(xp, wp, sp, yp, n, k, begin, end); });
 #endif
       int8_rows_portable(xp, wp, sp, yp, rows, n, k, begin, end);
     });

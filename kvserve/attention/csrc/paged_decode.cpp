@@ -8,7 +8,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include "bf16.h"
+#include "elem.h"
 #include "isa.h"
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -446,10 +446,41 @@ torch::Tensor decode_step(torch::Tensor query, torch::Tensor key, torch::Tensor 
   return out.to(query.scalar_type());
 }
 
-// decode_step for bf16 with the rotary embedding folded in, straight from the fused qkv projection:
-// qkv [n, (heads + 2 kv_heads) * head_dim], cos/sin [n, 1, head_dim], all bf16. Rotates queries and
-// keys (rounding as the torch ops do), stores keys and values in their slots, attends; returns
-// [n, heads * head_dim] bf16, ready for the output projection. One call instead of ~8 tensor ops.
+// decode_qkv's first half, for qkv elements E and cache elements C: each token's queries rotated
+// into q (fp32), its keys rotated and its values stored in its cache slot. The rotation rounds where
+// torch's ops do in E (elem.h); a key or value rounds once more when C is narrower than E.
+template <typename E, typename C>
+void rotate_and_store(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                      torch::Tensor& k_cache, torch::Tensor& v_cache, const int64_t* slot, float* q, int64_t num_heads,
+                      int64_t num_kv_heads) {
+  const int64_t n = qkv.size(0), d = k_cache.size(3), half = d / 2;
+  const int64_t row = (num_heads + 2 * num_kv_heads) * d, kv_row = num_kv_heads * d;
+  const auto* x = E::data(qkv);
+  const auto* cs = E::data(cos);
+  const auto* sn = E::data(sin);
+  auto* kc = C::data_mut(k_cache);
+  auto* vc = C::data_mut(v_cache);
+  for (int64_t i = 0; i < n; ++i) {
+    const auto* xi = x + i * row;
+    const auto* c = cs + i * d;
+    const auto* s = sn + i * d;
+    for (int64_t h = 0; h < num_heads; ++h)
+      for (int64_t j = 0; j < d; ++j) q[(i * num_heads + h) * d + j] = kvserve::rotary_value<E>(xi + h * d, c, s, j, half);
+    auto* k_slot = kc + slot[i] * kv_row;
+    auto* v_slot = vc + slot[i] * kv_row;
+    for (int64_t h = 0; h < num_kv_heads; ++h)
+      for (int64_t j = 0; j < d; ++j)
+        k_slot[h * d + j] = C::store(kvserve::rotary_value<E>(xi + (num_heads + h) * d, c, s, j, half));
+    const auto* value = xi + (num_heads + num_kv_heads) * d;
+    for (int64_t j = 0; j < kv_row; ++j) v_slot[j] = C::store(E::load(value[j]));
+  }
+}
+
+// decode_step with the rotary embedding folded in, straight from the fused qkv projection:
+// qkv [n, (heads + 2 kv_heads) * head_dim], cos/sin [n, 1, head_dim], all bf16 or all fp32 (an fp32
+// qkv may have a bf16 cache). Rotates queries and keys (rounding as the torch ops do), stores keys
+// and values in their slots, attends; returns [n, heads * head_dim] in qkv's dtype, ready for the
+// output projection. One call instead of ~8 tensor ops.
 torch::Tensor decode_qkv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
                          torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_table,
                          torch::Tensor seq_lens, double scale, int64_t num_heads, int64_t num_kv_heads) {
@@ -463,7 +494,7 @@ torch::Tensor decode_qkv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin
               "cache)");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "caches must be contiguous [blocks, block_size, kv_heads, head_dim]");
-  const int64_t d = k_cache.size(3), half = d / 2;
+  const int64_t d = k_cache.size(3);
   TORCH_CHECK(num_kv_heads == k_cache.size(2) && num_heads % num_kv_heads == 0 && d % 2 == 0, "head counts do not fit the cache");
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (num_heads + 2 * num_kv_heads) * d,
               "qkv must be contiguous [n, (heads + 2 kv_heads) * head_dim]");
@@ -474,56 +505,12 @@ torch::Tensor decode_qkv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin
   const int64_t* slot = checked_slots(slot_mapping, n, k_cache, slot_keep);
   auto query = torch::empty({n, num_heads, d}, qkv.options().dtype(at::kFloat));
   float* q = query.data_ptr<float>();
-  const int64_t row = (num_heads + 2 * num_kv_heads) * d, kv_row = num_kv_heads * d;
-  if (dtype == at::kFloat) {   // the same expressions with nothing to round (x·cos + rotate_half(x)·sin)
-    const float* x = qkv.data_ptr<float>();
-    const float* cs = cos.data_ptr<float>();
-    const float* sn = sin.data_ptr<float>();
-    std::vector<float> key(kv_row);
-    for (int64_t i = 0; i < n; ++i) {
-      const float* xi = x + i * row;
-      const float* c = cs + i * d;
-      const float* s = sn + i * d;
-      for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
-        const float* xh = xi + h * d;
-        float* dst = h < num_heads ? q + (i * num_heads + h) * d : key.data() + (h - num_heads) * d;
-        for (int64_t j = 0; j < half; ++j) {
-          dst[j] = xh[j] * c[j] - xh[j + half] * s[j];
-          dst[j + half] = xh[j + half] * c[j + half] + xh[j] * s[j + half];
-        }
-      }
-      const float* value = xi + (num_heads + num_kv_heads) * d;
-      if (bf16_cache) {
-        auto* k_slot = reinterpret_cast<uint16_t*>(k_cache.data_ptr<at::BFloat16>()) + slot[i] * kv_row;
-        auto* v_slot = reinterpret_cast<uint16_t*>(v_cache.data_ptr<at::BFloat16>()) + slot[i] * kv_row;
-        for (int64_t j = 0; j < kv_row; ++j) {
-          k_slot[j] = kvserve::float_to_bf16(key[j]);
-          v_slot[j] = kvserve::float_to_bf16(value[j]);
-        }
-      } else {
-        std::memcpy(k_cache.data_ptr<float>() + slot[i] * kv_row, key.data(), kv_row * sizeof(float));
-        std::memcpy(v_cache.data_ptr<float>() + slot[i] * kv_row, value, kv_row * sizeof(float));
-      }
-    }
-    return paged_decode(query, k_cache, v_cache, block_table, seq_lens, scale).view({n, num_heads * d});
-  }
-  const auto* x = reinterpret_cast<const uint16_t*>(qkv.data_ptr<at::BFloat16>());
-  const auto* cs = reinterpret_cast<const uint16_t*>(cos.data_ptr<at::BFloat16>());
-  const auto* sn = reinterpret_cast<const uint16_t*>(sin.data_ptr<at::BFloat16>());
-  auto* kc = reinterpret_cast<uint16_t*>(k_cache.data_ptr<at::BFloat16>());
-  auto* vc = reinterpret_cast<uint16_t*>(v_cache.data_ptr<at::BFloat16>());
-  for (int64_t i = 0; i < n; ++i) {
-    const uint16_t* xi = x + i * row;
-    const uint16_t* c = cs + i * d;
-    const uint16_t* s = sn + i * d;
-    for (int64_t h = 0; h < num_heads; ++h)
-      for (int64_t j = 0; j < d; ++j) q[(i * num_heads + h) * d + j] = kvserve::rotary_element(xi + h * d, c, s, j, half);
-    uint16_t* k_slot = kc + slot[i] * kv_row;
-    for (int64_t h = 0; h < num_kv_heads; ++h)
-      for (int64_t j = 0; j < d; ++j)
-        k_slot[h * d + j] = kvserve::float_to_bf16(kvserve::rotary_element(xi + (num_heads + h) * d, c, s, j, half));
-    std::memcpy(vc + slot[i] * kv_row, xi + (num_heads + num_kv_heads) * d, kv_row * sizeof(uint16_t));
-  }
-  auto out = paged_decode(query, k_cache, v_cache, block_table, seq_lens, scale);
-  return out.to(at::kBFloat16).view({n, num_heads * d});
+  if (dtype == at::kFloat && bf16_cache)
+    rotate_and_store<kvserve::F32, kvserve::Bf16>(qkv, cos, sin, k_cache, v_cache, slot, q, num_heads, num_kv_heads);
+  else
+    kvserve::by_dtype(qkv, [&](auto e) {
+      using E = decltype(e);
+      rotate_and_store<E, E>(qkv, cos, sin, k_cache, v_cache, slot, q, num_heads, num_kv_heads);
+    });
+  return paged_decode(query, k_cache, v_cache, block_table, seq_lens, scale).to(dtype).view({n, num_heads * d});
 }
