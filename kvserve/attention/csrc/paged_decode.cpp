@@ -101,6 +101,28 @@ void decode_scalar(const float* query, const T* k_cache, const T* v_cache, const
   });
 }
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+constexpr int64_t kAhead = 2;      // blocks
+
+// Prefetch (into L2) one KV head's rows of the block kAhead blocks past the one that token t0 opens
+// (called once per block, when t0 is its first token): the block table scatters blocks, which
+// defeats the hardware prefetcher, and decode attention is bound by memory (both vector paths).
+template <typename T>
+__attribute__((always_inline)) inline void prefetch_ahead(const T* k_cache, const T* v_cache, const int64_t* blocks, int64_t t0, int64_t len,
+                           int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t kv_head,
+                           int64_t head_dim) {
+  const int64_t ahead = t0 / block_size + kAhead;
+  if (t0 % block_size != 0 || ahead * block_size >= len) return;
+  const int64_t rows = std::min(block_size, len - ahead * block_size);
+  const int64_t at = blocks[ahead] * block_stride + kv_head * head_dim;
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t b = 0; b < head_dim * (int64_t)sizeof(T); b += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(k_cache + at + t * token_stride) + b, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(v_cache + at + t * token_stride) + b, _MM_HINT_T1);
+    }
+}
+#endif
+
 #if defined(__AVX512F__)
 // The AVX-512 path, head_dim a multiple of 16 (64 and 128 in practice). One pass over the context in
 // tiles of at most kTile tokens, with the running maximum and sum of an online softmax, so each tile's
@@ -108,7 +130,6 @@ void decode_scalar(const float* query, const T* k_cache, const T* v_cache, const
 // token's key is converted to fp32 once and serves the `group` query heads that share it.
 constexpr int64_t kTile = 16;
 constexpr int64_t kMaxGroup = 16;
-constexpr int64_t kAhead = 2;      // blocks
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 
@@ -165,18 +186,7 @@ void decode_avx512(const float* query, const T* k_cache, const T* v_cache, const
         const int64_t base = blocks[t0 / block_size] * block_stride + in_block * token_stride + kv_head * head_dim;
         const T* k = k_cache + base;
         const T* v = v_cache + base;
-        // Prefetch (into L2) this head's rows of the block kAhead blocks on, once per block: the block
-        // table scatters blocks, which defeats the hardware prefetcher.
-        const int64_t ahead = t0 / block_size + kAhead;
-        if (in_block == 0 && ahead * block_size < len) {
-          const int64_t rows = std::min(block_size, len - ahead * block_size);
-          const int64_t at = blocks[ahead] * block_stride + kv_head * head_dim;
-          for (int64_t t = 0; t < rows; ++t)
-            for (int64_t b = 0; b < head_dim * (int64_t)sizeof(T); b += 64) {
-              _mm_prefetch(reinterpret_cast<const char*>(k_cache + at + t * token_stride) + b, _MM_HINT_T1);
-              _mm_prefetch(reinterpret_cast<const char*>(v_cache + at + t * token_stride) + b, _MM_HINT_T1);
-            }
-        }
+        prefetch_ahead(k_cache, v_cache, blocks, t0, len, block_size, block_stride, token_stride, kv_head, head_dim);
         // scores: one key read per token serves the group's query heads
         for (int64_t t = 0; t < kTile; ++t) {
           if (t >= n) {
@@ -234,8 +244,9 @@ void decode_avx512(const float* query, const T* k_cache, const T* v_cache, const
 #if defined(__AVX2__) && defined(__FMA__)
 // The AVX2 + FMA path (Zen 3, and any AVX-512 machine told KVSERVE_CPU_ISA=avx2), head_dim a multiple
 // of 8 up to 256: the AVX-512 path's one pass with an online softmax, 8 lanes wide. Tiles of 8
-// tokens within a block; each token's key is widened to fp32 once and serves the group's heads;
-// the tile's dots are reduced lane by lane (a horizontal sum per token and head).
+// tokens within a block; each token's key is widened to fp32 once and serves the group's heads; a
+// tile's 8 dots per head are reduced into one vector of scores (a transpose-and-add), exponentiated
+// 8 at a time (exp8), and the next blocks are prefetched as on AVX-512.
 constexpr int64_t kTile2 = 8;
 constexpr int64_t kMaxGroup2 = 16;
 constexpr int64_t kMaxChunks2 = 32;   // head_dim / 8
@@ -244,6 +255,41 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::BFloat16* p) {
   const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+// Lane t of the result = the sum of the 8 lanes of v[t].
+inline __m256 sum_lanes8(const __m256* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));  // tokens 0-3, per half
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));  // tokens 4-7
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+inline float max_lanes8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// e^x in 8 lanes, for x <= 0 (scores less their maximum): x = n ln2 + r, |r| <= ln2 / 2, e^x = 2^n p(r)
+// with Cephes' degree-6 polynomial for e^r (about 1 ulp); x below -87.3 (e^x < 2^-126, -inf
+// included) gives 0.
+inline __m256 exp8(__m256 x) {
+  const __m256 low = _mm256_set1_ps(-87.33654f);
+  const __m256 under = _mm256_cmp_ps(x, low, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, low);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);        // ln2 in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)));
 }
 
 // DC = head_dim / 8 when known at compile time (0: read at run time).
@@ -256,9 +302,12 @@ void decode_avx2(const float* query, const T* k_cache, const T* v_cache, const i
   const int64_t chunks = DC > 0 ? DC : head_dim / 8;
   const int64_t token_stride = num_kv_heads * head_dim;
   const int64_t block_stride = block_size * token_stride;
+  const __m256 scale_v = _mm256_set1_ps(scale);
+  const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<__m256> qv(kMaxGroup2 * AC), acc(kMaxGroup2 * AC);
-    float probs[kMaxGroup2][kTile2];
+    std::vector<__m256> qv(kMaxGroup2 * AC), acc(kMaxGroup2 * AC), dots(kMaxGroup2 * kTile2);
+    alignas(32) float probs[kMaxGroup2][kTile2];
     float peak[kMaxGroup2], total[kMaxGroup2];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
@@ -275,9 +324,13 @@ void decode_avx2(const float* query, const T* k_cache, const T* v_cache, const i
         const int64_t base = blocks[t0 / block_size] * block_stride + in_block * token_stride + kv_head * head_dim;
         const T* k = k_cache + base;
         const T* v = v_cache + base;
-        float tile_peak[kMaxGroup2];
-        for (int64_t g = 0; g < group; ++g) tile_peak[g] = peak[g];
-        for (int64_t t = 0; t < n; ++t) {
+        prefetch_ahead(k_cache, v_cache, blocks, t0, len, block_size, block_stride, token_stride, kv_head, head_dim);
+        // scores: one key read per token serves the group's query heads
+        for (int64_t t = 0; t < kTile2; ++t) {
+          if (t >= n) {
+            for (int64_t g = 0; g < group; ++g) dots[g * kTile2 + t] = _mm256_setzero_ps();
+            continue;
+          }
           const T* kt = k + t * token_stride;
           __m256 kv[AC];
           for (int64_t c = 0; c < chunks; ++c) kv[c] = load8(kt + 8 * c);
@@ -285,25 +338,25 @@ void decode_avx2(const float* query, const T* k_cache, const T* v_cache, const i
             const __m256* qg = qv.data() + g * AC;
             __m256 sum = _mm256_mul_ps(qg[0], kv[0]);
             for (int64_t c = 1; c < chunks; ++c) sum = _mm256_fmadd_ps(qg[c], kv[c], sum);
-            const float score = kvserve::hsum8(sum) * scale;
-            probs[g][t] = score;
-            tile_peak[g] = std::max(tile_peak[g], score);
+            dots[g * kTile2 + t] = sum;
           }
         }
+        // online softmax: probabilities against the running maximum; rescale what was accumulated
+        const __m256 valid = _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(n)), _CMP_LT_OQ);
         for (int64_t g = 0; g < group; ++g) {
-          float tile_total = 0.f;
-          for (int64_t t = 0; t < n; ++t) {
-            probs[g][t] = std::exp(probs[g][t] - tile_peak[g]);
-            tile_total += probs[g][t];
-          }
-          const float alpha = std::exp(peak[g] - tile_peak[g]);   // 0 on the first tile
-          total[g] = total[g] * alpha + tile_total;
-          peak[g] = tile_peak[g];
+          const __m256 scores = _mm256_blendv_ps(minus_inf, _mm256_mul_ps(sum_lanes8(dots.data() + g * kTile2), scale_v), valid);
+          const float tile_peak = std::max(peak[g], max_lanes8(scores));
+          const __m256 p = exp8(_mm256_sub_ps(scores, _mm256_set1_ps(tile_peak)));     // 0 past n
+          _mm256_store_ps(probs[g], p);
+          const float alpha = std::exp(peak[g] - tile_peak);   // 0 on the first tile
+          total[g] = total[g] * alpha + kvserve::hsum8(p);
+          peak[g] = tile_peak;
           if (alpha != 1.f) {
             const __m256 a = _mm256_set1_ps(alpha);
             for (int64_t c = 0; c < chunks; ++c) acc[g * AC + c] = _mm256_mul_ps(a, acc[g * AC + c]);
           }
         }
+        // values: one read per token serves the group
         for (int64_t t = 0; t < n; ++t) {
           const T* vt = v + t * token_stride;
           __m256 vv[AC];
