@@ -134,6 +134,18 @@ def dequantize_q4(qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
     return (q * d[..., None] + m[..., None]).view(qs.shape[0], -1)
 
 
+def pack_q4_gemm(qs: torch.Tensor, dm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int4 GEMM's layout (csrc/int4_gemm.cpp) of packed Q4_1 weights: q one byte each, 4
+    consecutive inputs of 8 outputs per 32 bytes, w [n/8, k/32, 8, 8, 4] uint8; and each group's d
+    and m in fp32, [n/8, k/32, 8]."""
+    q = unpack_q4(qs)
+    n, k = q.shape
+    w = q.view(n // 8, 8, k // INT4_GROUP, INT4_GROUP // 4, 4).permute(0, 2, 3, 1, 4).to(torch.uint8)
+    w = (w[:, :, 0::2] | (w[:, :, 1::2] << 4)).contiguous()
+    d, m = (t.reshape(n // 8, 8, k // INT4_GROUP).transpose(1, 2).contiguous() for t in dm.unbind(-1))
+    return w, d, m
+
+
 def quantize_q8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The int4 kernel's activations, in torch (its spec): each row's groups of 32 as int8 values a
     (held in fp32) with the scale e = max|x| / 127, a = round(x / e). Returns (a, e [rows, k/32])."""
@@ -161,6 +173,7 @@ class Int4Linear(nn.Module):
         self.dtype = wide.dtype
         self.kernels = None      # kvserve's C++ CPU kernels (set by use_fused_kernels): int4_matmul
         self.packed_wide = None  # `wide` prepacked for oneDNN (kvserve.model.packed), when packed
+        self.gemm = None         # (w, d, m) in int4_gemm's layout, when use_gemm() was called
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -179,9 +192,20 @@ class Int4Linear(nn.Module):
         """The weights the layer computes with, [out, in] in its activations' dtype."""
         return self.wide if self.wide is not None else dequantize_q4(self.qs, self.dm).to(self.dtype)
 
+    def use_gemm(self) -> None:
+        """Take every call, whatever its rows, through the C++ int4 GEMM (fp32 activations; needs the
+        kernels): the weights repacked into its layout (as many bytes as the Q4_1 ones), and the
+        dequantized copy, 4 bytes a weight, dropped."""
+        if self.dtype != torch.float32:
+            raise ValueError("the int4 GEMM takes float32 activations")
+        self.gemm = pack_q4_gemm(self.qs, self.dm)
+        self.wide = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)      # flat batches: no reshape
-        if rows.shape[0] <= MAX_INT4_ROWS and self.kernels is not None:     # kernels are only set on CPU
+        if self.gemm is not None:
+            out = self.kernels.int4_gemm(rows, *self.gemm)
+        elif rows.shape[0] <= MAX_INT4_ROWS and self.kernels is not None:     # kernels are only set on CPU
             out = self.kernels.int4_matmul(rows, self.qs, self.dm)
         elif self.packed_wide is not None:
             out = packed_linear(rows, self.packed_wide)
@@ -201,6 +225,14 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {INT4_GROUP}"
+
+
+def use_int4_gemm(model: nn.Module) -> int:
+    """Every fp32 Int4Linear of `model` onto the int4 GEMM (Int4Linear.use_gemm); how many."""
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear) and m.dtype == torch.float32]
+    for layer in layers:
+        layer.use_gemm()
+    return len(layers)
 
 
 def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:

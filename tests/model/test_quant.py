@@ -8,8 +8,8 @@ from torch import nn
 from kvserve.config import CacheConfig, ConfigError, EngineConfig
 from kvserve.model.checkpoint import load_checkpoint
 from kvserve.model.quant import (INT4_GROUP, MAX_INT4_ROWS, MAX_INT8_ROWS, Int4Linear, Int8Linear, dequantize_q4,
-                                 int4_matmul_reference, pack_q4, quantize_groups_q4, quantize_int4, quantize_int8,
-                                 quantize_q8_rows, unpack_q4)
+                                 int4_matmul_reference, pack_q4, pack_q4_gemm, quantize_groups_q4, quantize_int4,
+                                 quantize_int8, quantize_q8_rows, unpack_q4)
 
 
 def test_quantization_error_is_at_most_half_a_step_per_channel():
@@ -53,6 +53,10 @@ def test_quantization_runs_with_fp32_activations(mode):
     layers = [m for m in engine.core.runner.model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
     assert layers and all(m.dequantized().dtype == torch.float32 for m in layers)
     assert all(m.kernels is not None for m in layers)            # the C++ kernels serve fp32 too
+    if mode == "int4":                                           # fp32 int4 layers: the GEMM, where vectors run
+        from kvserve.cpu_features import isa
+
+        assert all((m.gemm is not None) == (isa() != "portable") for m in layers if isinstance(m, Int4Linear))
 
 
 def q4_1_weights(out_features, in_features, seed=0):
@@ -257,6 +261,80 @@ def test_every_int4_kernel_path_equals_its_torch_spec(rows, shape):
     # the spec is the plain product up to the activations' rounding (half a step of 1/127 per group)
     plain = x @ q.dequantized().t()
     assert (expected - plain).abs().max() < 0.02 * plain.abs().max()
+
+
+def test_int4_gemm_layout_holds_each_q_once_with_its_group_scales():
+    q4 = Int4Linear.quantize(torch.randn(16, 64), dtype=torch.float32)
+    w, d, m = pack_q4_gemm(q4.qs, q4.dm)
+    assert w.shape == (2, 2, 4, 8, 4) and w.dtype == torch.uint8
+    q = unpack_q4(q4.qs)
+    # block b, group g, quad pair p, output o, byte i: quad 2p in the low nibble, 2p + 1 in the high one
+    for b, g, p, o, i in [(0, 0, 0, 0, 0), (1, 1, 3, 7, 3), (0, 1, 2, 5, 1)]:
+        row, col = 8 * b + o, 32 * g + 8 * p + i
+        assert w[b, g, p, o, i].item() == (q[row, col] | q[row, col + 4] << 4).item()
+        assert d[b, g, o] == q4.dm[row, g, 0] and m[b, g, o] == q4.dm[row, g, 1]
+    assert d.dtype == m.dtype == torch.float16
+
+
+# rows: below, at and past the AVX2 tile's 6 rows, a 64-row chunk and a part of the next; outputs:
+# one block of 8 (a lone block), pairs of blocks; inputs: an odd number of groups and SmolLM2's
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 70])
+@pytest.mark.parametrize("shape", [(8, 96), (48, 64), (40, 160), (64, 576), (576, 1536)])
+def test_every_int4_gemm_path_equals_the_int4_spec(rows, shape):
+    """The many-row int4 kernel computes what the few-row one does (int4_matmul_reference), on each
+    instruction-set path the CPU can run and in the portable loop."""
+    from kvserve.attention import cpu_kernels
+    from kvserve.cpu_features import LEVELS, available_levels
+
+    kernels = cpu_kernels.load()
+    torch.manual_seed(rows + shape[1])
+    q, d, m = quantize_groups_q4(torch.randn(*shape))         # not an Int4Linear: (8, 96) is a lone block
+    qs, dm = pack_q4(q), torch.stack([d, m], dim=-1).half()
+    x = torch.randn(rows, shape[1]) * torch.linspace(0.1, 10, rows)[:, None]
+    expected = int4_matmul_reference(x, qs, dm)
+    packed = pack_q4_gemm(qs, dm)
+    atol = 2e-6 * shape[1] ** 0.5 * expected.abs().max().item()
+    torch.testing.assert_close(kernels.int4_gemm_portable(x, *packed), expected, rtol=1e-5, atol=atol)
+    before = kernels.get_isa()
+    try:
+        for level in available_levels():
+            kernels.set_isa(LEVELS.index(level))
+            torch.testing.assert_close(kernels.int4_gemm(x, *packed), expected, rtol=1e-5, atol=atol)
+    finally:
+        kernels.set_isa(before)
+
+
+def test_int4_gemm_layers_drop_the_widened_weights_and_compute_the_same():
+    from kvserve.attention import cpu_kernels
+
+    torch.manual_seed(0)
+    layer = Int4Linear.quantize(torch.randn(32, 64), torch.randn(32), dtype=torch.float32)
+    layer.kernels = cpu_kernels.load()
+    x = torch.randn(20, 64)
+    expected = int4_matmul_reference(x, layer.qs, layer.dm) + layer.bias
+    layer.use_gemm()
+    assert layer.wide is None and layer.gemm is not None
+    for rows in (1, 20):                                   # every row count takes the GEMM
+        torch.testing.assert_close(layer(x[:rows]), expected[:rows], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer.dequantized(), dequantize_q4(layer.qs, layer.dm))
+    with pytest.raises(ValueError, match="float32 activations"):
+        Int4Linear.quantize(torch.randn(16, 64), dtype=torch.bfloat16).use_gemm()
+
+
+def test_cpu_int4_gemm_rejects_bad_inputs():
+    from kvserve.attention import cpu_kernels
+
+    kernels = cpu_kernels.load()
+    q = Int4Linear.quantize(torch.randn(16, 64), dtype=torch.float32)
+    w, d, m = pack_q4_gemm(q.qs, q.dm)
+    with pytest.raises(RuntimeError, match="the weights take 64"):
+        kernels.int4_gemm(torch.zeros(3, 96), w, d, m)
+    with pytest.raises(RuntimeError, match="w must be"):
+        kernels.int4_gemm(torch.zeros(3, 64), w.view(2, 2, 4, 32), d, m)
+    with pytest.raises(RuntimeError, match="d and m must be"):
+        kernels.int4_gemm(torch.zeros(3, 64), w, d.float(), m)
+    with pytest.raises(RuntimeError, match="x must be"):
+        kernels.int4_gemm(torch.zeros(3, 64, dtype=torch.float64), w, d, m)
 
 
 def test_cpu_int4_kernel_rejects_bad_inputs():

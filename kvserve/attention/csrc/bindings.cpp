@@ -19,6 +19,8 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
 torch::Tensor int8_matmul_portable(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
 torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor dm);
 torch::Tensor int4_matmul_portable(torch::Tensor x, torch::Tensor qs, torch::Tensor dm);
+torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor d, torch::Tensor m);
+torch::Tensor int4_gemm_portable(torch::Tensor x, torch::Tensor w, torch::Tensor d, torch::Tensor m);
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -31,6 +33,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_matmul_portable", &int8_matmul_portable, "the same, plain loops (the spec of the vector path)");
   m.def("int4_matmul", &int4_matmul, "x @ W^T, Q4_1 W (groups of 32), int8 activations, <= 8 rows");
   m.def("int4_matmul_portable", &int4_matmul_portable, "the same, plain loops (the spec of the vector paths)");
+  m.def("int4_gemm", &int4_gemm, "x @ W^T for many rows, Q4_1 W repacked (int4_gemm_pack), int8 activations, fp32 out");
+  m.def("int4_gemm_portable", &int4_gemm_portable, "the same, plain loops (the spec of the vector path)");
   m.def("rotary", &rotary, "rotate-half rotary embedding, bf16");
   m.def("set_isa", [](int64_t level) { kvserve::isa_level() = static_cast<int>(level); },
         "the instruction-set level the kernels may use: 0 portable, 1 avx2, 2 avx512");

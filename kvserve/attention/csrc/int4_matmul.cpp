@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include "isa.h"
+#include "q8.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define KVSERVE_INT4_AVX2 1
@@ -39,34 +40,6 @@ namespace {
 constexpr int64_t kMaxRows = 8;
 constexpr int64_t kGroup = 32;
 
-// One row's activations quantized: per group of 32, int8 values, the scale e and s = e·Σa.
-struct Q8Rows {
-  std::vector<int8_t> a;      // [rows, k]
-  std::vector<float> e, s;    // [rows, k/32]
-};
-
-Q8Rows quantize_rows(const float* x, int64_t rows, int64_t k) {
-  const int64_t groups = k / kGroup;
-  Q8Rows q{std::vector<int8_t>(rows * k), std::vector<float>(rows * groups), std::vector<float>(rows * groups)};
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* xg = x + r * k + g * kGroup;
-      float amax = 0.f;
-      for (int i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(xg[i]));
-      const float e = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      int sum = 0;
-      int8_t* ag = q.a.data() + r * k + g * kGroup;
-      for (int i = 0; i < kGroup; ++i) {
-        const int v = static_cast<int>(std::nearbyint(xg[i] * inv));
-        ag[i] = static_cast<int8_t>(v);
-        sum += v;
-      }
-      q.e[r * groups + g] = e;
-      q.s[r * groups + g] = e * static_cast<float>(sum);
-    }
-  return q;
-}
-
 // Row o's (d, m) as fp32: d into `d`, m into `m`.
 inline void row_scales(const c10::Half* dm, int64_t groups, float* d, float* m) {
   for (int64_t g = 0; g < groups; ++g) {
@@ -82,7 +55,7 @@ inline float min_term(const float* m, const float* s, int64_t groups) {
   return total;
 }
 
-void int4_rows_portable(const Q8Rows& q, const uint8_t* qs, const c10::Half* dm, float* y, int64_t rows, int64_t n,
+void int4_rows_portable(const kvserve::Q8Rows& q, const uint8_t* qs, const c10::Half* dm, float* y, int64_t rows, int64_t n,
                         int64_t k, int64_t begin, int64_t end) {
   const int64_t groups = k / kGroup;
   std::vector<float> d(groups), m(groups);
@@ -117,7 +90,7 @@ struct Prepared {
   std::vector<float> e, s;      // [rows, pairs, 8], [rows, pairs, 4]
 };
 
-Prepared prepare(const Q8Rows& q, int64_t rows, int64_t k) {
+Prepared prepare(const kvserve::Q8Rows& q, int64_t rows, int64_t k) {
   const int64_t groups = k / kGroup, pairs = groups / 2;
   Prepared p{pairs, std::vector<int8_t>(rows * pairs * 32), std::vector<int8_t>(rows * pairs * 32),
              std::vector<float>(rows * pairs * 8), std::vector<float>(rows * pairs * 4)};
@@ -154,7 +127,7 @@ inline float half_to_float(const c10::Half* h) {
 
 // The last group of an odd number of groups, which no pair takes, for row r of x: d·e·Σ q·a + m·s
 // (0 when the number is even).
-inline float odd_group(const Q8Rows& q, const uint8_t* row, const c10::Half* dmo, int64_t r, int64_t k) {
+inline float odd_group(const kvserve::Q8Rows& q, const uint8_t* row, const c10::Half* dmo, int64_t r, int64_t k) {
   const int64_t groups = k / kGroup;
   if (!(groups & 1)) return 0.f;
   const int64_t g = groups - 1;
@@ -195,7 +168,7 @@ inline void pairs_avx2(const Prepared& p, const uint8_t* row, const c10::Half* d
 }
 
 template <int R>
-void int4_rows_avx2(const Q8Rows& q, const Prepared& p, const uint8_t* qs, const c10::Half* dm, float* y, int64_t n,
+void int4_rows_avx2(const kvserve::Q8Rows& q, const Prepared& p, const uint8_t* qs, const c10::Half* dm, float* y, int64_t n,
                     int64_t k, int64_t begin, int64_t end) {
   const int64_t groups = k / kGroup;
   for (int64_t o = begin; o < end; ++o) {
@@ -217,7 +190,7 @@ void int4_rows_avx2(const Q8Rows& q, const Prepared& p, const uint8_t* qs, const
 // Blocks of four groups (128 weights, 64 bytes): one load, two masks, and two dot products per row
 // (AVX512-VNNI: 64 u8·s8 products in one instruction); each int32 lane belongs to one group.
 template <int R>
-void int4_rows_avx512(const Q8Rows& q, const Prepared& p, const uint8_t* qs, const c10::Half* dm, float* y, int64_t n,
+void int4_rows_avx512(const kvserve::Q8Rows& q, const Prepared& p, const uint8_t* qs, const c10::Half* dm, float* y, int64_t n,
                       int64_t k, int64_t begin, int64_t end) {
   const int64_t groups = k / kGroup, blocks = p.pairs / 2;
   const __m512i low = _mm512_set1_epi8(15);
@@ -278,7 +251,7 @@ torch::Tensor run(torch::Tensor x, torch::Tensor qs, torch::Tensor dm, bool port
   auto y = torch::empty({rows, n}, xf.options());
   if (rows == 0 || n == 0) return y.to(x.scalar_type());
   const int level = portable ? kvserve::kPortable : kvserve::isa_level();   // read once for the whole call
-  const Q8Rows q = quantize_rows(xf.data_ptr<float>(), rows, k);
+  const kvserve::Q8Rows q = kvserve::quantize_rows(xf.data_ptr<float>(), rows, k, level);
 #if defined(KVSERVE_INT4_AVX2)
   const Prepared p = level < kvserve::kAvx2 ? Prepared{} : prepare(q, rows, k);
 #endif
