@@ -32,6 +32,7 @@ from torch import nn
 from kvserve.model.packed import packed_linear
 
 MAX_INT8_ROWS = 4
+MAX_INT8_ROWS_FP32 = 32    # fp32 activations: the int8 kernel (passes of 8 rows) beats MKL's fp32 matmul up to here
 MAX_INT4_ROWS = 8          # the int4 kernel takes at most 8 rows (speed notes: where it beats the plain matmul)
 INT4_GROUP = 32
 
@@ -70,7 +71,8 @@ class Int8Linear(nn.Module):
         # The model passes flat, contiguous [tokens, features] batches: no reshapes then (each
         # tensor op called from Python costs microseconds, which add up over 30 layers a step).
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if rows.shape[0] <= MAX_INT8_ROWS and self.kernels is not None:      # kernels are only set on CPU
+        few = MAX_INT8_ROWS_FP32 if x.dtype == torch.float32 else MAX_INT8_ROWS
+        if rows.shape[0] <= few and self.kernels is not None:      # kernels are only set on CPU
             out = self.kernels.int8_matmul(rows, self.weight, self.scale)      # ~2× torch's, fp32 math
         elif rows.shape[0] <= MAX_INT8_ROWS:
             out = torch._weight_int8pack_mm(rows if rows.is_contiguous() else rows.contiguous(), self.weight, self.scale)

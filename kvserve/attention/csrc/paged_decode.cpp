@@ -102,7 +102,7 @@ void decode_scalar(const float* query, const T* k_cache, const T* v_cache, const
 }
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-constexpr int64_t kAhead = 2;      // blocks
+constexpr int64_t kAhead = 1;      // blocks
 
 // Prefetch (into L2) one KV head's rows of the block kAhead blocks past the one that token t0 opens
 // (called once per block, when t0 is its first token): the block table scatters blocks, which
