@@ -176,3 +176,10 @@ def test_mixed_greedy_and_random_batch():
             seen[row].add(out.token_ids[row])
         assert 0 <= out.token_ids[3] < 30
     assert all(len(tokens) > 1 for tokens in seen.values())              # not collapsed to argmax
+
+
+def test_greedy_takes_the_first_of_tied_maxima():
+    from kvserve.runner.sampler import greedy
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 3.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -2.0, -3.0, -1.0]])
+    assert greedy(logits).tolist() == [1, 0, 0] == logits.argmax(dim=-1).tolist()
