@@ -32,7 +32,7 @@ from torch import nn
 from kvserve.model.packed import packed_linear
 
 MAX_INT8_ROWS = 4
-MAX_INT8_ROWS_FP32 = 32    # fp32 activations: the int8 kernel (passes of 8 rows) beats MKL's fp32 matmul up to here
+MAX_INT8_ROWS_FP32 = 16    # fp32 activations: the int8 kernel (passes of 8 rows) beats MKL's fp32 matmul up to here
 MAX_INT4_ROWS = 8          # the int4 kernel takes at most 8 rows (speed notes: where it beats the plain matmul)
 INT4_GROUP = 32
 

@@ -4,7 +4,7 @@
 // dequantized weights, in fp32), each weight row read once for up to 8 rows of x (more rows: in
 // chunks of 8). Memory-bound at one row: torch's int8 kernel reads these bytes at about half the
 // speed on the project's CPU; at 8 rows close to the FMA peak (the LM head of an fp32 model takes
-// it up to 32 rows, where it beats MKL's fp32 matmul of the widened weights).
+// it up to 16 rows, where it beats MKL's fp32 matmul of the widened weights).
 // The portable loop is the spec of the AVX-512 and AVX2 ones (kvserve::isa_level() picks).
 
 #include <torch/extension.h>
