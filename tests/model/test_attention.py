@@ -189,3 +189,62 @@ def test_every_decode_kernel_path_equals_the_torch_spec(level, head_dim, num_hea
     finally:
         kernels.set_isa(before)
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("level", available_levels())
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(64, 9, 3), (128, 4, 2), (32, 2, 2)])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_every_prefill_kernel_path_equals_the_torch_spec(level, head_dim, num_heads, num_kv_heads, cache_dtype):
+    """prefill_attention on each instruction-set path (head_dim 64 and 128 take the vector path, 32
+    the portable one): chunks from position 0 and after a cached context, longer than one tile of
+    queries and of keys, some not multiples of either, in one call; rows outside chunks untouched."""
+    from kvserve.cpu_features import LEVELS
+
+    kernels = cpu_kernels.load()
+    torch.manual_seed(head_dim + num_heads)
+    block_size, num_blocks = 16, 96
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim).to(cache_dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim).to(cache_dtype)
+    # (tokens cached before, chunk length)
+    shapes = [(0, 1), (0, 37), (5, 16), (40, 3), (100, 70), (0, 250)]
+    free = torch.randperm(num_blocks).tolist()
+    max_blocks = -(-max(c + n for c, n in shapes) // block_size)
+    table, chunks, start = [], [], 1               # query row 0 is not in any chunk
+    for i, (cached, n) in enumerate(shapes):
+        blocks = [free.pop() for _ in range(-(-(cached + n) // block_size))]
+        table.append(blocks + [0] * (max_blocks - len(blocks)))
+        chunks.append((i, start, start + n, cached + n))
+        start += n
+    query = torch.randn(start, num_heads, head_dim)
+    scale = head_dim ** -0.5
+    expected = torch.full_like(query, 7.0)
+    for i, s, e, seq_len in chunks:
+        rows = torch.tensor([table[i][t // block_size] * block_size + t % block_size for t in range(seq_len)])
+        k = k_cache.reshape(-1, num_kv_heads, head_dim)[rows].float()
+        v = v_cache.reshape(-1, num_kv_heads, head_dim)[rows].float()
+        expected[s:e] = dense_attention(query[s:e], k, v, scale)
+    before = kernels.get_isa()
+    kernels.set_isa(LEVELS.index(level))
+    try:
+        got = torch.full_like(query, 7.0)
+        kernels.prefill_attention(query, k_cache, v_cache, torch.tensor(table), torch.tensor(chunks), scale, got)
+    finally:
+        kernels.set_isa(before)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_kernel_rejects_bad_chunks():
+    kernels = cpu_kernels.load()
+    k_cache = torch.zeros(4, 4, 1, 8)
+    query, out = torch.zeros(6, 2, 8), torch.zeros(6, 2, 8)
+    table = torch.tensor([[0, 1]])
+    with pytest.raises(RuntimeError, match="query rows out of range"):
+        kernels.prefill_attention(query, k_cache, k_cache, table, torch.tensor([[0, 2, 9, 8]]), 1.0, out)
+    with pytest.raises(RuntimeError, match="context length out of range"):
+        kernels.prefill_attention(query, k_cache, k_cache, table, torch.tensor([[0, 0, 6, 9]]), 1.0, out)
+    with pytest.raises(RuntimeError, match="block-table row out of range"):
+        kernels.prefill_attention(query, k_cache, k_cache, table, torch.tensor([[1, 0, 6, 6]]), 1.0, out)
+    with pytest.raises(RuntimeError, match="block id out of the cache's range"):
+        kernels.prefill_attention(query, k_cache, k_cache, torch.tensor([[0, 5]]), torch.tensor([[0, 0, 6, 6]]), 1.0, out)
+    with pytest.raises(RuntimeError, match="chunks must be"):
+        kernels.prefill_attention(query, k_cache, k_cache, table, torch.tensor([[0, 0, 6]]), 1.0, out)

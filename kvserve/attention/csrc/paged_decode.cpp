@@ -246,7 +246,7 @@ void decode_avx512(const float* query, const T* k_cache, const T* v_cache, const
 // of 8 up to 256: the AVX-512 path's one pass with an online softmax, 8 lanes wide. Tiles of 8
 // tokens within a block; each token's key is widened to fp32 once and serves the group's heads; a
 // tile's 8 dots per head are reduced into one vector of scores (a transpose-and-add), exponentiated
-// 8 at a time (exp8), and the next blocks are prefetched as on AVX-512.
+// 8 at a time (exp8, isa.h), and the next blocks are prefetched as on AVX-512.
 constexpr int64_t kTile2 = 8;
 constexpr int64_t kMaxGroup2 = 16;
 constexpr int64_t kMaxChunks2 = 32;   // head_dim / 8
@@ -262,34 +262,6 @@ inline __m256 sum_lanes8(const __m256* v) {
   const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));  // tokens 0-3, per half
   const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));  // tokens 4-7
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-}
-
-inline float max_lanes8(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
-// e^x in 8 lanes, for x <= 0 (scores less their maximum): x = n ln2 + r, |r| <= ln2 / 2, e^x = 2^n p(r)
-// with Cephes' degree-6 polynomial for e^r (about 1 ulp); x below -87.3 (e^x < 2^-126, -inf
-// included) gives 0.
-inline __m256 exp8(__m256 x) {
-  const __m256 low = _mm256_set1_ps(-87.33654f);
-  const __m256 under = _mm256_cmp_ps(x, low, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, low);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);        // ln2 in two parts
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)));
 }
 
 // DC = head_dim / 8 when known at compile time (0: read at run time).
@@ -345,8 +317,8 @@ void decode_avx2(const float* query, const T* k_cache, const T* v_cache, const i
         const __m256 valid = _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(n)), _CMP_LT_OQ);
         for (int64_t g = 0; g < group; ++g) {
           const __m256 scores = _mm256_blendv_ps(minus_inf, _mm256_mul_ps(sum_lanes8(dots.data() + g * kTile2), scale_v), valid);
-          const float tile_peak = std::max(peak[g], max_lanes8(scores));
-          const __m256 p = exp8(_mm256_sub_ps(scores, _mm256_set1_ps(tile_peak)));     // 0 past n
+          const float tile_peak = std::max(peak[g], kvserve::max8(scores));
+          const __m256 p = kvserve::exp8(_mm256_sub_ps(scores, _mm256_set1_ps(tile_peak)));     // 0 past n
           _mm256_store_ps(probs[g], p);
           const float alpha = std::exp(peak[g] - tile_peak);   // 0 on the first tile
           total[g] = total[g] * alpha + kvserve::hsum8(p);
