@@ -699,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_features.cap_torch()
     except ConfigError as error:
         logging.getLogger("kvserve").warning("%s", error)
+    cpu_features.use_huge_pages()   # likewise read when torch loads
     args = build_parser().parse_args(with_serve_args(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -91,3 +91,26 @@ def test_mkl_s_fp32_matmuls_obey_the_cap():
                          env={**env, cpu_features.ENV: "avx2", "MKL_VERBOSE": "1"})
     assert out.returncode == 0, out.stderr
     assert "(Intel(R) AVX2) enabled processors" in out.stdout, out.stdout[:500]
+
+
+def test_huge_pages_are_asked_of_torch_unless_the_variable_is_set():
+    env = {}
+    assert cpu_features.use_huge_pages(env) and env == {cpu_features.HUGE_PAGES_ENV: "1"}
+    env = {cpu_features.HUGE_PAGES_ENV: "0"}                                     # a user's choice stays
+    assert not cpu_features.use_huge_pages(env) and env == {cpu_features.HUGE_PAGES_ENV: "0"}
+
+
+def test_torch_takes_huge_pages_where_the_kernel_offers_them():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.exists() or "[never]" in mode.read_text():
+        pytest.skip("transparent huge pages are off on this machine")
+    code = ("from kvserve import cpu_features; cpu_features.use_huge_pages(); import torch; "
+            "x = torch.zeros(32 << 20, dtype=torch.uint8); "
+            "print(next(int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')))")
+    env = {k: v for k, v in os.environ.items() if k != cpu_features.HUGE_PAGES_ENV}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) >= 16 << 10        # kB: most of the 32 MB tensor in huge pages
