@@ -19,6 +19,7 @@ from kvserve.attention.backend import AttentionMetadata, KVCache, write_kv
 from kvserve.attention.torch_ref import TorchPagedAttention, _StepPlan
 
 FUSED_DTYPES = (torch.bfloat16, torch.float32)
+PREFILL_HEAD_DIMS = (64, 128)     # prefill_attention's AVX2 path; other head sizes keep the reference
 
 
 class CpuPagedAttention(TorchPagedAttention):
@@ -39,6 +40,8 @@ class CpuPagedAttention(TorchPagedAttention):
             cache_dtype = kv_cache[0].dtype
             return self.kernels.decode_step(query, key.to(cache_dtype), value.to(cache_dtype), *kv_cache,
                                             metadata.slot_mapping, plan.decode_block_ids, plan.decode_seq_lens, scale)
+        if query.shape[-1] not in PREFILL_HEAD_DIMS or self.kernels.get_isa() < 1:   # no vector path: SDPA
+            return super().forward(query, key, value, kv_cache, metadata, scale)
         # Prefill chunks (and any decode rows beside them): K/V written, then every chunk of every
         # sequence in one C++ call over the paged cache, the decode rows in another.
         write_kv(key, value, kv_cache, metadata.slot_mapping)

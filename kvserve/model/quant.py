@@ -137,9 +137,9 @@ def dequantize_q4(qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
 
 
 def pack_q4_gemm(qs: torch.Tensor, dm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The int4 GEMM's layout (csrc/int4_gemm.cpp) of packed Q4_1 weights: q one byte each, 4
-    consecutive inputs of 8 outputs per 32 bytes, w [n/8, k/32, 8, 8, 4] uint8; and each group's d
-    and m in fp32, [n/8, k/32, 8]."""
+    """The int4 GEMM's layout (csrc/int4_gemm.cpp) of packed Q4_1 weights: w [n/8, k/32, 4, 8, 4]
+    uint8, where byte i of (pair p, output o) holds the q of input 8p + i of the group in its low
+    nibble and of input 8p + 4 + i in its high one; and each group's d and m, fp16 [n/8, k/32, 8]."""
     q = unpack_q4(qs)
     n, k = q.shape
     w = q.view(n // 8, 8, k // INT4_GROUP, INT4_GROUP // 4, 4).permute(0, 2, 3, 1, 4).to(torch.uint8)
@@ -196,10 +196,13 @@ class Int4Linear(nn.Module):
 
     def use_gemm(self) -> None:
         """Take every call, whatever its rows, through the C++ int4 GEMM (fp32 activations; needs the
-        kernels): the weights repacked into its layout (as many bytes as the Q4_1 ones), and the
-        dequantized copy, 4 bytes a weight, dropped."""
+        kernels): the weights repacked into its layout (as many bytes as the Q4_1 ones, kept too,
+        for `dequantized`: 1.25 bytes a weight in all), and the dequantized copy, 4 bytes a weight,
+        dropped."""
         if self.dtype != torch.float32:
             raise ValueError("the int4 GEMM takes float32 activations")
+        if self.kernels is None:
+            raise ValueError("the int4 GEMM needs kvserve's C++ kernels (use_fused_kernels first)")
         self.gemm = pack_q4_gemm(self.qs, self.dm)
         self.wide = None
 

@@ -192,9 +192,11 @@ def test_every_decode_kernel_path_equals_the_torch_spec(level, head_dim, num_hea
 
 
 @pytest.mark.parametrize("level", available_levels())
-@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(64, 9, 3), (128, 4, 2), (32, 2, 2)])
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads,block_size", [(64, 9, 3, 16), (128, 4, 2, 8), (64, 4, 1, 32),
+                                                                         (32, 2, 2, 16)])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-def test_every_prefill_kernel_path_equals_the_torch_spec(level, head_dim, num_heads, num_kv_heads, cache_dtype):
+def test_every_prefill_kernel_path_equals_the_torch_spec(level, head_dim, num_heads, num_kv_heads, block_size,
+                                                         cache_dtype):
     """prefill_attention on each instruction-set path (head_dim 64 and 128 take the vector path, 32
     the portable one): chunks from position 0 and after a cached context, longer than one tile of
     queries and of keys, some not multiples of either, in one call; rows outside chunks untouched."""
@@ -202,7 +204,7 @@ def test_every_prefill_kernel_path_equals_the_torch_spec(level, head_dim, num_he
 
     kernels = cpu_kernels.load()
     torch.manual_seed(head_dim + num_heads)
-    block_size, num_blocks = 16, 96
+    num_blocks = 2 * 768 // block_size        # block sizes 8 and 32: key tiles cut by blocks, or within them
     k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim).to(cache_dtype)
     v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim).to(cache_dtype)
     # (tokens cached before, chunk length)

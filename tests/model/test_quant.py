@@ -216,6 +216,31 @@ def test_q4_packing_is_q4_1s_nibble_order():
     assert torch.equal(unpack_q4(qs), q)
 
 
+def test_int4_kernels_clamp_non_finite_and_tiny_activations_alike():
+    """A group holding inf, NaN or values so small that 127 / max|x| overflows gives the same bytes
+    on every path (clamped to ±127), never an out-of-range conversion."""
+    from kvserve.attention import cpu_kernels
+    from kvserve.cpu_features import LEVELS, available_levels
+
+    kernels = cpu_kernels.load()
+    q, d, m = quantize_groups_q4(torch.randn(16, 96))
+    qs, dm = pack_q4(q), torch.stack([d, m], dim=-1).half()
+    x = torch.randn(3, 96)
+    x[0, 5], x[1, 40], x[2, 64:96] = float("inf"), float("nan"), 1e-40
+    packed = pack_q4_gemm(qs, dm)
+    outs = []
+    before = kernels.get_isa()
+    try:
+        for level in available_levels():
+            kernels.set_isa(LEVELS.index(level))
+            outs.append(kernels.int4_gemm(x, *packed)[2])
+    finally:
+        kernels.set_isa(before)
+    outs.append(kernels.int4_gemm_portable(x, *packed)[2])
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 def test_q8_activations_are_within_half_a_step():
     torch.manual_seed(0)
     x = torch.randn(3, 96) * torch.tensor([1e-3, 1.0, 50.0])[:, None]
@@ -298,6 +323,12 @@ def test_every_int4_gemm_path_equals_the_int4_spec(rows, shape):
         for level in available_levels():
             kernels.set_isa(LEVELS.index(level))
             torch.testing.assert_close(kernels.int4_gemm(x, *packed), expected, rtol=1e-5, atol=atol)
+            # bf16 activations are widened first (fp32 out); their coarse values meet rounding ties
+            # in the int8 step, which the spec (x · (1 / e)) and the kernels (x · (127 / max)) may
+            # break apart: a step of one group, as in the few-row kernel's bf16 check
+            torch.testing.assert_close(kernels.int4_gemm(x.bfloat16(), *packed),
+                                       int4_matmul_reference(x.bfloat16().float(), qs, dm), rtol=1e-2,
+                                       atol=1e-2 * expected.abs().max().item())
     finally:
         kernels.set_isa(before)
 

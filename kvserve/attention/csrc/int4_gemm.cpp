@@ -5,17 +5,21 @@
 // quantized to int8 per group of 32 (q8.h), per group an integer dot product with the 4-bit q, then
 //     y[r, o] = Σ_g  d·e·Σ_i q_i a_i  +  m·s.
 // What differs is the blocking, for a product bound by arithmetic rather than by memory: the
-// weights are repacked once (int4_gemm_pack) so that one 256-bit vector holds 4 consecutive q (one
-// byte each) of 8 outputs, and each 4 activation bytes are broadcast against it. vpmaddubsw then
+// weights are repacked once (pack_q4_gemm in quant.py) so that one 256-bit vector holds 4
+// consecutive q of 8 outputs (one byte each once a nibble is masked out), and each 4 activation
+// bytes are broadcast against it. vpmaddubsw then
 // gives 16 int16 pair sums (8 outputs × 2), and a group's 8 such products are added in int16 (at
 // most 8 · 2 · 15 · 127 = 30,480, no overflow) before one vpmaddwd widens them: about 2 integer
 // instructions per 32 multiply-adds, against 4 FMAs in fp32, and no weight widening. A tile of
 // kRows rows × 16 outputs keeps its int16 sums in registers through a group.
 //
 // Packed layout, for n outputs (n % 8 == 0) and k inputs (G = k / 32 groups):
-//   w  uint8 [n/8, G, 8 quads, 8 outputs, 4]   q (0..15) of inputs 32g + 4·quad + 0..3
-//   d  fp32  [n/8, G, 8]                       each output's group scale
-//   m  fp32  [n/8, G, 8]                       and minimum
+//   w  uint8 [n/8, G, 4 pairs, 8 outputs, 4]   byte i of (pair p, output o): the q (0..15) of input
+//                                              32g + 8p + i in its low nibble, of 32g + 8p + 4 + i
+//                                              in its high one (quads 2p and 2p + 1)
+//   d  fp16  [n/8, G, 8]                       each output's group scale
+//   m  fp16  [n/8, G, 8]                       and minimum
+// (as many bytes as Q4_1's own).
 // The portable loop over the same layout is the spec of the AVX2 path (kvserve::isa_level() picks).
 
 #include <torch/extension.h>
@@ -148,7 +152,7 @@ torch::Tensor int4_gemm_run(torch::Tensor x, torch::Tensor w, torch::Tensor d, t
               "x must be [rows, k] float32 or bfloat16");
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 5 && w.size(2) == kQuads / 2 && w.size(3) == kOut &&
                   w.size(4) == 4 && w.is_contiguous(),
-              "w must be contiguous uint8 [n/8, k/32, 8, 8, 4] (int4_gemm_pack)");
+              "w must be contiguous uint8 [n/8, k/32, 4, 8, 4] (pack_q4_gemm)");
   const int64_t blocks = w.size(0), groups = w.size(1), n = blocks * kOut, k = groups * kQ8Group;
   TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " inputs; the weights take ", k);
   TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && d.is_contiguous() &&

@@ -398,7 +398,7 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Te
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), "caches must be [blocks, block_size, kv_heads, head_dim]");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "K and V caches must share a dtype");
   TORCH_CHECK(block_table.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong, "indices must be int64");
-  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "heads must be a multiple of kv_heads");
+  TORCH_CHECK(k_cache.size(2) > 0 && query.size(1) % k_cache.size(2) == 0, "heads must be a multiple of kv_heads");
   TORCH_CHECK(query.size(2) == k_cache.size(3), "head_dim of query and cache differ");
   query = query.contiguous();
   block_table = block_table.contiguous();

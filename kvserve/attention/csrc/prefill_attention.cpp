@@ -257,7 +257,8 @@ void prefill_attention(torch::Tensor query, torch::Tensor k_cache, torch::Tensor
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type(),
               "caches must be contiguous [blocks, block_size, kv_heads, head_dim] of one dtype");
-  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0 && query.size(2) == k_cache.size(3) && query.size(2) <= kMaxDim,
+  TORCH_CHECK(k_cache.size(2) > 0 && query.size(1) % k_cache.size(2) == 0 && query.size(2) == k_cache.size(3) &&
+                  query.size(2) <= kMaxDim,
               "heads must be a multiple of kv_heads, head_dim that of the cache (at most 256)");
   TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.dim() == 2 && block_table.is_contiguous(),
               "block_table must be contiguous int64 [seqs, max_blocks]");

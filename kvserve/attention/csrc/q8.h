@@ -27,13 +27,21 @@ struct Q8Rows {
   std::vector<float> e, s;    // [rows, k/32]
 };
 
+// a·127/max|x| clamped to [-127, 127] as the vector min/max instructions do (a NaN, from a group
+// holding inf or NaN or one so small that 127/max|x| overflows, becomes 127): the same bytes on
+// every path and never an out-of-range conversion.
+inline float clamp127(float v) {
+  v = v < 127.f ? v : 127.f;
+  return v > -127.f ? v : -127.f;
+}
+
 inline void quantize_group(const float* xg, int8_t* ag, float* e, float* s) {
   float amax = 0.f;
   for (int i = 0; i < kQ8Group; ++i) amax = std::max(amax, std::fabs(xg[i]));
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
   int sum = 0;
   for (int i = 0; i < kQ8Group; ++i) {
-    const int v = static_cast<int>(std::nearbyint(xg[i] * inv));
+    const int v = static_cast<int>(std::nearbyint(clamp127(xg[i] * inv)));
     ag[i] = static_cast<int8_t>(v);
     sum += v;
   }
@@ -57,7 +65,9 @@ inline void quantize_group_avx2(const float* xg, int8_t* ag, float* e, float* s)
   __m256i q[4];
   __m256i sum = _mm256_setzero_si256();
   for (int i = 0; i < 4; ++i) {
-    q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256 scaled = _mm256_max_ps(_mm256_min_ps(_mm256_mul_ps(v[i], inv), _mm256_set1_ps(127.f)),
+                                        _mm256_set1_ps(-127.f));                       // clamp127
+    q[i] = _mm256_cvtps_epi32(_mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     sum = _mm256_add_epi32(sum, q[i]);
   }
   // int32 → int8 in order: the packs interleave 128-bit lanes, the permute undoes it
