@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kvserve.attention.backend import AttentionMetadata, KVCache, write_kv
+from kvserve.attention.backend import AttentionMetadata, KVCache
 from kvserve.attention.torch_ref import TorchPagedAttention, _StepPlan
 
 FUSED_DTYPES = (torch.bfloat16, torch.float32)
@@ -29,7 +29,6 @@ class CpuPagedAttention(TorchPagedAttention):
         """`kernels`: the module from kvserve.attention.cpu_kernels.load()."""
         super().__init__(torch.float32)
         self.kernels = kernels
-        self._chunk_rows: tuple[_StepPlan, torch.Tensor] | None = None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -40,26 +39,16 @@ class CpuPagedAttention(TorchPagedAttention):
             cache_dtype = kv_cache[0].dtype
             return self.kernels.decode_step(query, key.to(cache_dtype), value.to(cache_dtype), *kv_cache,
                                             metadata.slot_mapping, plan.decode_block_ids, plan.decode_seq_lens, scale)
-        if query.shape[-1] not in PREFILL_HEAD_DIMS or self.kernels.get_isa() < 1:   # no vector path: SDPA
-            return super().forward(query, key, value, kv_cache, metadata, scale)
-        # Prefill chunks (and any decode rows beside them): K/V written, then every chunk of every
-        # sequence in one C++ call over the paged cache, the decode rows in another.
-        write_kv(key, value, kv_cache, metadata.slot_mapping)
-        out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
-        self.kernels.prefill_attention(query.float().contiguous(), *kv_cache, metadata.block_table,
-                                       self._chunks(metadata, plan), scale, out)
-        if plan.decode_token_rows is not None:
-            self._decode(query, kv_cache, plan, scale, out)
-        return out.to(query.dtype)
+        return super().forward(query, key, value, kv_cache, metadata, scale)
 
-    def _chunks(self, metadata: AttentionMetadata, plan: _StepPlan) -> torch.Tensor:
-        """The step's prefill chunks as prefill_attention takes them: [c, 4] int64 rows of (block-table
-        row, first query row, end query row, context length), built once per step."""
-        if self._chunk_rows is None or self._chunk_rows[0] is not plan:
-            rows = torch.tensor([(i, start, end, seq_len) for i, start, end, seq_len, _ in plan.prefills],
-                                dtype=torch.int64)
-            self._chunk_rows = (plan, rows)
-        return self._chunk_rows[1]
+    def _prefill(self, query: torch.Tensor, kv_cache: KVCache, metadata: AttentionMetadata, plan: _StepPlan,
+                 scale: float, out: torch.Tensor) -> None:
+        """Every chunk of every sequence in one C++ call over the paged cache (out is fp32), where
+        the kernel has a vector path; the reference's gather + SDPA elsewhere."""
+        if query.shape[-1] not in PREFILL_HEAD_DIMS or self.kernels.get_isa() < 1:
+            return super()._prefill(query, kv_cache, metadata, plan, scale, out)
+        self.kernels.prefill_attention(query.float().contiguous(), *kv_cache, metadata.block_table,
+                                       plan.prefill_rows, scale, out)
 
     def decode_qkv(self, qkv: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
                    metadata: AttentionMetadata, scale: float, num_heads: int, num_kv_heads: int) -> torch.Tensor | None:

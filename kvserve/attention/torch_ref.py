@@ -42,6 +42,7 @@ class _StepPlan:
     the prefill chunks with their causal masks, and the decode rows as one padded batch."""
 
     prefills: tuple[tuple[int, int, int, int, torch.Tensor | None], ...]   # (seq, start, end, seq_len, mask)
+    prefill_rows: torch.Tensor | None         # [c, 4] int64: each prefill's (seq, start, end, seq_len), for kernels
     decode_token_rows: torch.Tensor | None    # [b] rows of the flat batch that decode
     decode_block_ids: torch.Tensor | None     # [b, blocks] their block tables, cut to the longest
     decode_valid: torch.Tensor | None         # [b, 1, 1, max_len] which padded key positions are real
@@ -61,15 +62,16 @@ def _plan(metadata: AttentionMetadata, device: torch.device) -> _StepPlan:
             # is_causal); a later chunk sees the cached context whole, so it needs the offset mask.
             mask = None if end - start == seq_len else causal_mask(end - start, seq_len, device)
             prefills.append((i, start, end, seq_len, mask))
+    prefill_rows = torch.tensor([p[:4] for p in prefills], dtype=torch.int64) if prefills else None
     if not rows:
-        return _StepPlan(tuple(prefills), None, None, None, None)
+        return _StepPlan(tuple(prefills), prefill_rows, None, None, None, None)
     seq_lens = [metadata.seq_lens_host[i] for i in rows]
     max_len = max(seq_lens)
     block_ids = metadata.block_table[torch.tensor(rows, device=device), :-(-max_len // metadata.block_size)]
     lens = torch.tensor(seq_lens, device=device)
     valid = torch.arange(max_len, device=device)[None, :] < lens[:, None]
     token_rows = torch.tensor([starts[i] for i in rows], device=device)
-    return _StepPlan(tuple(prefills), token_rows, block_ids, valid[:, None, None, :], lens, max_len)
+    return _StepPlan(tuple(prefills), prefill_rows, token_rows, block_ids, valid[:, None, None, :], lens, max_len)
 
 
 class TorchPagedAttention:
@@ -92,6 +94,16 @@ class TorchPagedAttention:
         plan = self._step_plan(metadata, query.device)
         dtype = self.compute_dtype or query.dtype
         out = torch.empty(query.shape, dtype=dtype, device=query.device)   # [num_tokens, num_heads, head_dim]
+        if plan.prefills:
+            self._prefill(query, kv_cache, metadata, plan, scale, out)
+        if plan.decode_token_rows is not None:
+            self._decode(query, kv_cache, plan, scale, out)
+        return out.to(query.dtype)
+
+    def _prefill(self, query: torch.Tensor, kv_cache: KVCache, metadata: AttentionMetadata, plan: _StepPlan,
+                 scale: float, out: torch.Tensor) -> None:
+        """Each prefill chunk: its context gathered, then one SDPA call per sequence."""
+        dtype = out.dtype
         for i, start, end, seq_len, mask in plan.prefills:
             keys, values = gather_context(kv_cache, metadata.block_table[i], seq_len)
             # 4-D [1, heads, tokens, head_dim]: with a batch dimension torch's CPU SDPA takes its
@@ -102,9 +114,6 @@ class TorchPagedAttention:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                                enable_gqa=True)
             out[start:end] = o[0].transpose(0, 1)
-        if plan.decode_token_rows is not None:
-            self._decode(query, kv_cache, plan, scale, out)
-        return out.to(query.dtype)
 
     def _decode(self, query: torch.Tensor, kv_cache: KVCache, plan: _StepPlan, scale: float, out: torch.Tensor) -> None:
         """All one-token rows in one padded SDPA call."""

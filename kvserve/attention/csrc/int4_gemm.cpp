@@ -146,7 +146,7 @@ void blocks_avx2(const kvserve::Q8Rows& q, const Packed& p, float* y, int64_t r0
 
 }  // namespace
 
-// x [rows, k] fp32 (or bf16, widened), w/d/m from int4_gemm_pack -> [rows, n] fp32.
+// x [rows, k] fp32 (or bf16, widened), w/d/m from pack_q4_gemm (quant.py) -> [rows, n] fp32.
 torch::Tensor int4_gemm_run(torch::Tensor x, torch::Tensor w, torch::Tensor d, torch::Tensor m, bool portable) {
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x must be [rows, k] float32 or bfloat16");

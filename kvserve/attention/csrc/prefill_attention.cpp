@@ -51,9 +51,6 @@ struct Geometry {
   int64_t heads, kv_heads, group, dim, block_size, token_stride, block_stride, max_blocks;
 };
 
-inline float widen(float v) { return v; }
-inline float widen(at::BFloat16 v) { return static_cast<float>(v); }
-
 // Rows of one item: row (j, g) = query token q0 + j, head kv_head·G + g; its position in the sequence
 // is seq_len - (end - start) + q0 + j, and it sees keys 0..position.
 template <typename T>
@@ -73,11 +70,11 @@ void item_portable(const float* query, const T* k_cache, const T* v_cache, const
         const int64_t at = blocks[t / g.block_size] * g.block_stride + (t % g.block_size) * g.token_stride +
                            it.kv_head * g.dim;
         float s = 0.f;
-        for (int64_t d = 0; d < g.dim; ++d) s += q[d] * widen(k_cache[at + d]);
+        for (int64_t d = 0; d < g.dim; ++d) s += q[d] * static_cast<float>(k_cache[at + d]);
         s *= scale;
         const float top = std::max(peak, s);
         const float alpha = std::exp(peak - top), p = std::exp(s - top);
-        for (int64_t d = 0; d < g.dim; ++d) acc[d] = acc[d] * alpha + p * widen(v_cache[at + d]);
+        for (int64_t d = 0; d < g.dim; ++d) acc[d] = acc[d] * alpha + p * static_cast<float>(v_cache[at + d]);
         total = total * alpha + p;
         peak = top;
       }
@@ -121,7 +118,7 @@ void item_avx2(const float* query, const T* k_cache, const T* v_cache, const int
       if (t < n) {
         const T* kr = k_cache + base + t * g.token_stride;
         const T* vr = v_cache + base + t * g.token_stride;
-        for (int64_t d = 0; d < D; ++d) kt[d][t] = widen(kr[d]), vt[t][d] = widen(vr[d]);
+        for (int64_t d = 0; d < D; ++d) kt[d][t] = static_cast<float>(kr[d]), vt[t][d] = static_cast<float>(vr[d]);
       } else {
         for (int64_t d = 0; d < D; ++d) kt[d][t] = 0.f, vt[t][d] = 0.f;
       }
