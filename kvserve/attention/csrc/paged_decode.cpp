@@ -264,13 +264,23 @@ inline __m256 sum_lanes8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-// DC = head_dim / 8 when known at compile time (0: read at run time).
-template <typename T, int DC>
+// Chunks of head_dim per pass of the value loop with G heads known at compile time: G·S running sums,
+// S value vectors and a broadcast probability fit in the 16 registers, so a pass adds its tile of
+// values without a load or store of the sums per token.
+constexpr int value_slice(int G, int DC) {
+  int slice = 1;
+  for (int s = 2; s <= DC; s *= 2)
+    if (DC % s == 0 && G * s + s + 1 <= 15) slice = s;
+  return slice;
+}
+
+// DC = head_dim / 8 and G = the group when known at compile time (0: read at run time).
+template <typename T, int DC, int G = 0>
 void decode_avx2(const float* query, const T* k_cache, const T* v_cache, const int64_t* block_table,
                  const int64_t* seq_lens, float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                  int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
   constexpr int AC = DC > 0 ? DC : kMaxChunks2;
-  const int64_t group = num_heads / num_kv_heads;
+  const int64_t group = G > 0 ? G : num_heads / num_kv_heads;
   const int64_t chunks = DC > 0 ? DC : head_dim / 8;
   const int64_t token_stride = num_kv_heads * head_dim;
   const int64_t block_stride = block_size * token_stride;
@@ -329,6 +339,27 @@ void decode_avx2(const float* query, const T* k_cache, const T* v_cache, const i
           }
         }
         // values: one read per token serves the group
+        if constexpr (G > 0 && DC > 0) {
+          constexpr int S = value_slice(G, DC);
+          for (int c0 = 0; c0 < DC; c0 += S) {
+            __m256 a[G][S];
+            for (int g = 0; g < G; ++g)
+              for (int c = 0; c < S; ++c) a[g][c] = acc[g * AC + c0 + c];
+            for (int64_t t = 0; t < n; ++t) {
+              const T* vt = v + t * token_stride + 8 * c0;
+              __m256 vv[S];
+              for (int c = 0; c < S; ++c) vv[c] = load8(vt + 8 * c);
+              for (int g = 0; g < G; ++g) {
+                const __m256 p = _mm256_broadcast_ss(&probs[g][t]);
+                for (int c = 0; c < S; ++c) a[g][c] = _mm256_fmadd_ps(p, vv[c], a[g][c]);
+              }
+            }
+            for (int g = 0; g < G; ++g)
+              for (int c = 0; c < S; ++c) acc[g * AC + c0 + c] = a[g][c];
+          }
+          t0 += n;
+          continue;
+        }
         for (int64_t t = 0; t < n; ++t) {
           const T* vt = v + t * token_stride;
           __m256 vv[AC];
@@ -375,10 +406,23 @@ void decode(const float* query, const T* k_cache, const T* v_cache, const int64_
 #if defined(__AVX2__) && defined(__FMA__)
   if (kvserve::isa_level() >= kvserve::kAvx2 && head_dim % 8 == 0 && head_dim <= 8 * kMaxChunks2 &&
       group <= kMaxGroup2) {
-    if (head_dim == 64) return decode_avx2<T, 8>(query, k_cache, v_cache, block_table, seq_lens, out, num_seqs,
-                                                  num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale);
-    if (head_dim == 128) return decode_avx2<T, 16>(query, k_cache, v_cache, block_table, seq_lens, out, num_seqs,
-                                                    num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale);
+    using Kernel = void (*)(const float*, const T*, const T*, const int64_t*, const int64_t*, float*, int64_t,
+                            int64_t, int64_t, int64_t, int64_t, int64_t, float);
+    Kernel run = nullptr;
+    if (head_dim == 64) {
+      constexpr Kernel by_group[] = {decode_avx2<T, 8>,    decode_avx2<T, 8, 1>, decode_avx2<T, 8, 2>,
+                                     decode_avx2<T, 8, 3>, decode_avx2<T, 8, 4>, decode_avx2<T, 8, 5>,
+                                     decode_avx2<T, 8, 6>, decode_avx2<T, 8, 7>, decode_avx2<T, 8, 8>};
+      run = group <= 8 ? by_group[group] : by_group[0];
+    } else if (head_dim == 128) {
+      constexpr Kernel by_group[] = {decode_avx2<T, 16>,    decode_avx2<T, 16, 1>, decode_avx2<T, 16, 2>,
+                                     decode_avx2<T, 16, 3>, decode_avx2<T, 16, 4>, decode_avx2<T, 16, 5>,
+                                     decode_avx2<T, 16, 6>, decode_avx2<T, 16, 7>, decode_avx2<T, 16, 8>};
+      run = group <= 8 ? by_group[group] : by_group[0];
+    }
+    if (run != nullptr)
+      return run(query, k_cache, v_cache, block_table, seq_lens, out, num_seqs, num_heads, num_kv_heads, head_dim,
+                 block_size, max_blocks, scale);
     return decode_avx2<T, 0>(query, k_cache, v_cache, block_table, seq_lens, out, num_seqs, num_heads, num_kv_heads,
                              head_dim, block_size, max_blocks, scale);
   }
