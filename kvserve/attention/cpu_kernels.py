@@ -52,7 +52,7 @@ NAME = "kvserve_cpu_kernels"
 HEADERS = list((Path(__file__).parent / "csrc").glob("*.h"))
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp",
                                                                   "int8_matmul.cpp", "int4_matmul.cpp", "int4_gemm.cpp",
-                                                                  "prefill_attention.cpp")]
+                                                                  "int8_gemm.cpp", "prefill_attention.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 LDFLAGS = ["-fopenmp", "-lmvec"]
 

@@ -48,6 +48,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.kernels = None      # kvserve's C++ CPU kernels (set by use_fused_kernels): int8_matmul
         self.packed_wide = None  # `wide` prepacked for oneDNN (kvserve.model.packed), when packed
+        self.gemm = None         # the weights in int8_gemm's layout, when use_gemm() was called
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None,
@@ -72,7 +73,9 @@ class Int8Linear(nn.Module):
         # tensor op called from Python costs microseconds, which add up over 30 layers a step).
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         few = MAX_INT8_ROWS_FP32 if x.dtype == torch.float32 else MAX_INT8_ROWS
-        if rows.shape[0] <= few and self.kernels is not None:      # kernels are only set on CPU
+        if self.gemm is not None:
+            out = self.kernels.int8_gemm(rows, self.gemm, self.scale)
+        elif rows.shape[0] <= few and self.kernels is not None:      # kernels are only set on CPU
             out = self.kernels.int8_matmul(rows, self.weight, self.scale)      # ~2× torch's, fp32 math
         elif rows.shape[0] <= MAX_INT8_ROWS:
             out = torch._weight_int8pack_mm(rows if rows.is_contiguous() else rows.contiguous(), self.weight, self.scale)
@@ -86,6 +89,19 @@ class Int8Linear(nn.Module):
             out = out + self.bias
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
+    def use_gemm(self) -> None:
+        """Take every call, whatever its rows, through the C++ int8 GEMM (int16 activations, fp32
+        out; needs the kernels): the weights reordered into its layout (the int8 ones are kept too,
+        for `dequantized`: 2 bytes a weight in all), and the widened copy dropped."""
+        if self.scale.dtype != torch.float32:
+            raise ValueError("the int8 GEMM takes float32 activations")
+        if self.kernels is None:
+            raise ValueError("the int8 GEMM needs kvserve's C++ kernels (use_fused_kernels first)")
+        if self.in_features % 2:
+            raise ValueError(f"the int8 GEMM needs an even number of inputs; got {self.in_features}")
+        self.gemm = pack_int8_gemm(self.weight)
+        self.wide = self.packed_wide = None
+
     def pack_wide(self, pack) -> bool:
         """Prepack the widened weights for oneDNN; the plain copy is then dropped (no third copy)."""
         if self.wide is not None and self.wide.dtype == torch.bfloat16:
@@ -96,6 +112,36 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+INT8_GEMM_SEGMENT = 256    # inputs per int16 activation scale in the int8 GEMM (csrc/int8_gemm.cpp)
+
+
+def pack_int8_gemm(weight: torch.Tensor) -> torch.Tensor:
+    """The int8 GEMM's layout (csrc/int8_gemm.cpp) of int8 weights [n, k] (k even): [⌈n/8⌉, k/2, 8, 2],
+    where (block b, pair p, output o, i) holds weight[8b + o, 2p + i] (zeros past n)."""
+    n, k = weight.shape
+    padded = torch.cat([weight, weight.new_zeros(-n % 8, k)]) if n % 8 else weight
+    return padded.view(-(-n // 8), 8, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def quantize_q16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 GEMM's activations, in torch (its spec): each row's segments of INT8_GEMM_SEGMENT
+    inputs as int16 values a (held in fp32) with the scale e = max|x| / 32767, a = round(x / e).
+    Returns (a, e [rows, segments])."""
+    segments = [x.float()[:, i:i + INT8_GEMM_SEGMENT] for i in range(0, x.shape[1], INT8_GEMM_SEGMENT)]
+    e = torch.stack([s.abs().amax(dim=1) for s in segments], dim=1) / 32767
+    a = torch.cat([torch.round(s * torch.where(e[:, i:i + 1] > 0, 1 / e[:, i:i + 1], torch.zeros_like(e[:, i:i + 1])))
+                   for i, s in enumerate(segments)], dim=1)
+    return a, e
+
+
+def int8_gemm_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What kvserve's int8 GEMM computes, in fp32: the int16-rounded activations times the int8
+    weights, times each output's scale."""
+    a, e = quantize_q16_rows(x)
+    widths = [min(INT8_GEMM_SEGMENT, x.shape[1] - i) for i in range(0, x.shape[1], INT8_GEMM_SEGMENT)]
+    return (a * e.repeat_interleave(torch.tensor(widths), dim=1)) @ weight.float().t() * scale.float()
 
 
 def int4_fits(out_features: int, in_features: int) -> bool:
@@ -235,6 +281,17 @@ class Int4Linear(nn.Module):
 def use_int4_gemm(model: nn.Module) -> int:
     """Every fp32 Int4Linear of `model` onto the int4 GEMM (Int4Linear.use_gemm); how many."""
     layers = [m for m in model.modules() if isinstance(m, Int4Linear) and m.dtype == torch.float32]
+    for layer in layers:
+        layer.use_gemm()
+    return len(layers)
+
+
+def use_int8_gemm(model: nn.Module) -> int:
+    """Every fp32 Int8Linear of `model` that has the kernels and an even number of inputs onto the
+    int8 GEMM (Int8Linear.use_gemm); how many."""
+    layers = [m for m in model.modules()
+              if isinstance(m, Int8Linear) and m.scale.dtype == torch.float32 and m.kernels is not None
+              and m.in_features % 2 == 0]
     for layer in layers:
         layer.use_gemm()
     return len(layers)

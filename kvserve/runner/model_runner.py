@@ -137,11 +137,14 @@ class ModelRunner:
         kernels = getattr(self.backend, "kernels", None)     # the C++ CPU kernels, when they built
         if kernels is not None and (dtype == torch.bfloat16 or quantization != "none"):
             model.use_fused_kernels(kernels)     # unquantized fp32 keeps the torch spec, op for op
-            if quantization == "int4" and dtype == torch.float32 and cpu_features.isa() != "portable":
+            if dtype == torch.float32 and cpu_features.isa() != "portable":
                 from kvserve.model import quant
 
-                log.info("int4 GEMM (integer dot products, every row count): %d fp32 linear layers",
-                         quant.use_int4_gemm(model))
+                if quantization == "int4":
+                    log.info("int4 GEMM (integer dot products, every row count): %d fp32 linear layers",
+                             quant.use_int4_gemm(model))
+                log.info("int8 GEMM (int16 activations, every row count): %d fp32 linear layers",
+                         quant.use_int8_gemm(model))
         self.model = model.eval()
         self.kv_dtype = resolve_kv_dtype(cache.dtype, dtype, quantization, device)
         self.num_blocks = num_kv_blocks(cache, config, self.kv_dtype)

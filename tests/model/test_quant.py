@@ -7,9 +7,10 @@ from torch import nn
 
 from kvserve.config import CacheConfig, ConfigError, EngineConfig
 from kvserve.model.checkpoint import load_checkpoint
-from kvserve.model.quant import (INT4_GROUP, MAX_INT4_ROWS, MAX_INT8_ROWS, Int4Linear, Int8Linear, dequantize_q4,
-                                 int4_matmul_reference, pack_q4, pack_q4_gemm, quantize_groups_q4, quantize_int4,
-                                 quantize_int8, quantize_q8_rows, unpack_q4)
+from kvserve.model.quant import (INT4_GROUP, INT8_GEMM_SEGMENT, MAX_INT4_ROWS, MAX_INT8_ROWS, Int4Linear, Int8Linear,
+                                 dequantize_q4, int4_matmul_reference, int8_gemm_reference, pack_int8_gemm, pack_q4,
+                                 pack_q4_gemm, quantize_groups_q4, quantize_int4, quantize_int8, quantize_q8_rows,
+                                 quantize_q16_rows, unpack_q4)
 
 
 def test_quantization_error_is_at_most_half_a_step_per_channel():
@@ -53,10 +54,11 @@ def test_quantization_runs_with_fp32_activations(mode):
     layers = [m for m in engine.core.runner.model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
     assert layers and all(m.dequantized().dtype == torch.float32 for m in layers)
     assert all(m.kernels is not None for m in layers)            # the C++ kernels serve fp32 too
-    if mode == "int4":                                           # fp32 int4 layers: the GEMM, where vectors run
-        from kvserve.cpu_features import isa
+    from kvserve.cpu_features import isa
 
-        assert all((m.gemm is not None) == (isa() != "portable") for m in layers if isinstance(m, Int4Linear))
+    # fp32 quantized layers, int4 and int8 (the int4 mode's LM head) alike: their GEMM, where vectors run
+    assert all((m.gemm is not None) == (isa() != "portable") for m in layers)
+    assert any(isinstance(m, Int8Linear) for m in layers)
 
 
 def q4_1_weights(out_features, in_features, seed=0):
@@ -364,6 +366,129 @@ def test_cpu_int4_gemm_rejects_bad_inputs():
         kernels.int4_gemm(torch.zeros(3, 64), w, d.float(), m)
     with pytest.raises(RuntimeError, match="x must be"):
         kernels.int4_gemm(torch.zeros(3, 64, dtype=torch.float64), w, d, m)
+
+
+def test_q16_activations_are_within_half_a_step_per_segment():
+    torch.manual_seed(0)
+    x = torch.randn(3, 600) * torch.tensor([1e-3, 1.0, 50.0])[:, None]      # segments of 256, 256 and 88
+    x[1, :INT8_GEMM_SEGMENT] = 0                                            # an all-zero segment
+    a, e = quantize_q16_rows(x)
+    assert e.shape == (3, 3) and a.abs().max() <= 32767 and torch.equal(a, a.round())
+    assert e[1, 0] == 0 and (a[1, :INT8_GEMM_SEGMENT] == 0).all()
+    step = e.repeat_interleave(torch.tensor([256, 256, 88]), dim=1)
+    assert ((a * step - x).abs() <= step / 2 * (1 + 1e-5)).all()
+
+
+def test_int8_gemm_layout_holds_each_weight_once():
+    w = torch.randint(-127, 128, (13, 10), dtype=torch.int8)          # 13 outputs: a last block of 5
+    packed = pack_int8_gemm(w)
+    assert packed.shape == (2, 5, 8, 2) and packed.dtype == torch.int8
+    for b, p, o, i in [(0, 0, 0, 0), (1, 4, 4, 1), (0, 2, 5, 1), (1, 3, 0, 0)]:
+        assert packed[b, p, o, i] == w[8 * b + o, 2 * p + i]
+    assert (packed[1, :, 5:] == 0).all()                               # the padding past n
+    assert torch.equal(packed.permute(0, 2, 1, 3).reshape(16, 10)[:13], w)
+
+
+# rows: below, at and past the AVX2 tile's 6 rows, and more; outputs: a lone block of 8, pairs of
+# blocks and a pair with a lone one, and numbers that end in part of a block (13; 260, the byte
+# tokenizer's vocabulary); inputs: one short segment, a segment and a part (600), SmolLM2's
+# hidden size (two segments and a part) and intermediate size (six segments)
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 70])
+@pytest.mark.parametrize("shape", [(8, 96), (24, 64), (13, 64), (260, 96), (40, 600), (64, 576), (576, 1536)])
+def test_every_int8_gemm_path_equals_its_torch_spec(rows, shape):
+    """The int8 GEMM (int16 activations per segment of 256 inputs) on each instruction-set path the
+    CPU can run and in the portable loop computes its spec, which is the fp32 product of the int8
+    weights to well within their own rounding."""
+    from kvserve.attention import cpu_kernels
+    from kvserve.cpu_features import LEVELS, available_levels
+
+    kernels = cpu_kernels.load()
+    torch.manual_seed(rows + shape[1])
+    layer = Int8Linear.quantize(torch.randn(*shape), dtype=torch.float32)
+    x = torch.randn(rows, shape[1]) * torch.linspace(0.1, 10, rows)[:, None]
+    expected = int8_gemm_reference(x, layer.weight, layer.scale)
+    packed = pack_int8_gemm(layer.weight)
+    atol = 2e-6 * shape[1] ** 0.5 * expected.abs().max().item()
+    torch.testing.assert_close(kernels.int8_gemm_portable(x, packed, layer.scale), expected, rtol=1e-5, atol=atol)
+    before = kernels.get_isa()
+    try:
+        for level in available_levels():
+            kernels.set_isa(LEVELS.index(level))
+            torch.testing.assert_close(kernels.int8_gemm(x, packed, layer.scale), expected, rtol=1e-5, atol=atol)
+            torch.testing.assert_close(kernels.int8_gemm(x.bfloat16(), packed, layer.scale),
+                                       int8_gemm_reference(x.bfloat16().float(), layer.weight, layer.scale),
+                                       rtol=1e-5, atol=atol)
+    finally:
+        kernels.set_isa(before)
+    # the spec is the plain product of the int8 weights up to a step of 1/65,534 per segment
+    plain = x @ layer.dequantized().t()
+    assert (expected - plain).abs().max() < 1e-4 * plain.abs().max()
+
+
+def test_int8_gemm_clamps_non_finite_and_tiny_activations_alike():
+    from kvserve.attention import cpu_kernels
+    from kvserve.cpu_features import LEVELS, available_levels
+
+    kernels = cpu_kernels.load()
+    layer = Int8Linear.quantize(torch.randn(16, 512), dtype=torch.float32)
+    packed = pack_int8_gemm(layer.weight)
+    x = torch.randn(3, 512)
+    x[0, 5], x[1, 300], x[2, 256:512] = float("inf"), float("nan"), 1e-40
+    outs = []
+    before = kernels.get_isa()
+    try:
+        for level in available_levels():
+            kernels.set_isa(LEVELS.index(level))
+            outs.append(kernels.int8_gemm(x, packed, layer.scale))
+    finally:
+        kernels.set_isa(before)
+    outs.append(kernels.int8_gemm_portable(x, packed, layer.scale))
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.isfinite(outs[0][2]).all()          # the tiny segment: rounded, no inf from 32767 / max
+
+
+def test_int8_gemm_layers_drop_the_widened_weights_and_compute_the_same():
+    from kvserve.attention import cpu_kernels
+
+    torch.manual_seed(0)
+    layer = Int8Linear.quantize(torch.randn(40, 64), torch.randn(40), dtype=torch.float32, keep_wide=True)
+    layer.kernels = cpu_kernels.load()
+    x = torch.randn(20, 64)
+    expected = int8_gemm_reference(x, layer.weight, layer.scale) + layer.bias
+    layer.use_gemm()
+    assert layer.wide is None and layer.packed_wide is None and layer.gemm is not None
+    atol = 2e-6 * 64 ** 0.5 * expected.abs().max().item()     # a rounding tie is a step either way
+    for rows in (1, 20):                                   # every row count takes the GEMM
+        torch.testing.assert_close(layer(x[:rows]), expected[:rows], rtol=1e-5, atol=atol)
+    with pytest.raises(ValueError, match="float32 activations"):
+        Int8Linear.quantize(torch.randn(16, 64), dtype=torch.bfloat16).use_gemm()
+    with pytest.raises(ValueError, match="C\\+\\+ kernels"):
+        Int8Linear.quantize(torch.randn(16, 64), dtype=torch.float32).use_gemm()
+    odd = Int8Linear.quantize(torch.randn(12, 63), dtype=torch.float32)
+    odd.kernels = layer.kernels
+    with pytest.raises(ValueError, match="even number of inputs"):
+        odd.use_gemm()
+
+
+def test_cpu_int8_gemm_rejects_bad_inputs():
+    from kvserve.attention import cpu_kernels
+
+    kernels = cpu_kernels.load()
+    layer = Int8Linear.quantize(torch.randn(16, 64), dtype=torch.float32)
+    packed = pack_int8_gemm(layer.weight)
+    with pytest.raises(RuntimeError, match="the weights take 64"):
+        kernels.int8_gemm(torch.zeros(3, 96), packed, layer.scale)
+    with pytest.raises(RuntimeError, match="w must be"):
+        kernels.int8_gemm(torch.zeros(3, 64), packed.view(2, 32, 16), layer.scale)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        kernels.int8_gemm(torch.zeros(3, 64), packed, layer.scale.double())
+    with pytest.raises(RuntimeError, match="scale must be"):
+        kernels.int8_gemm(torch.zeros(3, 64), packed, layer.scale[:8])           # one block short
+    with pytest.raises(RuntimeError, match="scale must be"):
+        kernels.int8_gemm(torch.zeros(3, 64), packed, layer.scale.view(2, 8))
+    with pytest.raises(RuntimeError, match="x must be"):
+        kernels.int8_gemm(torch.zeros(3, 64, dtype=torch.float64), packed, layer.scale)
 
 
 def test_cpu_int4_kernel_rejects_bad_inputs():

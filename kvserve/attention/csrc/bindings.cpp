@@ -20,6 +20,8 @@ torch::Tensor int8_matmul_portable(torch::Tensor x, torch::Tensor w, torch::Tens
 torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor dm);
 torch::Tensor int4_matmul_portable(torch::Tensor x, torch::Tensor qs, torch::Tensor dm);
 torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor d, torch::Tensor m);
+torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
+torch::Tensor int8_gemm_portable(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
 torch::Tensor int4_gemm_portable(torch::Tensor x, torch::Tensor w, torch::Tensor d, torch::Tensor m);
 void prefill_attention(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_table,
                        torch::Tensor chunks, double scale, torch::Tensor out);
@@ -37,6 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_matmul_portable", &int4_matmul_portable, "the same, plain loops (the spec of the vector paths)");
   m.def("int4_gemm", &int4_gemm, "x @ W^T for many rows, Q4_1 W repacked (int4_gemm_pack), int8 activations, fp32 out");
   m.def("int4_gemm_portable", &int4_gemm_portable, "the same, plain loops (the spec of the vector path)");
+  m.def("int8_gemm", &int8_gemm, "x @ W^T for many rows, int8 W repacked (pack_int8_gemm), int16 activations, fp32 out");
+  m.def("int8_gemm_portable", &int8_gemm_portable, "the same, plain loops (the spec of the vector path)");
   m.def("prefill_attention", &prefill_attention, "attention of prefill chunks over the paged cache, into out (CPU)");
   m.def("rotary", &rotary, "rotate-half rotary embedding, bf16");
   m.def("set_isa", [](int64_t level) { kvserve::isa_level() = static_cast<int>(level); },
