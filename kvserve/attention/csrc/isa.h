@@ -9,9 +9,16 @@
 #endif
 
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 namespace kvserve {
+
+// The attention kernels' score for a masked-out key, and their running maximum before the first
+// key: the lowest finite float rather than -inf, since the kernels are built with -ffast-math, which
+// lets the compiler assume there are no infinities. A real score less it stays finite and far below
+// exp's range, so exp gives 0 there on every path (exp8 included), as it would for -inf.
+constexpr float kNoScore = -std::numeric_limits<float>::max();
 
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 

@@ -165,7 +165,7 @@ void decode_avx512(const float* query, const T* k_cache, const T* v_cache, const
   const int64_t token_stride = num_kv_heads * head_dim;
   const int64_t block_stride = block_size * token_stride;
   const __m512 scale_v = _mm512_set1_ps(scale);
-  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 lowest = _mm512_set1_ps(kvserve::kNoScore);
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     __m512 qv[AG][AC], acc[AG][AC], dots[AG][kTile];
     alignas(64) float probs[AG][kTile];
@@ -177,7 +177,7 @@ void decode_avx512(const float* query, const T* k_cache, const T* v_cache, const
       const int64_t* blocks = block_table + seq * max_blocks;
       for (int64_t g = 0; g < group; ++g) {
         for (int64_t c = 0; c < chunks; ++c) qv[g][c] = _mm512_loadu_ps(q + g * head_dim + 16 * c), acc[g][c] = _mm512_setzero_ps();
-        peak[g] = -std::numeric_limits<float>::infinity(), total[g] = 0.f;
+        peak[g] = kvserve::kNoScore, total[g] = 0.f;
       }
       for (int64_t t0 = 0; t0 < len;) {
         // a tile: tokens t0 .. t0 + n - 1, all in one block
@@ -210,7 +210,7 @@ void decode_avx512(const float* query, const T* k_cache, const T* v_cache, const
           _mm512_store_ps(probs[g], _mm512_sub_ps(scores, _mm512_set1_ps(tile_peak)));
           float* p = probs[g];
 #pragma omp simd
-          for (int64_t t = 0; t < kTile; ++t) p[t] = std::exp(p[t]);       // exp(-inf) = 0 past n
+          for (int64_t t = 0; t < kTile; ++t) p[t] = std::exp(p[t]);       // exp(kNoScore - peak) = 0 past n
           const float alpha = std::exp(peak[g] - tile_peak);                // 0 on the first tile
           total[g] = total[g] * alpha + _mm512_reduce_add_ps(_mm512_load_ps(p));
           peak[g] = tile_peak;
@@ -286,7 +286,7 @@ void decode_avx2(const float* query, const T* k_cache, const T* v_cache, const i
   const int64_t block_stride = block_size * token_stride;
   const __m256 scale_v = _mm256_set1_ps(scale);
   const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 no_score = _mm256_set1_ps(kvserve::kNoScore);
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<__m256> qv(kMaxGroup2 * AC), acc(kMaxGroup2 * AC), dots(kMaxGroup2 * kTile2);
     alignas(32) float probs[kMaxGroup2][kTile2];
@@ -298,7 +298,7 @@ void decode_avx2(const float* query, const T* k_cache, const T* v_cache, const i
       const int64_t* blocks = block_table + seq * max_blocks;
       for (int64_t g = 0; g < group; ++g) {
         for (int64_t c = 0; c < chunks; ++c) qv[g * AC + c] = load8(q + g * head_dim + 8 * c), acc[g * AC + c] = _mm256_setzero_ps();
-        peak[g] = -std::numeric_limits<float>::infinity(), total[g] = 0.f;
+        peak[g] = kvserve::kNoScore, total[g] = 0.f;
       }
       for (int64_t t0 = 0; t0 < len;) {
         const int64_t in_block = t0 % block_size;
@@ -326,7 +326,7 @@ void decode_avx2(const float* query, const T* k_cache, const T* v_cache, const i
         // online softmax: probabilities against the running maximum; rescale what was accumulated
         const __m256 valid = _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(n)), _CMP_LT_OQ);
         for (int64_t g = 0; g < group; ++g) {
-          const __m256 scores = _mm256_blendv_ps(minus_inf, _mm256_mul_ps(sum_lanes8(dots.data() + g * kTile2), scale_v), valid);
+          const __m256 scores = _mm256_blendv_ps(no_score, _mm256_mul_ps(sum_lanes8(dots.data() + g * kTile2), scale_v), valid);
           const float tile_peak = std::max(peak[g], kvserve::max8(scores));
           const __m256 p = kvserve::exp8(_mm256_sub_ps(scores, _mm256_set1_ps(tile_peak)));     // 0 past n
           _mm256_store_ps(probs[g], p);

@@ -64,7 +64,7 @@ void item_portable(const float* query, const T* k_cache, const T* v_cache, const
       const int64_t head = it.kv_head * g.group + h;
       const float* q = query + ((c.start + j) * g.heads + head) * g.dim;
       const int64_t last = first + j;
-      float peak = -std::numeric_limits<float>::infinity(), total = 0.f;
+      float peak = kvserve::kNoScore, total = 0.f;
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t <= last; ++t) {
         const int64_t at = blocks[t / g.block_size] * g.block_stride + (t % g.block_size) * g.token_stride +
@@ -94,7 +94,7 @@ void item_avx2(const float* query, const T* k_cache, const T* v_cache, const int
   const int64_t rows = (it.q1 - it.q0) * g.group;
   const int64_t padded = (rows + 3) / 4 * 4;         // scores are taken 4 rows at a time
   // the item's query rows, scaled (zero past `rows`), and their running state
-  std::vector<float> q(padded * D, 0.f), o(rows * D, 0.f), peak(rows, -std::numeric_limits<float>::infinity()),
+  std::vector<float> q(padded * D, 0.f), o(rows * D, 0.f), peak(rows, kvserve::kNoScore),
       total(rows, 0.f);
   std::vector<int64_t> last(rows);
   for (int64_t j = it.q0; j < it.q1; ++j)
@@ -109,7 +109,7 @@ void item_avx2(const float* query, const T* k_cache, const T* v_cache, const int
   alignas(32) float s[4][kKeys];
   const int64_t end_key = first + it.q1;            // keys [0, end_key) are seen by some row
   const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 no_score = _mm256_set1_ps(kvserve::kNoScore);
   for (int64_t t0 = 0; t0 < end_key;) {
     const int64_t in_block = t0 % g.block_size;
     const int64_t n = std::min({kKeys, end_key - t0, g.block_size - in_block});
@@ -151,8 +151,8 @@ void item_avx2(const float* query, const T* k_cache, const T* v_cache, const int
           continue;
         }
         const __m256 seen = _mm256_set1_ps(static_cast<float>(m));
-        const __m256 a = _mm256_blendv_ps(minus_inf, lo[i], _mm256_cmp_ps(lane, seen, _CMP_LT_OQ));
-        const __m256 b = _mm256_blendv_ps(minus_inf, hi[i], _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps(8.f)), seen, _CMP_LT_OQ));
+        const __m256 a = _mm256_blendv_ps(no_score, lo[i], _mm256_cmp_ps(lane, seen, _CMP_LT_OQ));
+        const __m256 b = _mm256_blendv_ps(no_score, hi[i], _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps(8.f)), seen, _CMP_LT_OQ));
         const float top = std::max(peak[r], kvserve::max8(_mm256_max_ps(a, b)));
         const __m256 top_v = _mm256_set1_ps(top);
         const __m256 pa = kvserve::exp8(_mm256_sub_ps(a, top_v)), pb = kvserve::exp8(_mm256_sub_ps(b, top_v));
