@@ -117,3 +117,23 @@ def test_forced_preemption(default_checkpoint, prompts, reference, mode):
     assert stats.num_preemptions > 0
     assert (stats.num_preemptions_swap > 0) == (mode == "swap")
     assert (stats.num_preemptions_recompute > 0) == (mode == "recompute")
+
+
+@pytest.mark.parametrize("level", ["avx2", "portable"])
+def test_each_kernel_path_equals_transformers(default_checkpoint, prompts, reference, level):
+    """The C++ attention kernels' other paths (KVSERVE_CPU_ISA picks one at run time; the machine's
+    best is the path every test above runs) give transformers' greedy tokens too."""
+    from kvserve.attention import cpu_kernels
+    from kvserve.cpu_features import LEVELS, available_levels, isa
+
+    if level not in available_levels() or level == isa():
+        pytest.skip(f"{level} is not this CPU's, or is its best path (covered above)")
+    kernels = cpu_kernels.load()
+    before = kernels.get_isa()
+    kernels.set_isa(LEVELS.index(level))
+    try:
+        llm = make_llm(default_checkpoint, max_num_batched_tokens=512, max_num_seqs=32)
+        assert llm.engine.core.runner.backend.kernels.get_isa() == LEVELS.index(level)
+        check_subset(llm, SPREAD, prompts, reference)
+    finally:
+        kernels.set_isa(before)
