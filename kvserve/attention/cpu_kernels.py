@@ -54,6 +54,11 @@ SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "p
                                                                   "int8_matmul.cpp", "int4_matmul.cpp", "int4_gemm.cpp",
                                                                   "int8_gemm.cpp", "prefill_attention.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
+# Added for the level in use. An AVX2-level process (a Zen 3, or KVSERVE_CPU_ISA=avx2 on an AVX-512
+# machine) gets a build without AVX-512, as an AVX2 CPU's own build is: 16 vector registers and VEX
+# encodings. The AVX-512 build's AVX2 paths may use AVX512VL's 32 registers, which flattered the
+# register-hungry GEMM tiles by 20-40% under the cap (docs/speed-notes.md).
+LEVEL_CFLAGS = {"avx2": ["-mno-avx512f"]}
 LDFLAGS = ["-fopenmp", "-lmvec"]
 
 TIMEOUT_ENV = "KVSERVE_KERNEL_BUILD_TIMEOUT_S"
@@ -94,12 +99,14 @@ def load() -> ModuleType | None:
     `silu_mul`, `rotary`; `int8_matmul`, `int4_matmul`), or None when it cannot be built here."""
     try:
         # Builds are keyed by sources and flags (the digest, ninja's commands), not headers: their hash is a flag.
-        headers = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(HEADERS))).hexdigest()[:12]
-        module = build(NAME, SOURCES, build_directory(), extra_cflags=[*CFLAGS, f"-DKVSERVE_HEADERS={headers}"],
-                       extra_ldflags=LDFLAGS)
         from kvserve.cpu_features import LEVELS, isa
 
-        module.set_isa(LEVELS.index(isa()))   # the CPU's best path, or the one KVSERVE_CPU_ISA asks for
+        level = isa()                           # the CPU's best, or the one KVSERVE_CPU_ISA asks for
+        headers = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(HEADERS))).hexdigest()[:12]
+        module = build(NAME, SOURCES, build_directory(),
+                       extra_cflags=[*CFLAGS, *LEVEL_CFLAGS.get(level, ()), f"-DKVSERVE_HEADERS={headers}"],
+                       extra_ldflags=LDFLAGS)
+        module.set_isa(LEVELS.index(level))
         return module
     except Exception as error:   # no compiler, no headers, unsupported platform, build timeout: keep the reference path
         log.warning("CPU attention kernel unavailable (%s); using the torch reference attention", error)

@@ -46,4 +46,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_isa", [](int64_t level) { kvserve::isa_level() = static_cast<int>(level); },
         "the instruction-set level the kernels may use: 0 portable, 1 avx2, 2 avx512");
   m.def("get_isa", []() { return static_cast<int64_t>(kvserve::isa_level()); }, "the level set");
+  m.def("built_with_avx512", []() {
+#if defined(__AVX512F__)
+    return true;
+#else
+    return false;
+#endif
+  }, "whether this build holds AVX-512 code (an AVX2-level process's build does not: 16 vector registers)");
 }
