@@ -20,7 +20,10 @@ chosen by the number of rows in the call (the same weights either way):
     no C++ kernels: the plain matmul on the dequantized weights kept beside the packed ones (for int4,
     speed and not memory: 1.25× the bytes of bf16), prepacked for oneDNN in bf16; int8 without them
     widens its weights on the fly.
-Measured on the project's CPUs in docs/speed-notes.md.
+With fp32 activations and the kernels at an AVX2 level, every call takes one integer GEMM instead,
+whatever its rows: int4 layers csrc/int4_gemm.cpp (`use_int4_gemm`), int8 layers (the int4 mode's LM
+head) csrc/int8_gemm.cpp with activations rounded to int16 (`use_int8_gemm`); their widened copies
+are dropped. Measured on the project's CPUs in docs/speed-notes.md.
 """
 
 from __future__ import annotations
