@@ -2,7 +2,7 @@
 // rotary element they share: fused_ops.cpp's `rotary` and paged_decode.cpp's `decode_qkv`.
 #pragma once
 
-#include <torch/extension.h>
+#include "tensor.h"
 
 #include "bf16.h"
 

@@ -6,7 +6,7 @@
 // multiply-adds). Rows are spread over threads only when there is enough work to pay for it.
 // The loops are written for the compiler to vectorise at the build's width (-march=native).
 
-#include <torch/extension.h>
+#include "tensor.h"
 #include <ATen/Parallel.h>
 
 #include "elem.h"

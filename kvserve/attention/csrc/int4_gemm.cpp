@@ -22,7 +22,7 @@
 // (as many bytes as Q4_1's own).
 // The portable loop over the same layout is the spec of the AVX2 path (kvserve::isa_level() picks).
 
-#include <torch/extension.h>
+#include "tensor.h"
 #include <ATen/Parallel.h>
 
 #include "isa.h"

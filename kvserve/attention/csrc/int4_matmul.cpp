@@ -15,7 +15,7 @@
 // is the spec of the AVX2 and AVX-512 paths (kvserve::isa_level() picks); all three quantize the
 // activations with the same scalar code, so they differ only in the order of fp32 sums.
 
-#include <torch/extension.h>
+#include "tensor.h"
 #include <ATen/Parallel.h>
 
 #include "isa.h"

@@ -14,7 +14,7 @@
 // (the weights' own bytes, reordered; a last block past n padded with zeros).
 // The portable loop over the same layout is the spec of the AVX2 path (kvserve::isa_level() picks).
 
-#include <torch/extension.h>
+#include "tensor.h"
 #include <ATen/Parallel.h>
 
 #include "isa.h"

@@ -7,7 +7,7 @@
 // it up to 16 rows, where it beats MKL's fp32 matmul of the widened weights).
 // The portable loop is the spec of the AVX-512 and AVX2 ones (kvserve::isa_level() picks).
 
-#include <torch/extension.h>
+#include "tensor.h"
 #include <ATen/Parallel.h>
 
 #include "isa.h"

@@ -5,7 +5,7 @@
 // query heads that share them (grouped-query attention). Math in fp32 whatever the cache dtype.
 // The torch reference (kvserve/attention/torch_ref.py) is the spec this must match.
 
-#include <torch/extension.h>
+#include "tensor.h"
 #include <ATen/Parallel.h>
 
 #include "elem.h"

@@ -15,7 +15,7 @@
 // Math in fp32 whatever the cache dtype. The portable loop is the spec of the AVX2 path
 // (kvserve::isa_level() picks); the torch reference (torch_ref.py) is the spec of both.
 
-#include <torch/extension.h>
+#include "tensor.h"
 #include <ATen/Parallel.h>
 
 #include "isa.h"
