@@ -55,8 +55,8 @@ def resolve_quantization(name: str, dtype_name: str, device: torch.device, atten
     are used (`--attention-backend` auto or cpu: torch's reference path would run int4 through its
     widened weights, with 4-bit numerics and no speed), else none. Measured on both CPU kinds
     (docs/speed-notes.md): int4 (4-bit weights, int8 activations, integer dot products) decodes one
-    stream ~2× faster than bf16 on an AVX512-BF16 CPU, and on an AVX2 one runs 2–4.7× faster than fp32
-    at every batch size (its int4 GEMM); perplexity stays within 1% of fp32. An explicit --dtype asks
+    stream ~2× faster than bf16 on an AVX512-BF16 CPU, and on an AVX2 one runs 1.9–3.3× faster than
+    fp32 at every batch size (its int4 GEMM); perplexity stays within 1% of fp32. An explicit --dtype asks
     for those numerics: no quantization then."""
     if name != "auto":
         return name
@@ -140,11 +140,8 @@ class ModelRunner:
             if dtype == torch.float32 and cpu_features.isa() != "portable":
                 from kvserve.model import quant
 
-                if quantization == "int4":
-                    log.info("int4 GEMM (integer dot products, every row count): %d fp32 linear layers",
-                             quant.use_int4_gemm(model))
-                log.info("int8 GEMM (int16 activations, every row count): %d fp32 linear layers",
-                         quant.use_int8_gemm(model))
+                log.info("integer GEMMs at every row count: %d int4 and %d int8 fp32 linear layers",
+                         quant.use_int4_gemm(model), quant.use_int8_gemm(model))
         self.model = model.eval()
         self.kv_dtype = resolve_kv_dtype(cache.dtype, dtype, quantization, device)
         self.num_blocks = num_kv_blocks(cache, config, self.kv_dtype)

@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include "isa.h"
+#include "q8.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define KVSERVE_I8GEMM_AVX2 1
@@ -41,18 +42,11 @@ struct Q16Rows {
   std::vector<float> e;       // [rows, segments]
 };
 
-// As q8.h's clamp: a NaN (from inf or NaN in the segment, or a maximum so small that 32767 / max
-// overflows) becomes the limit, the same on every path, never an out-of-range conversion.
-inline float clamp_limit(float v) {
-  v = v < kLimit ? v : kLimit;
-  return v > -kLimit ? v : -kLimit;
-}
-
 void quantize_segment(const float* x, int16_t* a, float* e, int64_t len) {
   float amax = 0.f;
   for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(x[i]));
   const float inv = amax > 0.f ? kLimit / amax : 0.f;
-  for (int64_t i = 0; i < len; ++i) a[i] = static_cast<int16_t>(std::nearbyint(clamp_limit(x[i] * inv)));
+  for (int64_t i = 0; i < len; ++i) a[i] = static_cast<int16_t>(std::nearbyint(kvserve::clamp_to(x[i] * inv, kLimit)));
   *e = amax / kLimit;
 }
 
@@ -66,7 +60,7 @@ void quantize_segment_avx2(const float* x, int16_t* a, float* e, int64_t len) {
   const __m256 inv = _mm256_set1_ps(amax > 0.f ? kLimit / amax : 0.f);
   for (int64_t i = 0; i < len; i += 8) {
     const __m256 scaled = _mm256_max_ps(_mm256_min_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv), _mm256_set1_ps(kLimit)),
-                                        _mm256_set1_ps(-kLimit));
+                                        _mm256_set1_ps(-kLimit));                                                     // clamp_to
     const __m256i v = _mm256_cvtps_epi32(_mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     const __m128i packed = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(a + i), packed);
@@ -92,14 +86,13 @@ Q16Rows quantize_rows(const float* x, int64_t rows, int64_t k, int level) {
         quantize_segment(x + at, q.a.data() + at, &q.e[r * segments + s], len);
       }
   };
-  if (rows <= 8) quantize(0, rows);
-  else at::parallel_for(0, rows, 16, quantize);
+  kvserve::quantize_rows_split(rows, quantize);
   return q;
 }
 
 struct Packed {
   const int8_t* w;
-  const float* scale;       // [blocks · 8], padded with zeros past n
+  const float* scale;       // [blocks · 8]: zeros past n
   int64_t n, k, segments;
 };
 
@@ -199,9 +192,15 @@ torch::Tensor int8_gemm_run(torch::Tensor x, torch::Tensor w, torch::Tensor scal
   if (rows == 0 || n == 0) return y;
   const int level = portable ? kvserve::kPortable : kvserve::isa_level();   // read once for the whole call
   const Q16Rows q = quantize_rows(xf.data_ptr<float>(), rows, k, level);
-  std::vector<float> scales(blocks * kOut, 0.f);
-  std::memcpy(scales.data(), scale.data_ptr<float>(), n * sizeof(float));
-  const Packed p{w.data_ptr<int8_t>(), scales.data(), n, k, (k + kSegment - 1) / kSegment};
+  // The tiles read whole blocks of 8 scales: only an n past the last whole block needs a padded copy.
+  std::vector<float> padded;
+  const float* scales = scale.data_ptr<float>();
+  if (n % kOut != 0) {
+    padded.assign(blocks * kOut, 0.f);
+    std::memcpy(padded.data(), scales, n * sizeof(float));
+    scales = padded.data();
+  }
+  const Packed p{w.data_ptr<int8_t>(), scales, n, k, (k + kSegment - 1) / kSegment};
   float* yp = y.data_ptr<float>();
   // Threads split the output blocks, in pairs (the AVX2 tile's width); each pair's weights stay in
   // L1 while every row tile passes over them.

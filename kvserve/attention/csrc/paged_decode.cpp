@@ -357,16 +357,15 @@ void decode_avx2(const float* query, const T* k_cache, const T* v_cache, const i
             for (int g = 0; g < G; ++g)
               for (int c = 0; c < S; ++c) acc[g * AC + c0 + c] = a[g][c];
           }
-          t0 += n;
-          continue;
-        }
-        for (int64_t t = 0; t < n; ++t) {
-          const T* vt = v + t * token_stride;
-          __m256 vv[AC];
-          for (int64_t c = 0; c < chunks; ++c) vv[c] = load8(vt + 8 * c);
-          for (int64_t g = 0; g < group; ++g) {
-            const __m256 p = _mm256_set1_ps(probs[g][t]);
-            for (int64_t c = 0; c < chunks; ++c) acc[g * AC + c] = _mm256_fmadd_ps(p, vv[c], acc[g * AC + c]);
+        } else {
+          for (int64_t t = 0; t < n; ++t) {
+            const T* vt = v + t * token_stride;
+            __m256 vv[AC];
+            for (int64_t c = 0; c < chunks; ++c) vv[c] = load8(vt + 8 * c);
+            for (int64_t g = 0; g < group; ++g) {
+              const __m256 p = _mm256_set1_ps(probs[g][t]);
+              for (int64_t c = 0; c < chunks; ++c) acc[g * AC + c] = _mm256_fmadd_ps(p, vv[c], acc[g * AC + c]);
+            }
           }
         }
         t0 += n;

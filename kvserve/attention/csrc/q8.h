@@ -27,12 +27,20 @@ struct Q8Rows {
   std::vector<float> e, s;    // [rows, k/32]
 };
 
-// a·127/max|x| clamped to [-127, 127] as the vector min/max instructions do (a NaN, from a group
-// holding inf or NaN or one so small that 127/max|x| overflows, becomes 127): the same bytes on
-// every path and never an out-of-range conversion.
-inline float clamp127(float v) {
-  v = v < 127.f ? v : 127.f;
-  return v > -127.f ? v : -127.f;
+// v clamped to [-limit, limit] as the vector min/max instructions do (a NaN, from a group holding
+// inf or NaN or one so small that limit/max|x| overflows, becomes limit): the same integers on every
+// path and never an out-of-range conversion. Also int8_gemm.cpp's int16 rounding (limit 32767).
+inline float clamp_to(float v, float limit) {
+  v = v < limit ? v : limit;
+  return v > -limit ? v : -limit;
+}
+
+// quantize(begin, end) over rows: serial for a few (a decode step: not worth waking the threads),
+// split across threads for many (a prefill chunk). Both activation quantizers use it.
+template <typename F>
+inline void quantize_rows_split(int64_t rows, const F& quantize) {
+  if (rows <= 8) quantize(0, rows);
+  else at::parallel_for(0, rows, 16, quantize);
 }
 
 inline void quantize_group(const float* xg, int8_t* ag, float* e, float* s) {
@@ -41,7 +49,7 @@ inline void quantize_group(const float* xg, int8_t* ag, float* e, float* s) {
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
   int sum = 0;
   for (int i = 0; i < kQ8Group; ++i) {
-    const int v = static_cast<int>(std::nearbyint(clamp127(xg[i] * inv)));
+    const int v = static_cast<int>(std::nearbyint(clamp_to(xg[i] * inv, 127.f)));
     ag[i] = static_cast<int8_t>(v);
     sum += v;
   }
@@ -66,7 +74,7 @@ inline void quantize_group_avx2(const float* xg, int8_t* ag, float* e, float* s)
   __m256i sum = _mm256_setzero_si256();
   for (int i = 0; i < 4; ++i) {
     const __m256 scaled = _mm256_max_ps(_mm256_min_ps(_mm256_mul_ps(v[i], inv), _mm256_set1_ps(127.f)),
-                                        _mm256_set1_ps(-127.f));                       // clamp127
+                                        _mm256_set1_ps(-127.f));                       // clamp_to
     q[i] = _mm256_cvtps_epi32(_mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     sum = _mm256_add_epi32(sum, q[i]);
   }
@@ -101,8 +109,7 @@ inline Q8Rows quantize_rows(const float* x, int64_t rows, int64_t k, int level) 
         quantize_group(x + at, q.a.data() + at, &q.e[j], &q.s[j]);
       }
   };
-  if (rows <= 8) quantize(0, rows);
-  else at::parallel_for(0, rows, 16, quantize);
+  quantize_rows_split(rows, quantize);
   return q;
 }
 
