@@ -513,10 +513,10 @@ def test_seeded_sampling_same_alone_and_in_a_batch():
     batched = run_tokens(make_engine(seed=99), prompts, params)
     assert batched[3] == alone
     assert batched[-1] == alone                               # a twin request has its own generator
+    # Another seed, other tokens: sampling really sampled. (Not "differs from greedy": the tiny
+    # model's distributions are peaked, and seed 123's 24 draws all happen to be the likeliest.)
     other_seed = dataclasses.replace(seeded, seed=124)
     assert run_tokens(make_engine(), [prompt], other_seed)[0] != alone
-    greedy = run_tokens(make_engine(), [prompt], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0]
-    assert alone != greedy                                    # sampling really sampled
 
 
 # ---- 10: logprobs --------------------------------------------------------------------------------

@@ -130,6 +130,19 @@ def test_top_k_renormalizes_over_the_k_best():
     assert chi_square(counts[kept], torch.softmax(logits_row[kept], dim=-1)) < CHI2_BOUND[3]
 
 
+@pytest.mark.parametrize("uniform", [0.0, 1.0 - 2.0 ** -24])     # U[0, 1)'s least and greatest fp32 draws
+def test_extreme_draws_never_pick_a_filtered_token(monkeypatch, uniform):
+    # Filtered tokens at both ends of the vocabulary: the inverse CDF is flat over them, and a draw
+    # of (nearly) 1 times a total that rounds must still land on the last token that can be drawn.
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0, 2.5, -4.0] * 3]).expand(4, -1)
+    monkeypatch.setattr(Sampler, "_uniforms", lambda self, probs, generators: torch.full((len(generators),), uniform))
+    params = SamplingParams(temperature=1.0, top_k=4)               # the 4th best is 2.5; its ties are kept too
+    tokens = Sampler(seed=0)(logits, [params] * 4, [None] * 4).token_ids
+    kept = {i for i, v in enumerate(logits[0].tolist()) if v >= 2.5}
+    assert set(tokens) <= kept
+    assert tokens[0] == (min(kept) if uniform == 0.0 else max(kept))
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
     # Descending: 0.5, 0.3 (cumulative 0.8 ≥ 0.7), so tokens 1 and 3 are kept.
