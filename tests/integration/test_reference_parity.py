@@ -27,6 +27,9 @@ LENGTHS = [5, 7, 11, 16, 24, 33, 48, 64, 90, 128, 180, 250, 350, 480, 640, 800, 
 # no case the spread does not cover (on a CPU without AVX-512 the suite ran 13 minutes).
 SPREAD = [0, 2, 5, 8, 10, 12, 14, 16, 19, 20, 23]
 VARIANT_TOKENS = 16
+# The other kernel paths: a short, a middling and the longest prompt (prefilled in 3 chunks of 512,
+# so that later chunks attend over cached keys): half of SPREAD's tokens, the same code paths.
+PATH_SPREAD = [0, 5, 10, 19]
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly.",
              "List three prime numbers.", "Translate 'good morning' into Spanish."]
 
@@ -134,6 +137,7 @@ def test_each_kernel_path_equals_transformers(default_checkpoint, prompts, refer
     try:
         llm = make_llm(default_checkpoint, max_num_batched_tokens=512, max_num_seqs=32)
         assert llm.engine.core.runner.backend.kernels.get_isa() == LEVELS.index(level)
-        check_subset(llm, SPREAD, prompts, reference)
+        assert max(len(prompts[i]) for i in PATH_SPREAD) == 1500
+        check_subset(llm, PATH_SPREAD, prompts, reference)
     finally:
         kernels.set_isa(before)

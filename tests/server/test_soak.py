@@ -1,6 +1,7 @@
-"""A 2-minute soak (`kvserve bench soak`) against a real server subprocess on the tiny model: mixed
-traffic on every API with random client aborts, disconnects, cancels and bad requests. The 30-minute
-run is in docs/reliability.md."""
+"""A 1-minute soak (`kvserve bench soak`) against a real server subprocess on the tiny model: mixed
+traffic on every API with random client aborts, disconnects, cancels and bad requests (a few
+thousand requests; it ran 2 minutes until the suite needed its time back). The 30-minute run is in
+docs/reliability.md."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import sys
 from helpers import REPO_ROOT
 
 
-def test_two_minutes_of_mixed_traffic_leak_nothing_and_lose_nothing():
-    out = subprocess.run([sys.executable, "-m", "kvserve.cli", "bench", "soak", "--minutes", "2", "--json-only",
+def test_a_minute_of_mixed_traffic_leaks_nothing_and_loses_nothing():
+    out = subprocess.run([sys.executable, "-m", "kvserve.cli", "bench", "soak", "--minutes", "1", "--json-only",
                           "--model", "random:tiny", "--kvserve-args", "--dtype float32 --num-kv-blocks 256",
                           "--seed", "1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})   # the tiny model gains nothing from two
