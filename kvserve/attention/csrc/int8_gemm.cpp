@@ -114,9 +114,8 @@ void blocks_portable(const Q16Rows& q, const Packed& p, float* y, int64_t rows, 
 #if defined(KVSERVE_I8GEMM_AVX2)
 // R rows (r0 ..) × B blocks (b0 ..), all inputs. Only a segment's int32 sums live in registers (R·B
 // of them, with B weight vectors and a broadcast: within AVX2's 16); each segment's fp32 result is
-// added into the tile's running totals, on the stack, and y is written once at the end. (Totals kept
-// in y itself cost 2-5x from 16 rows of the LM head on: y's rows lie n floats apart, a multiple of
-// 4 KiB for a vocabulary such as 49,152, so a tile's lines all fall into one set of the L1 cache.)
+// added into the tile's running totals on the stack, and y is written once, its last block of an n
+// that is not a multiple of 8 cut short (as fast as keeping the totals in y, and simpler).
 template <int R, int B>
 inline void tile_avx2(const Q16Rows& q, const Packed& p, float* y, int64_t r0, int64_t b0) {
   const int64_t pairs = p.k / 2;
