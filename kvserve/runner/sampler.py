@@ -99,7 +99,8 @@ class Sampler:
         # u·total rounds up to it: the total is first reached at the last token that can be drawn.
         totals = cdf[:, -1]
         targets = torch.minimum(uniforms * totals, torch.nextafter(totals, torch.zeros_like(totals)))
-        return torch.searchsorted(cdf, targets.unsqueeze(1), right=True).squeeze(1)
+        tokens = torch.searchsorted(cdf, targets.unsqueeze(1), right=True).squeeze(1)
+        return tokens.clamp_max_(probs.shape[1] - 1)      # a row of NaNs (a broken model) still names a token
 
     def _uniforms(
         self,

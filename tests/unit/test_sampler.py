@@ -143,6 +143,12 @@ def test_extreme_draws_never_pick_a_filtered_token(monkeypatch, uniform):
     assert tokens[0] == (min(kept) if uniform == 0.0 else max(kept))
 
 
+def test_nan_logits_still_give_a_token_of_the_vocabulary():
+    logits = torch.full((3, 10), float("nan"))
+    tokens = Sampler(seed=0)(logits, [SamplingParams(temperature=1.0)] * 3, [None, seeded(1), None]).token_ids
+    assert all(0 <= t < 10 for t in tokens)
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
     # Descending: 0.5, 0.3 (cumulative 0.8 ≥ 0.7), so tokens 1 and 3 are kept.
