@@ -55,7 +55,7 @@ def resolve_quantization(name: str, dtype_name: str, device: torch.device, atten
     are used (`--attention-backend` auto or cpu: torch's reference path would run int4 through its
     widened weights, with 4-bit numerics and no speed), else none. Measured on both CPU kinds
     (docs/speed-notes.md): int4 (4-bit weights, int8 activations, integer dot products) decodes one
-    stream ~2× faster than bf16 on an AVX512-BF16 CPU, and on an AVX2 one runs 1.9–3.3× faster than
+    stream ~2× faster than bf16 on an AVX512-BF16 CPU, and on an AVX2 one runs 2.3–5.8× faster than
     fp32 at every batch size (its int4 GEMM); perplexity stays within 1% of fp32. An explicit --dtype asks
     for those numerics: no quantization then."""
     if name != "auto":
