@@ -244,7 +244,10 @@ def server(tmp_path_factory, small_checkpoint):
             release_memory()
         return built
 
-    with ServerThread(config, engines) as thread:
+    # Loading both models (the 1.5B read from its GGUF and dequantized) beside the other worker's
+    # tests took over the default 60 s on a machine running slow (a clean-clone run of 2026-12-02
+    # gave up there, its server still loading).
+    with ServerThread(config, engines, startup_timeout_s=600) as thread:
         yield thread.base_url
     del thread
     release_memory()   # the two engines go before the next module loads the 1.5B in fp32

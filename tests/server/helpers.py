@@ -100,8 +100,10 @@ class ServerThread:
     can talk HTTP to it and still read `app.state` (engines, admission counters)."""
 
     def __init__(self, server_config: ServerConfig | None = None,
-                 engines: Callable[[], dict[str, AsyncEngine]] | None = None, api_keys=None, **engine_options):
+                 engines: Callable[[], dict[str, AsyncEngine]] | None = None, api_keys=None,
+                 startup_timeout_s: float = 60.0, **engine_options):
         self.config = server_config or ServerConfig()
+        self.startup_timeout_s = startup_timeout_s
         load = engines or (lambda: {MODEL: AsyncEngine(make_engine(**engine_options))})
         self.app = create_app(self.config, load, api_keys)
         self._socket = socket.socket()
@@ -116,7 +118,7 @@ class ServerThread:
 
     def __enter__(self) -> "ServerThread":
         self._thread.start()
-        wait_healthy(self.base_url)
+        wait_healthy(self.base_url, self.startup_timeout_s)
         return self
 
     def __exit__(self, *exc) -> None:
