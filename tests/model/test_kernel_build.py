@@ -213,6 +213,7 @@ def test_the_kernels_take_the_level_kvserve_cpu_isa_asks_for(level):
             "print(k.get_isa(), k.built_with_avx512())")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "KVSERVE_CPU_ISA": level},
                          capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and len(out.stdout.split()) == 2, out.stderr[-2000:]
     got_level, avx512_code = out.stdout.split()
     assert got_level == str(LEVELS.index(level)), out.stderr[-2000:]
     if level == "avx2":        # an AVX2 CPU's own build: no AVX-512 code, 16 vector registers
