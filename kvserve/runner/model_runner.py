@@ -137,11 +137,14 @@ class ModelRunner:
         kernels = getattr(self.backend, "kernels", None)     # the C++ CPU kernels, when they built
         if kernels is not None and (dtype == torch.bfloat16 or quantization != "none"):
             model.use_fused_kernels(kernels)     # unquantized fp32 keeps the torch spec, op for op
-            if dtype == torch.float32 and cpu_features.isa() != "portable":
-                from kvserve.model import quant
+            from kvserve.model import quant
 
+            if dtype == torch.float32 and cpu_features.isa() != "portable":
                 log.info("integer GEMMs at every row count: %d int4 and %d int8 fp32 linear layers",
                          quant.use_int4_gemm(model), quant.use_int8_gemm(model))
+            if quantization != "none":
+                log.info("quantized weights gathered into one buffer: %.0f MB",
+                         quant.gather_quantized_weights(model) / 1e6)
         self.model = model.eval()
         self.kv_dtype = resolve_kv_dtype(cache.dtype, dtype, quantization, device)
         self.num_blocks = num_kv_blocks(cache, config, self.kv_dtype)

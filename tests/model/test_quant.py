@@ -549,3 +549,49 @@ def test_quantization_auto_is_int4_only_where_its_kernel_runs():
     assert resolve_quantization("auto", "auto", cpu, "torch") == "none"         # the reference path: no kernels
     assert resolve_quantization("auto", "auto", torch.device("cuda")) == "none"
     assert resolve_quantization("int8", "float32", cpu, "torch") == "int8"      # asked for: given
+
+
+@pytest.mark.parametrize("dtype,quantization", [("float32", "int4"), ("bfloat16", "int4"), ("float32", "int8")])
+def test_the_quantized_weights_read_every_step_live_in_one_buffer_and_compute_the_same(dtype, quantization):
+    """gather_quantized_weights: every tensor a quantized layer's kernel reads per call is a view of
+    one buffer, in the order a forward pass reads them, each on a cache line; the outputs are the
+    ones the layers gave before."""
+    from kvserve.attention import cpu_kernels
+    from kvserve.model.quant import ARENA_ALIGN, gather_quantized_weights
+    from kvserve.runner.model_runner import ModelRunner
+
+    if cpu_kernels.load() is None:
+        pytest.skip("no C++ kernels here")
+    checkpoint = load_checkpoint("random:tiny")
+    runner = ModelRunner(checkpoint.config, checkpoint.weights, CacheConfig(memory_bytes=4 << 20),
+                         getattr(torch, dtype), torch.device("cpu"), 0, attention="cpu", quantization=quantization)
+    layers = [m for m in runner.model.modules() if isinstance(m, (Int4Linear, Int8Linear))]
+    assert layers and all(layer.kernels is not None for layer in layers)
+
+    def hot(layer):
+        if isinstance(layer, Int4Linear):
+            tensors = list(layer.gemm) if layer.gemm is not None else [layer.qs, layer.dm]
+        else:
+            tensors = [layer.gemm if layer.gemm is not None else layer.weight, layer.scale]
+        return tensors + ([layer.bias] if layer.bias is not None else [])
+
+    tensors = [t for layer in layers for t in hot(layer)]
+    storages = {t.untyped_storage().data_ptr() for t in tensors}
+    assert len(storages) == 1                                      # the runner gathered them
+    addresses = [t.data_ptr() for t in tensors]
+    assert addresses == sorted(addresses)                          # in the order of the forward pass
+    assert all(a % ARENA_ALIGN == 0 for a in addresses)
+    assert all(a + t.numel() * t.element_size() <= b for a, b, t in zip(addresses, addresses[1:], tensors))
+
+    torch.manual_seed(0)
+    x = {layer: torch.randn(3, layer.in_features, dtype=getattr(torch, dtype)) for layer in layers}
+    before = {layer: layer(x[layer]) for layer in layers}
+    copies = [t.clone() for t in tensors]
+    assert gather_quantized_weights(runner.model) == sum(
+        -(-t.numel() * t.element_size() // ARENA_ALIGN) * ARENA_ALIGN for t in tensors[:-1]) + \
+        tensors[-1].numel() * tensors[-1].element_size()           # gathering again: a new buffer, the same bytes
+    again = [t for layer in layers for t in hot(layer)]
+    assert len({t.untyped_storage().data_ptr() for t in again}) == 1 and again[0].data_ptr() != addresses[0]
+    assert all(torch.equal(a, b) for a, b in zip(again, copies))
+    for layer in layers:
+        assert torch.equal(layer(x[layer]), before[layer])
