@@ -319,8 +319,10 @@ def gather_quantized_weights(model: nn.Module) -> int:
     Each layer's packed weights were an allocation of their own: the small ones are not on huge
     pages, so a decode step, which streams every layer's weights from memory, missed the TLB page
     after page. One buffer of that size gets transparent huge pages (cpu_features.use_huge_pages)
-    and is read as one stream: the AVX2 build's one-row step 13.3 → 12.1 ms, its int4 GEMMs 5.9 →
-    5.0 ms of it (docs/speed-notes.md). Layers without kernels (CUDA, no build) are left as they are."""
+    and is read as one stream. One stream, `kvserve bench step`, old and new alternately: AVX-512
+    10.3-12.3 → 8.1-9.4 ms a step; the AVX2 build 10.7-10.9 → 10.0-10.8, its int4 GEMMs 5.9 → 5.0 ms
+    a step in an engine timed call by call (docs/speed-notes.md). Layers without kernels (CUDA, no
+    build) are left as they are."""
     layers = [m for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear)) and m.kernels is not None]
     slots = [(layer, name, index) for layer in layers for name, index in _hot_tensors(layer)]
     if not slots:
