@@ -41,6 +41,12 @@ class CpuPagedAttention(TorchPagedAttention):
                                             metadata.slot_mapping, plan.decode_block_ids, plan.decode_seq_lens, scale)
         return super().forward(query, key, value, kv_cache, metadata, scale)
 
+    def decode_plan(self, metadata: AttentionMetadata, device: torch.device) -> _StepPlan | None:
+        """This step's plan when every row decodes (what decode_qkv and the C++ layer loop take),
+        else None."""
+        plan = self._step_plan(metadata, device)
+        return None if plan.prefills else plan
+
     def _prefill(self, query: torch.Tensor, kv_cache: KVCache, metadata: AttentionMetadata, plan: _StepPlan,
                  scale: float, out: torch.Tensor) -> None:
         """Every chunk of every sequence in one C++ call over the paged cache (out is fp32), where

@@ -52,7 +52,7 @@ NAME = "kvserve_cpu_kernels"
 HEADERS = list((Path(__file__).parent / "csrc").glob("*.h"))
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp",
                                                                   "int8_matmul.cpp", "int4_matmul.cpp", "int4_gemm.cpp",
-                                                                  "int8_gemm.cpp", "prefill_attention.cpp")]
+                                                                  "int8_gemm.cpp", "prefill_attention.cpp", "decode_layers.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 # Added for the level in use. An AVX2-level process (a Zen 3, or KVSERVE_CPU_ISA=avx2 on an AVX-512
 # machine) gets a build without AVX-512, as an AVX2 CPU's own build is: 16 vector registers and VEX

@@ -16,6 +16,7 @@ from torch import nn
 from kvserve.attention.backend import AttentionBackend, AttentionMetadata, KVCache
 from kvserve.config import ModelConfig
 from kvserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from kvserve.model.quant import Int4Linear
 
 Rotary = tuple[torch.Tensor, torch.Tensor]    # cos, sin of this step's positions, [num_tokens, 1, head_dim]
 
@@ -77,15 +78,67 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                       config.rope_scaling)
+        self.backend = backend
+        self._layer_weights: list[torch.Tensor] | None = None    # decode_layers' weights, once built
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 metadata: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)                          # [num_tokens, hidden]
         rotary = self.rotary(positions, hidden.dtype)
+        fast = self._decode_layers(hidden, rotary, kv_caches, metadata)
+        if fast is not None:
+            return self.norm(*fast)[0]
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, rotary, kv_cache, metadata)
         return self.norm(hidden, residual)[0]
+
+    def decode_layers_weights(self) -> list[torch.Tensor] | None:
+        """The tensors of csrc/decode_layers.cpp, 15 a layer in its order, when every layer runs what
+        that loop calls (fp32, fused norms and SiLU, every linear on the int4 GEMM, biases only on
+        qkv); else None."""
+        empty = torch.empty(0)
+        weights = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if attn.kernels is None or not all(isinstance(m, Int4Linear) and m.gemm is not None for m in linears) \
+                    or any(m.bias is not None for m in linears[1:]) \
+                    or layer.input_layernorm.weight.dtype != torch.float32 or mlp.kernels is None \
+                    or layer.input_layernorm.kernels is None or layer.post_attention_layernorm.kernels is None:
+                return None
+            qkv, o, gate_up, down = (m.gemm for m in linears)
+            bias = attn.qkv_proj.bias
+            weights += [layer.input_layernorm.weight, *qkv, empty if bias is None else bias, *o,
+                        layer.post_attention_layernorm.weight, *gate_up, *down]
+        return weights
+
+    def _decode_layers(self, hidden: torch.Tensor, rotary: Rotary, kv_caches: list[KVCache],
+                       metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(hidden, residual) after every layer from one C++ call (csrc/decode_layers.cpp: the same
+        kernels in the same order, without the Python between them), for an all-decode step of an
+        fp32 model on the int4 GEMM; None where that does not apply, and the layers run one by one."""
+        kernels = getattr(self.backend, "kernels", None)
+        if kernels is None or not hasattr(kernels, "decode_layers") or not hasattr(self.backend, "decode_plan") \
+                or hidden.dtype != torch.float32 \
+                or hidden.dim() != 2 or not hidden.is_contiguous() \
+                or any(k.dtype not in (torch.float32, torch.bfloat16) for k, _ in kv_caches):
+            return None
+        first = self.layers[0].self_attn.qkv_proj
+        if self._layer_weights is None or not isinstance(first, Int4Linear) or first.gemm is None \
+                or self._layer_weights[1] is not first.gemm[0]:      # built before the weights were (re)placed
+            self._layer_weights = self.decode_layers_weights()
+        if self._layer_weights is None:
+            return None
+        plan = self.backend.decode_plan(metadata, hidden.device)
+        if plan is None:
+            return None
+        attn, norm = self.layers[0].self_attn, self.layers[0].input_layernorm
+        hidden, residual = kernels.decode_layers(
+            hidden, self._layer_weights, [k for k, _ in kv_caches], [v for _, v in kv_caches], *rotary,
+            metadata.slot_mapping, plan.decode_block_ids, plan.decode_seq_lens, attn.scale, attn.num_heads,
+            attn.num_kv_heads, norm.eps)
+        return hidden, residual
 
 
 class LlamaForCausalLM(nn.Module):

@@ -178,3 +178,59 @@ def test_decode_qkv_writes_an_fp32_models_keys_into_a_bf16_cache(kernels):
     torch.testing.assert_close(got, expected.reshape(rows, -1), rtol=1e-5, atol=1e-5)
     assert (caches[0][0].float() - caches[1][0].float()).abs().max() <= 0.02      # one bf16 step at most
     assert torch.equal(caches[0][1], caches[1][1])
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_the_cpp_layer_loop_gives_the_python_layers_logits_to_the_bit(kernels, isa, qkv_bias):
+    """An all-decode step of an fp32 int4 model runs its layers in one C++ call (decode_layers.cpp);
+    it gives the logits of the Python layers calling the same kernels one by one, bit for bit, at
+    one row and at several, with the qkv bias of Qwen-like models too; prefill steps keep the Python
+    layers."""
+    import dataclasses
+
+    from kvserve.config import EngineConfig
+    from kvserve.cpu_features import LEVELS
+    from kvserve.engine.engine import Engine
+    from kvserve.model.checkpoint import load_checkpoint
+    from kvserve.model.llama import LlamaModel
+    from kvserve.sampling import SamplingParams
+
+    if isa == "avx512" and not kernels.built_with_avx512():
+        pytest.skip("this build has no AVX-512 path")
+    checkpoint = load_checkpoint("random:tiny")
+    if qkv_bias:
+        config = checkpoint.config
+        checkpoint = dataclasses.replace(checkpoint, config=dataclasses.replace(config, attention_bias=True))
+        generator = torch.Generator().manual_seed(1)
+        for i in range(config.num_layers):
+            for name, size in (("q", config.q_size), ("k", config.kv_size), ("v", config.kv_size)):
+                checkpoint.weights[f"model.layers.{i}.self_attn.{name}_proj.bias"] = torch.randn(size, generator=generator)
+    before = kernels.get_isa()
+    kernels.set_isa(min(before, LEVELS.index(isa)))
+    try:
+        calls, logits = {True: [], False: []}, {}
+        fast = LlamaModel._decode_layers
+        for use_cpp in (True, False):
+            engine = Engine(EngineConfig(model="random:tiny", dtype="float32", quantization="int4"), checkpoint)
+            model, runner = engine.core.runner.model.model, engine.core.runner
+            assert model.decode_layers_weights() is not None
+
+            def spy(*args, model=model, use_cpp=use_cpp):
+                result = fast(model, *args) if use_cpp else None
+                calls[use_cpp].append(result is not None)
+                return result
+
+            steps, compute = [], runner.model.compute_logits
+            runner.model.compute_logits = lambda hidden, compute=compute, steps=steps: steps.append(compute(hidden)) or steps[-1]
+            model._decode_layers = spy
+            for r in range(3):
+                engine.add(list(range(3 + r, 30 + 7 * r)), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+            while engine.has_unfinished:
+                engine.step()
+            logits[use_cpp] = steps
+        assert any(calls[True]) and not all(calls[True])     # decode steps took the loop, prefill steps did not
+        assert len(logits[True]) == len(logits[False]) > 3
+        assert all(torch.equal(a, b) for a, b in zip(logits[True], logits[False]))
+    finally:
+        kernels.set_isa(before)

@@ -26,6 +26,11 @@ torch::Tensor int4_gemm_portable(torch::Tensor x, torch::Tensor w, torch::Tensor
 void prefill_attention(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_table,
                        torch::Tensor chunks, double scale, torch::Tensor out);
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+std::vector<torch::Tensor> decode_layers(torch::Tensor hidden, std::vector<torch::Tensor> weights,
+                                         std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor> v_caches,
+                                         torch::Tensor cos, torch::Tensor sin, torch::Tensor slot_mapping,
+                                         torch::Tensor block_table, torch::Tensor seq_lens, double scale,
+                                         int64_t num_heads, int64_t num_kv_heads, double eps);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (CPU)");
@@ -43,6 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemm_portable", &int8_gemm_portable, "the same, plain loops (the spec of the vector path)");
   m.def("prefill_attention", &prefill_attention, "attention of prefill chunks over the paged cache, into out (CPU)");
   m.def("rotary", &rotary, "rotate-half rotary embedding, bf16");
+  m.def("decode_layers", &decode_layers, "an all-decode step's decoder layers, fp32 with int4 GEMM linears");
   m.def("set_isa", [](int64_t level) { kvserve::isa_level() = static_cast<int>(level); },
         "the instruction-set level the kernels may use: 0 portable, 1 avx2, 2 avx512");
   m.def("get_isa", []() { return static_cast<int64_t>(kvserve::isa_level()); }, "the level set");
