@@ -3,34 +3,7 @@
 #include <torch/extension.h>
 
 #include "isa.h"
-
-torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor block_table, torch::Tensor seq_lens, double scale);
-torch::Tensor decode_step(torch::Tensor query, torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
-                          torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_table,
-                          torch::Tensor seq_lens, double scale);
-torch::Tensor decode_qkv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
-                         torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_table,
-                         torch::Tensor seq_lens, double scale, int64_t num_heads, int64_t num_kv_heads);
-std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight,
-                                    double eps);
-torch::Tensor silu_mul(torch::Tensor gate_up);
-torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
-torch::Tensor int8_matmul_portable(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
-torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor dm);
-torch::Tensor int4_matmul_portable(torch::Tensor x, torch::Tensor qs, torch::Tensor dm);
-torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor d, torch::Tensor m);
-torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
-torch::Tensor int8_gemm_portable(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
-torch::Tensor int4_gemm_portable(torch::Tensor x, torch::Tensor w, torch::Tensor d, torch::Tensor m);
-void prefill_attention(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_table,
-                       torch::Tensor chunks, double scale, torch::Tensor out);
-torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
-std::vector<torch::Tensor> decode_layers(torch::Tensor hidden, std::vector<torch::Tensor> weights,
-                                         std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor> v_caches,
-                                         torch::Tensor cos, torch::Tensor sin, torch::Tensor slot_mapping,
-                                         torch::Tensor block_table, torch::Tensor seq_lens, double scale,
-                                         int64_t num_heads, int64_t num_kv_heads, double eps);
+#include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (CPU)");

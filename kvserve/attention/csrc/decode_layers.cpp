@@ -9,17 +9,8 @@
 //   input norm weight, qkv (w, d, m, bias or an empty tensor), o (w, d, m),
 //   post-attention norm weight, gate_up (w, d, m), down (w, d, m).
 
+#include "kernels.h"
 #include "tensor.h"
-
-#include <vector>
-
-torch::Tensor decode_qkv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
-                         torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_table,
-                         torch::Tensor seq_lens, double scale, int64_t num_heads, int64_t num_kv_heads);
-std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight,
-                                    double eps);
-torch::Tensor silu_mul(torch::Tensor gate_up);
-torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor d, torch::Tensor m);
 
 namespace {
 constexpr size_t kPerLayer = 15;
