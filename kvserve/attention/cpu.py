@@ -66,8 +66,8 @@ class CpuPagedAttention(TorchPagedAttention):
         if qkv.dtype not in FUSED_DTYPES or kv_cache[0].dtype not in (qkv.dtype, torch.bfloat16) or \
                 not qkv.is_contiguous():
             return None
-        plan = self._step_plan(metadata, qkv.device)
-        if plan.prefills:
+        plan = self.decode_plan(metadata, qkv.device)
+        if plan is None:
             return None
         return self.kernels.decode_qkv(qkv, *rotary, *kv_cache, metadata.slot_mapping, plan.decode_block_ids,
                                        plan.decode_seq_lens, scale, num_heads, num_kv_heads)

@@ -122,7 +122,7 @@ class LlamaModel(nn.Module):
         if kernels is None or not hasattr(kernels, "decode_layers") or not hasattr(self.backend, "decode_plan") \
                 or hidden.dtype != torch.float32 \
                 or hidden.dim() != 2 or not hidden.is_contiguous() \
-                or any(k.dtype not in (torch.float32, torch.bfloat16) for k, _ in kv_caches):
+                or kv_caches[0][0].dtype not in (torch.float32, torch.bfloat16):     # one dtype for all layers
             return None
         first = self.layers[0].self_attn.qkv_proj
         if self._layer_weights is None or not isinstance(first, Int4Linear) or first.gemm is None \
