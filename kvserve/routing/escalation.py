@@ -4,6 +4,9 @@
 the same way: an async iterator of RequestOutput deltas, the last one finished, and `abort()`.
 Streaming and non-streaming answers both consume it, so they are the same answer.
 
+    prompt text ──▶ router.before_text(text signals)
+         │ large: the large model answers from scratch; the small one never runs ("predicted")
+         ▼ small, or no text estimates
     small model: prefill + first token ──▶ router.before(prompt signals)
          │ no: abort, the large model answers from scratch ("predicted")
          ▼ yes
@@ -33,7 +36,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from kvserve.outputs import RequestOutput, RequestStats, TokenLogprob, merge
-from kvserve.routing.predictor import answer_scores, prompt_signals
+from kvserve.routing.predictor import answer_scores, prompt_signals, text_signals
 from kvserve.routing.router import Decision, Router
 from kvserve.sampling import FinishReason, SamplingParams
 
@@ -104,6 +107,17 @@ class RoutedStream:
     # ---- the route --------------------------------------------------------------------------
     async def _run(self) -> AsyncIterator[RequestOutput]:
         config = self.router.config
+        started = time.monotonic()
+        signals = text_signals(self.prompt_text, len(self.prompt_ids))
+        large_now, scores = self.router.before_text(signals)
+        self.decision.scores.update(scores)
+        if large_now:
+            self.decision.signals = signals
+            self.decision.chosen = config.large
+            self.observe("decision", time.monotonic() - started)
+            async for output in self._answer_with(config.large, "predicted", from_scratch=True):
+                yield output
+            return
         small_params = dataclasses.replace(self.params, logprobs=max(self.params.logprobs or 0, SIGNAL_TOP_LOGPROBS))
         try:
             stream = await self._start(config.small, self.prompt_ids, small_params)
@@ -170,9 +184,7 @@ class RoutedStream:
                 self._record(config.small, output, shown=len(self._sent))
                 yield self._client_view(output, config.small)
                 return
-            # No hand-off when stop strings are set: text held back as a possible stop string's
-            # start could not be carried over to the large model's detokenizer.
-            if config.escalation == "stream" and not self._aborted and not self.params.stop:
+            if config.escalation == "stream" and not self._aborted:
                 while not pending_handoff and len(tokens) - checked >= config.window_tokens:
                     window = answer_scores(logprobs[checked:checked + config.window_tokens])
                     checked += config.window_tokens
@@ -182,15 +194,24 @@ class RoutedStream:
                         pending_handoff = True
                         self.decision.scores.update({"q_window": q_window})
             yield self._client_view(output, config.small)
-            # Hand off at a token boundary that ends a whole character: the text sent so far is
-            # then exactly the decoded tokens sent so far, and the large model's text follows it.
-            if pending_handoff and not self._aborted and not self.decode(self._sent[-8:]).endswith("\ufffd"):
+            if pending_handoff and not self._aborted and self._at_clean_boundary():
                 stream.abort()
                 last = await _drain(stream)
                 self._record(config.small, last, shown=len(self._sent))
                 async for out in self._answer_with(config.large, "handoff", from_scratch=False):
                     yield out
                 return
+
+    def _at_clean_boundary(self) -> bool:
+        """Whether the answer can change hands after the tokens sent so far: the last one ends a
+        whole character, and no tail of the text is held back by the small model's detokenizer as
+        the possible start of a stop string. The text the client has is then exactly the decoded
+        tokens sent, the large model's text follows it, and a stop string cannot straddle the two."""
+        stop = self.params.stop
+        tail = self.decode(self._sent[-(8 + max(map(len, stop), default=0)):])
+        if tail.endswith("\ufffd"):
+            return False
+        return not any(tail.endswith(s[:k]) for s in stop for k in range(1, len(s)))
 
     async def _replace(self, model: str, reason: str, output: RequestOutput) -> AsyncIterator[RequestOutput]:
         """Abort the small model's answer, never shown, and let `model` answer from scratch."""

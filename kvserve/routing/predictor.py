@@ -1,14 +1,18 @@
 """The quality estimates a router decides with, and how they are calibrated.
 
-Three small logistic models, each over a handful of signals that cost next to nothing on a CPU:
+Small logistic models, each over a handful of signals that cost next to nothing on a CPU:
 
-    p_small(prompt)          P(the small model answers this prompt well)     before generation
-    p_large(prompt)          P(the large model answers it well)              before generation
+    p_small_text(prompt)     P(the small model answers this prompt well)     before any model runs
+    p_large_text(prompt)     P(the large model answers it well)              before any model runs
+    p_small(prompt)          P(the small model answers this prompt well)     after the small prefill
+    p_large(prompt)          P(the large model answers it well)              after the small prefill
     q_small(prompt, answer)  P(this small-model answer is good)              after (part of) the answer
 
-The prompt signals are the small model's own prefill statistics (the probability and the top-k
-entropy of its first token; the small model prefills the prompt anyway, so they are nearly free)
-and lexical ones (length, code, digits). The answer signals are training-free scores of the
+The text signals are lexical (length, code, digits): known before any model runs, so a prompt
+they already mark as one for the large model goes there without paying the small model's prefill
+(the `_text` pair; optional, absent from older calibration files). The prompt signals add the small
+model's own prefill statistics (the probability and the top-k entropy of its first token; the
+small model prefills the prompt anyway when it is tried, so they are nearly free). The answer signals are training-free scores of the
 answer's token log-probabilities: the mean and the lowest decile (and `window`: 0 for the held-back
 prefix, k for the k-th later window) (Gupta et al., ICLR 2024,
 "Language Model Cascades: Token-level uncertainty and beyond": a low quantile beats the mean on
@@ -30,24 +34,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROMPT_SIGNALS = ("first_token_logprob", "first_token_entropy", "log_prompt_tokens", "code", "digits")
+TEXT_SIGNALS = ("log_prompt_tokens", "code", "digits")
+PROMPT_SIGNALS = ("first_token_logprob", "first_token_entropy", *TEXT_SIGNALS)
 ANSWER_SIGNALS = ("mean_logprob", "low_logprob", "first_token_logprob", "code")
 
 _CODE = re.compile(r"```|\bdef |\bclass |\bfunction\b|\bpython\b|\bSQL\b|\breturn\b|\bimplement|\bcode\b",
                    re.IGNORECASE)
 
 
+def text_signals(prompt_text: str, num_prompt_tokens: int) -> dict[str, float]:
+    """Signals of a prompt known before any model runs: its length and its kind."""
+    digits = sum(ch.isdigit() for ch in prompt_text)
+    return {"log_prompt_tokens": math.log1p(num_prompt_tokens), "code": 1.0 if _CODE.search(prompt_text) else 0.0,
+            "digits": min(1.0, digits / 8)}
+
+
 def prompt_signals(prompt_text: str, num_prompt_tokens: int, first_token_logprob: float,
                    first_top_logprobs: Sequence[float]) -> dict[str, float]:
-    """Signals of a prompt: the small model's first-token probability and top-k entropy (from the
-    top log-probabilities it returned, renormalised), its length and its kind."""
+    """Signals of a prompt after the small model's prefill: its first-token probability and top-k
+    entropy (from the top log-probabilities it returned, renormalised), and the text signals."""
     probs = [math.exp(lp) for lp in first_top_logprobs] or [math.exp(first_token_logprob)]
     total = sum(probs)
     entropy = -sum(p / total * math.log(p / total) for p in probs if p > 0)
-    digits = sum(ch.isdigit() for ch in prompt_text)
     return {"first_token_logprob": first_token_logprob, "first_token_entropy": entropy,
-            "log_prompt_tokens": math.log1p(num_prompt_tokens), "code": 1.0 if _CODE.search(prompt_text) else 0.0,
-            "digits": min(1.0, digits / 8)}
+            **text_signals(prompt_text, num_prompt_tokens)}
 
 
 def answer_scores(logprobs: Sequence[float], quantile: float = 0.1) -> dict[str, float]:
@@ -108,13 +118,16 @@ class Logistic:
 
 @dataclass
 class Calibration:
-    """The three estimates of one model pair, and the held-back prefix length they were fitted for."""
+    """The estimates of one model pair, and the held-back prefix length they were fitted for.
+    Without the `_text` pair (the prior, older files) every prompt is first tried on the small model."""
 
     p_small: Logistic
     p_large: Logistic
     q_small: Logistic
     hold_tokens: int = 24
     source: str = "built-in"       # where it came from: a file, or the built-in prior
+    p_small_text: Logistic | None = None
+    p_large_text: Logistic | None = None
 
     @classmethod
     def prior(cls) -> Calibration:
@@ -128,12 +141,18 @@ class Calibration:
     def load(cls, path: str | Path) -> Calibration:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
+            both = data.get("p_small_text") is not None and data.get("p_large_text") is not None
             return cls(Logistic.from_json(data["p_small"]), Logistic.from_json(data["p_large"]),
-                       Logistic.from_json(data["q_small"]), int(data.get("hold_tokens", 24)), source=str(path))
+                       Logistic.from_json(data["q_small"]), int(data.get("hold_tokens", 24)), source=str(path),
+                       p_small_text=Logistic.from_json(data["p_small_text"]) if both else None,
+                       p_large_text=Logistic.from_json(data["p_large_text"]) if both else None)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"cannot read the routing calibration {path}: {error}") from None
 
     def save(self, path: str | Path, **extra) -> None:
         data = {"p_small": self.p_small.to_json(), "p_large": self.p_large.to_json(),
-                "q_small": self.q_small.to_json(), "hold_tokens": self.hold_tokens, **extra}
+                "q_small": self.q_small.to_json(), "hold_tokens": self.hold_tokens}
+        if self.p_small_text is not None and self.p_large_text is not None:
+            data.update(p_small_text=self.p_small_text.to_json(), p_large_text=self.p_large_text.to_json())
+        data.update(extra)
         Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

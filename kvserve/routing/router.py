@@ -6,6 +6,10 @@
 The models are listed cheapest first (two for now: a small and a large one that share a
 tokenizer). Each request goes through:
 
+  0. routing on the text alone, when the calibration has estimates for it: the prompt's lexical
+     signals give p_small_text and p_large_text; when p_small_text < p_large_text - tolerance the
+     large model answers straight away, and the small model's prefill is never paid (reason
+     "predicted", `scores` holding the `_text` pair);
   1. routing before generation: the small model prefills the prompt and proposes its first token;
      its prefill statistics and the prompt's lexical signals give p_small and p_large
      (predictor.py); the small model goes on when p_small >= p_large - tolerance, otherwise the
@@ -157,6 +161,15 @@ class Router:
     @property
     def name(self) -> str:
         return self.config.name
+
+    def before_text(self, signals: dict[str, float]) -> tuple[bool, dict[str, float]]:
+        """(the large model answers straight away, scores), from the text signals alone:
+        p_small_text < p_large_text - tolerance. Never, without text estimates or with predict=off."""
+        calibration = self.calibration
+        if not self.config.predict or calibration.p_small_text is None or calibration.p_large_text is None:
+            return False, {}
+        p_small, p_large = calibration.p_small_text(signals), calibration.p_large_text(signals)
+        return p_small < p_large - self.config.tolerance, {"p_small_text": p_small, "p_large_text": p_large}
 
     def before(self, signals: dict[str, float]) -> tuple[bool, dict[str, float]]:
         """(small model goes on, scores): p_small >= p_large - tolerance."""

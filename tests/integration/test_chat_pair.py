@@ -331,6 +331,12 @@ def test_a_handoff_mid_stream_through_bedrock_converse(server):
         trace = event.get("metadata", {}).get("trace", trace)
     assert text == reply["output"]["message"]["content"][0]["text"]
     assert trace["promptRouter"]["invokedModelId"] == "large"
+    # Stop strings leave the hand-off on (it waits for a boundary no stop string can straddle);
+    # one the text never starts changes nothing.
+    stopped = client.converse(modelId="handoff", messages=messages,
+                              inferenceConfig={"maxTokens": 24, "temperature": 0, "stopSequences": ["@@@@"]})
+    assert stopped["additionalModelResponseFields"]["routing"]["segments"] == routing["segments"]
+    assert stopped["output"]["message"]["content"][0]["text"] == reply["output"]["message"]["content"][0]["text"]
 
 
 @pytest.mark.parametrize("router", ["handoff", "keep"])

@@ -124,6 +124,34 @@ def test_predicted_hard_goes_to_the_large_model_before_any_token():
     assert [r["model"] for r in stream.runs] == ["small", "large"] and stream.runs[0]["shown"] == 0
 
 
+def test_a_prompt_the_text_marks_as_hard_never_pays_the_small_prefill():
+    small, large = FakeEngine("s", confident(30)), FakeEngine("L", confident(5, 50))
+    text_hard = Calibration(Logistic({}, 0.0), Logistic({}, 0.0), Logistic({"low_logprob": 4.0}, 4.0),
+                            p_small_text=Logistic({"digits": -6.0}, 2.0), p_large_text=Logistic({}, 2.0))
+
+    def answer(prompt_text, spec="chat=small,large"):
+        small.started.clear(), large.started.clear()
+        router = Router(parse_router_spec(spec, ["small", "large"]), text_hard)
+        stream = RoutedStream(router, {"small": Member(small), "large": Member(large)}, [101, 102], prompt_text,
+                              SamplingParams(max_tokens=64), {}, decode=str)
+
+        async def consume():
+            return [o async for o in stream]
+
+        return stream, asyncio.run(consume())
+
+    stream, outputs = answer("What is 12345 * 6789?")          # digits: p_small_text ~ 0.02, p_large_text 0.88
+    assert tokens(outputs) == [50, 51, 52, 53, 54, 0]
+    assert not small.started and large.started[0].prompt == [101, 102]
+    d = stream.decision
+    assert (d.chosen, d.reason) == ("large", "predicted") and d.scores["p_small_text"] < 0.05
+    assert [r["model"] for r in stream.runs] == ["large"]        # the cost has no small-model share
+    stream, outputs = answer("Say hi")                           # no digits: both 0.88, the small model is tried
+    assert small.started and not large.started and stream.decision.reason == "predicted"
+    stream, outputs = answer("What is 12345 * 6789?", spec="chat=small,large,predict=off")
+    assert small.started and not large.started                   # predict=off skips every routing before generation
+
+
 def test_a_doubtful_prefix_escalates_before_the_client_sees_a_token():
     script = [(1, CONFIDENT), (2, DOUBTFUL), (3, DOUBTFUL)] + confident(40, 4)
     stream, outputs, small, large = route(script, confident(3, 60), spec="chat=small,large,hold=8")
@@ -253,23 +281,40 @@ def test_logistic_fit_separates_and_round_trips(tmp_path):
     calibration_.save(tmp_path / "c.json")
     loaded = Calibration.load(tmp_path / "c.json")
     assert loaded.p_small({"x": 1.5}) == pytest.approx(model({"x": 1.5})) and loaded.hold_tokens == 16
+    assert loaded.p_small_text is None and loaded.p_large_text is None       # an older file: no text stage
+    Calibration(model, model, model, p_small_text=model, p_large_text=model).save(tmp_path / "t.json")
+    loaded = Calibration.load(tmp_path / "t.json")
+    assert loaded.p_large_text({"x": -1.0}) == pytest.approx(model({"x": -1.0}))
     with pytest.raises(ValueError, match="cannot read the routing calibration"):
         Calibration.load(tmp_path / "missing.json")
 
 
-def test_no_handoff_when_stop_strings_are_set():
+def handed_off(stop):
+    """The doubtful-window script with these stop strings: (the large model's prompt, its params)."""
     script = confident(12)[:-1] + [(13, DOUBTFUL)] * 8 + confident(20, 30)
     small, large = FakeEngine("s", script), FakeEngine("L", confident(4, 70))
     router = Router(parse_router_spec("chat=small,large,hold=4,window=8", ["small", "large"]), calibration())
     stream = RoutedStream(router, {"small": Member(small), "large": Member(large)}, [1, 2], "x",
-                          SamplingParams(max_tokens=64, stop=["\n\n"]), {}, decode=str)
+                          SamplingParams(max_tokens=64, stop=stop), {},
+                          decode=lambda ids: "".join(chr(65 + t % 26) for t in ids))
 
     async def consume():
         return [o async for o in stream]
 
     outputs = asyncio.run(consume())
-    assert not large.started and tokens(outputs)[-1] == 0
-    assert stream.decision.reason == "predicted"
+    assert stream.decision.reason == "handoff" and tokens(outputs)[-5:] == [70, 71, 72, 73, 0]
+    return large.started[0].prompt, large.started[0].params
+
+
+def test_a_handoff_waits_until_no_stop_string_can_straddle_it():
+    prompt, params = handed_off(stop=[])
+    assert prompt[-1] == 13                          # mid-run of the doubtful tokens ('N')
+    # Sent text ending in "N" may be the start of the stop string "NX", which the small model's
+    # detokenizer holds back: the answer changes hands only after the first token that rules it out.
+    prompt, params = handed_off(stop=["NX", "QQQ"])
+    assert prompt[-2:] == [13, 30] and params.stop == ("NX", "QQQ")
+    prompt, _ = handed_off(stop=["ZZ"])              # a stop string the text cannot be starting
+    assert prompt[-1] == 13
 
 
 def test_an_aborted_answer_still_accounts_for_what_ran():
