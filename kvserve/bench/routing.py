@@ -16,9 +16,12 @@ ratios the routing goal is stated in: cascade accuracy / large accuracy and casc
 cost.
 
 `--calibrate FILE` first fits the router's estimates (routing/predictor.py) on the small and
-large runs, writes them to FILE, and then runs predict and cascade on a server that uses FILE.
-It also reports a 2-fold cross-validated estimate (fitted on one half, replayed on the other from
-the recorded answers), since the in-sample figures are fitted on the very items they score.
+large runs (or on a previous run's recorded answers, `--answers`), writes them to FILE, and then
+runs predict and cascade on a server that uses FILE. Since those in-sample figures are fitted on
+the very items they score, it also reports cross-validated replays from the recorded answers
+(5-fold, 3 seeded shuffles): the cascade at the chosen tolerance, the whole tolerance curve, the
+cheapest tolerance on it that meets the chat profile's goal (if any), and two oracle bounds (the
+best any router could do on these answers, and the cheapest way to just reach the goal).
 """
 
 from __future__ import annotations
@@ -39,10 +42,14 @@ from tqdm import tqdm
 from kvserve.bench.routing_eval import EvalItem, grade_many, load_items
 from kvserve.bench.serve import percentile
 from kvserve.bench.server_process import free_port, running
-from kvserve.routing.predictor import ANSWER_SIGNALS, PROMPT_SIGNALS, Calibration, Logistic, answer_scores
+from kvserve.routing.predictor import (ANSWER_SIGNALS, PROMPT_SIGNALS, TEXT_SIGNALS, Calibration, Logistic,
+                                       answer_scores)
+from kvserve.routing.router import Router, RouterConfig
 
 MAX_TOKENS = {"code": 384, "arithmetic": 256, "fact": 48}
 MODES = ("small", "large", "predict", "cascade")
+GOAL_ACCURACY = 0.98          # the chat profile's goal: >= 98% of the large model's accuracy ...
+GOAL_COST = 0.55              # ... at <= 55% of its weighted cost
 
 
 def add_routing_options(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +64,9 @@ def add_routing_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibrate", default=None, metavar="FILE",
                         help="fit the routers' estimates on this run's small and large answers, write them to "
                              "FILE, and run predict and cascade with them")
+    parser.add_argument("--answers", default=None, metavar="FILE",
+                        help="with --calibrate: take the small and large answers from FILE (a previous run's "
+                             "--out) instead of running them again")
     parser.add_argument("--hold", type=int, default=None, help="tokens held back and scored (router option hold)")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N items of a seeded shuffle")
@@ -149,6 +159,26 @@ async def run_mode(url: str, model: str, mode: str, items: list[EvalItem], concu
     return done
 
 
+def load_answers(path: str, items: list[EvalItem]) -> dict[str, list[Answer]]:
+    """The small and large answers of a previous run's --out, for the items being run."""
+    by_id = {item.id: item for item in items}
+    found: dict[str, list[Answer]] = {"small": [], "large": []}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("mode") in found and row.get("id") in by_id:
+                found[row["mode"]].append(Answer(
+                    by_id[row["id"]], row["mode"], text=row.get("text", ""), ttft_s=row.get("ttft_s"),
+                    model=row.get("model"), cost=row.get("cost", 0.0), prompt_tokens=row.get("prompt_tokens", 0),
+                    completion_tokens=row.get("completion_tokens", 0), routing=row.get("routing"),
+                    logprobs=row.get("logprobs") or [], error=row.get("error"), correct=bool(row.get("correct"))))
+    for mode, some in found.items():
+        if len(some) != len(items):
+            raise ValueError(f"--answers {path}: {len(some)} {mode} answers for {len(items)} items "
+                             "(was it written with --modes small,large and the same --limit?)")
+    return found
+
+
 def summarize(answers: list[Answer]) -> dict:
     ttfts = [a.ttft_s for a in answers if a.ttft_s is not None]
     models: dict[str, int] = {}
@@ -196,53 +226,78 @@ def fit(rows: list[dict], hold: int) -> Calibration:
         p_large=Logistic.fit(signals, [r["large_ok"] for r in rows], PROMPT_SIGNALS),
         q_small=Logistic.fit([{**r["signals"], **r["answer"]} for r in rows], [r["small_ok"] for r in rows],
                              ANSWER_SIGNALS),
-        hold_tokens=hold, source="kvserve bench routing --calibrate")
+        hold_tokens=hold, source="kvserve bench routing --calibrate",
+        p_small_text=Logistic.fit(signals, [r["small_ok"] for r in rows], TEXT_SIGNALS),
+        p_large_text=Logistic.fit(signals, [r["large_ok"] for r in rows], TEXT_SIGNALS))
 
 
 def replay(calibration: Calibration, rows: list[dict], tolerance: float) -> dict:
-    """The cascade's outcome replayed from recorded answers (hand-offs are not replayed: an
-    escalation here is always from scratch, which is what a held-back answer gets)."""
+    """The cascade's outcome replayed from recorded answers, with the router's own rules
+    (router.py): the text stage, the small model's prefill and first token, the held-back prefix.
+    Hand-offs are not replayed: an escalation here is always from scratch, which is what a
+    held-back answer gets. Returns totals: correct answers, weighted cost, answers by the large model."""
+    router = Router(RouterConfig("replay", ("small", "large"), tolerance=tolerance), calibration)
     correct, cost, large_share = 0, 0.0, 0
     for r in rows:
-        p_small, p_large = calibration.p_small(r["signals"]), calibration.p_large(r["signals"])
-        go_small = p_small >= p_large - tolerance
-        keep = go_small and calibration.q_small({**r["signals"], **r["answer"]}) >= p_large - tolerance
-        correct += r["small_ok"] if keep else r["large_ok"]
+        small_tokens = max(1, r["prompt_tokens"] + r["small_tokens"])
+        if router.before_text(r["signals"])[0]:              # the small model never runs
+            correct, cost, large_share = correct + r["large_ok"], cost + r["large_cost"], large_share + 1
+            continue
+        go_small, scores = router.before(r["signals"])
+        keep = go_small and router.acceptable(r["signals"], r["answer"], scores["p_large"])[0]
         # the small model's share of its cost that ran: prompt + 1 token, or + the held-back prefix
         ran = r["prompt_tokens"] + (min(calibration.hold_tokens, r["small_tokens"]) if go_small else 1)
-        small_part = r["small_cost"] * ran / max(1, r["prompt_tokens"] + r["small_tokens"])
-        cost += r["small_cost"] if keep else small_part + r["large_cost"]
+        correct += r["small_ok"] if keep else r["large_ok"]
+        cost += r["small_cost"] if keep else r["small_cost"] * ran / small_tokens + r["large_cost"]
         large_share += not keep
+    return {"correct": correct, "weighted_cost": cost, "large": large_share}
+
+
+CURVE_TOLERANCES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+
+
+def cross_validated(rows: list[dict], hold: int, tolerances=CURVE_TOLERANCES, seed: int = 0, folds: int = 5,
+                    repeats: int = 3) -> dict[str, dict]:
+    """k-fold cross-validation, repeated over seeded shuffles: each item replayed by estimates
+    fitted without it, at each tolerance; averaged over the repeats. {tolerance: summary}."""
+    totals = {t: {"correct": 0.0, "weighted_cost": 0.0, "large": 0.0} for t in tolerances}
+    for repeat in range(repeats):
+        shuffled = rows[:]
+        random.Random(seed * 1000 + repeat).shuffle(shuffled)
+        for fold in range(folds):
+            test = shuffled[fold::folds]
+            calibration = fit([r for i, r in enumerate(shuffled) if i % folds != fold], hold)
+            for t in tolerances:
+                for key, value in replay(calibration, test, t).items():
+                    totals[t][key] += value / repeats
     n = max(1, len(rows))
-    return {"accuracy": round(correct / n, 4), "weighted_cost": round(cost, 1), "large_share": round(large_share / n, 4)}
-
-
-def cross_validated(rows: list[dict], hold: int, tolerance: float, seed: int) -> dict:
-    """2-fold: fit on one half, replay the other, both ways; summed."""
-    shuffled = rows[:]
-    random.Random(seed).shuffle(shuffled)
-    halves = [shuffled[::2], shuffled[1::2]]
-    totals = {"accuracy": 0.0, "weighted_cost": 0.0, "large_share": 0.0}
-    for train, test in ((halves[0], halves[1]), (halves[1], halves[0])):
-        result = replay(fit(train, hold), test, tolerance)
-        for key in totals:
-            totals[key] += result[key] * (len(test) if key != "weighted_cost" else 1)
-    n = max(1, len(rows))
-    large = {"accuracy": sum(r["large_ok"] for r in rows) / n, "weighted_cost": sum(r["large_cost"] for r in rows)}
-    return {"accuracy": round(totals["accuracy"] / n, 4), "weighted_cost": round(totals["weighted_cost"], 1),
-            "large_share": round(totals["large_share"] / n, 4),
-            "accuracy_vs_large": round(totals["accuracy"] / n / max(1e-9, large["accuracy"]), 4),
-            "cost_vs_large": round(totals["weighted_cost"] / max(1e-9, large["weighted_cost"]), 4)}
-
-
-def oracle(rows: list[dict]) -> dict:
-    """The bound no router can pass on these answers: the large model exactly where the small one
-    is wrong and the large one right, the small model (its whole cost, nothing else) elsewhere."""
-    cost = sum(r["large_cost"] if (r["large_ok"] and not r["small_ok"]) else r["small_cost"] for r in rows)
-    correct = sum(r["small_ok"] or r["large_ok"] for r in rows)
     large_correct = max(1, sum(r["large_ok"] for r in rows))
-    return {"accuracy_vs_large": round(correct / large_correct, 4),
-            "cost_vs_large": round(cost / max(1e-9, sum(r["large_cost"] for r in rows)), 4)}
+    large_cost = max(1e-9, sum(r["large_cost"] for r in rows))
+    return {f"{t:g}": {"accuracy": round(v["correct"] / n, 4), "weighted_cost": round(v["weighted_cost"], 1),
+                       "large_share": round(v["large"] / n, 4),
+                       "accuracy_vs_large": round(v["correct"] / large_correct, 4),
+                       "cost_vs_large": round(v["weighted_cost"] / large_cost, 4)}
+            for t, v in totals.items()}
+
+
+def oracle(rows: list[dict], goal: float = GOAL_ACCURACY) -> dict:
+    """The bounds no router can pass on these answers. `best`: the large model exactly where the
+    small one is wrong and the large one right, the small model (its whole cost, nothing else)
+    elsewhere. `at_goal`: the cheapest such choice that still reaches `goal` x the large model's
+    accuracy (the large model on the fewest, cheapest of those items that get there)."""
+    large_cost = max(1e-9, sum(r["large_cost"] for r in rows))
+    large_correct = max(1, sum(r["large_ok"] for r in rows))
+    cost = sum(r["small_cost"] for r in rows)
+    correct = sum(r["small_ok"] for r in rows)
+    at_goal = None
+    gains = sorted(r["large_cost"] - r["small_cost"] for r in rows if r["large_ok"] and not r["small_ok"])
+    for gain in [None, *gains]:
+        if gain is not None:
+            cost, correct = cost + gain, correct + 1
+        if at_goal is None and correct >= goal * large_correct:
+            at_goal = {"accuracy_vs_large": round(correct / large_correct, 4), "cost_vs_large": round(cost / large_cost, 4)}
+    return {"best": {"accuracy_vs_large": round(correct / large_correct, 4), "cost_vs_large": round(cost / large_cost, 4)},
+            "at_goal": at_goal}
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -281,11 +336,16 @@ def run_routing_bench(args: argparse.Namespace) -> int:
         answers[mode] = asyncio.run(run_mode(url, targets[mode], mode, items, args.concurrency,
                                              want_logprobs=mode == "small", quiet=args.json_only))
 
-    port = free_port()
     first = [m for m in modes if m in ("small", "large")] if args.calibrate else modes
-    with running(server_command(args, port, args.calibration), port, name="kvserve") as url:
-        for mode in first:
-            run(url, mode)
+    if args.answers:
+        if not args.calibrate:
+            raise ValueError("--answers is read only with --calibrate")
+        answers.update(load_answers(args.answers, items))
+    else:
+        port = free_port()
+        with running(server_command(args, port, args.calibration), port, name="kvserve") as url:
+            for mode in first:
+                run(url, mode)
     result: dict = {"bench": "routing", "items": len(items), "seed": args.seed, "small": args.small,
                     "large": args.large, "kvserve_args": args.kvserve_args}
     if args.calibrate:
@@ -294,10 +354,15 @@ def run_routing_bench(args: argparse.Namespace) -> int:
         calibration = fit(rows, hold)
         calibration.save(args.calibrate, items=len(rows), small=args.small, large=args.large, seed=args.seed)
         tolerance = args.tolerance if args.tolerance is not None else 0.1
-        result["cross_validated_cascade"] = cross_validated(rows, hold, tolerance, args.seed)
-        # The trade-off a --router tolerance picks from (2-fold cross-validated replays).
-        result["tolerance_curve"] = {f"{t:.1f}": cross_validated(rows, hold, t, args.seed)
-                                     for t in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)}
+        # The trade-off a --router tolerance picks from (cross-validated replays), and the
+        # cheapest point on it that meets the goal, if any.
+        curve = cross_validated(rows, hold, tuple(sorted({*CURVE_TOLERANCES, tolerance})), args.seed)
+        result["cross_validated_cascade"] = curve[f"{tolerance:g}"]
+        result["tolerance_curve"] = curve
+        meeting = [(v["cost_vs_large"], t) for t, v in curve.items()
+                   if v["accuracy_vs_large"] >= GOAL_ACCURACY and v["cost_vs_large"] <= GOAL_COST]
+        result["goal"] = {"accuracy_vs_large": GOAL_ACCURACY, "cost_vs_large": GOAL_COST,
+                          "met_at_tolerance": min(meeting)[1] if meeting else None}
         result["oracle"] = oracle(rows)
         rest = [m for m in modes if m not in first]
         if rest:
@@ -340,15 +405,37 @@ def print_table(result: dict) -> None:
 
 
 def plot(result: dict, path: str) -> None:
+    """Accuracy against weighted cost, both relative to the large model (absolute without a large
+    run): each mode run, and with --calibrate the cross-validated tolerance curve, the goal's
+    corner and the oracle bounds."""
     from kvserve.bench.serve import load_pyplot
 
     plt = load_pyplot()
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for mode, s in result["modes"].items():
-        axes.scatter(s["weighted_cost"], s["accuracy"] * 100, s=60)
-        axes.annotate(mode, (s["weighted_cost"], s["accuracy"] * 100), textcoords="offset points", xytext=(6, 4))
-    axes.set_xlabel("weighted cost (cost weight x tokens)")
-    axes.set_ylabel("accuracy (%)")
+    modes = result["modes"]
+    relative = "large" in modes
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for mode, s in modes.items():
+        x, y = (s["cost_vs_large"], s["accuracy_vs_large"]) if relative else (s["weighted_cost"], s["accuracy"])
+        axes.scatter(x * 100 if relative else x, y * 100, s=60, zorder=3)
+        axes.annotate(mode, (x * 100 if relative else x, y * 100), textcoords="offset points", xytext=(6, 4))
+    if relative and "tolerance_curve" in result:
+        curve = sorted(result["tolerance_curve"].items(), key=lambda kv: kv[1]["cost_vs_large"])
+        axes.plot([v["cost_vs_large"] * 100 for _, v in curve], [v["accuracy_vs_large"] * 100 for _, v in curve],
+                  "--", color="grey", marker=".", label="cascade by tolerance (cross-validated)")
+        for t, v in curve:
+            axes.annotate(t, (v["cost_vs_large"] * 100, v["accuracy_vs_large"] * 100), fontsize=7, color="grey",
+                          textcoords="offset points", xytext=(3, -9))
+        axes.axvline(GOAL_COST * 100, color="green", alpha=0.4)
+        axes.axhline(GOAL_ACCURACY * 100, color="green", alpha=0.4, label="goal: above and left of both lines")
+        for name, bound in result.get("oracle", {}).items():
+            if bound:
+                axes.scatter(bound["cost_vs_large"] * 100, bound["accuracy_vs_large"] * 100, marker="*", s=90,
+                             color="black", zorder=3)
+                axes.annotate(f"oracle ({name.replace('_', ' ')})", (bound["cost_vs_large"] * 100,
+                              bound["accuracy_vs_large"] * 100), textcoords="offset points", xytext=(6, -10), fontsize=8)
+        axes.legend(fontsize=8, loc="lower right")
+    axes.set_xlabel("weighted cost, % of the large model's" if relative else "weighted cost (cost weight x tokens)")
+    axes.set_ylabel("accuracy, % of the large model's" if relative else "accuracy (%)")
     axes.set_title(f"routing: {result['items']} labelled items")
     axes.grid(alpha=0.3)
     figure.tight_layout()

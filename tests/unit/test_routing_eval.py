@@ -233,3 +233,49 @@ def test_grade_many_keeps_the_order_and_checks_lengths():
     assert grade_many(items, ["Lima", fenced(ADD), "6"]) == [True, True, False]
     with pytest.raises(ValueError):
         grade_many(items, ["Lima"])
+
+
+# ---- calibration (kvserve/bench/routing.py), from recorded rows
+
+def recorded(n=60):
+    """Rows as training_rows writes them: prompts with digits the small model gets wrong and the large
+    one right (cost 100 on the large model); the rest both get right (small 10, large 30)."""
+    from kvserve.routing.predictor import answer_scores
+
+    rows = []
+    for i in range(n):
+        hard = i % 3 == 0
+        rows.append({"id": f"r{i}", "signals": {"first_token_logprob": -0.1 - (i % 5) / 10, "first_token_entropy": 0.3,
+                                                "log_prompt_tokens": 3.0 + (i % 4) / 10, "code": 0.0,
+                                                "digits": 1.0 if hard else 0.0},
+                     "answer": answer_scores([-2.5 if hard else -0.1] * 8), "small_ok": not hard, "large_ok": True,
+                     "small_cost": 10.0, "prompt_tokens": 20, "small_tokens": 20,
+                     "large_cost": 100.0 if hard else 30.0})
+    return rows
+
+
+def test_the_replay_sends_what_the_text_marks_as_hard_straight_to_the_large_model():
+    from kvserve.bench.routing import fit, replay
+
+    rows = recorded()
+    calibration = fit(rows, hold=8)
+    assert calibration.p_small_text({"digits": 1.0}) < 0.2 < 0.8 < calibration.p_small_text({"digits": 0.0})
+    result = replay(calibration, rows, tolerance=0.1)
+    # Every hard row answered by the large model with no small-model share of the cost; the rest kept small.
+    assert result == {"correct": 60, "weighted_cost": 20 * 100.0 + 40 * 10.0, "large": 20}
+    result = replay(calibration, rows, tolerance=1.0)            # anything goes: the small model everywhere
+    assert result == {"correct": 40, "weighted_cost": 60 * 10.0, "large": 0}
+
+
+def test_cross_validation_and_the_oracle_at_the_goal():
+    from kvserve.bench.routing import cross_validated, oracle
+
+    rows = recorded()
+    curve = cross_validated(rows, hold=8, tolerances=(0.1, 1.0), folds=3, repeats=1)
+    assert curve["0.1"]["accuracy_vs_large"] == 1.0 and curve["0.1"]["cost_vs_large"] == pytest.approx(2400 / 3200)
+    assert curve["1"]["large_share"] == 0.0
+    bounds = oracle(rows, goal=0.98)
+    # 59 of 60 right reaches 98%: the large model on 19 of the 20 hard rows.
+    assert bounds["at_goal"] == {"accuracy_vs_large": round(59 / 60, 4),
+                                 "cost_vs_large": round((40 * 10 + 19 * 100 + 10) / 3200, 4)}
+    assert bounds["best"] == {"accuracy_vs_large": 1.0, "cost_vs_large": 0.75}
