@@ -221,14 +221,14 @@ def training_rows(small: list[Answer], large: list[Answer], hold: int) -> list[d
 
 def fit(rows: list[dict], hold: int) -> Calibration:
     signals = [r["signals"] for r in rows]
+    small_ok, large_ok = [r["small_ok"] for r in rows], [r["large_ok"] for r in rows]
     return Calibration(
-        p_small=Logistic.fit(signals, [r["small_ok"] for r in rows], PROMPT_SIGNALS),
-        p_large=Logistic.fit(signals, [r["large_ok"] for r in rows], PROMPT_SIGNALS),
-        q_small=Logistic.fit([{**r["signals"], **r["answer"]} for r in rows], [r["small_ok"] for r in rows],
-                             ANSWER_SIGNALS),
+        p_small=Logistic.fit(signals, small_ok, PROMPT_SIGNALS),
+        p_large=Logistic.fit(signals, large_ok, PROMPT_SIGNALS),
+        q_small=Logistic.fit([{**r["signals"], **r["answer"]} for r in rows], small_ok, ANSWER_SIGNALS),
         hold_tokens=hold, source="kvserve bench routing --calibrate",
-        p_small_text=Logistic.fit(signals, [r["small_ok"] for r in rows], TEXT_SIGNALS),
-        p_large_text=Logistic.fit(signals, [r["large_ok"] for r in rows], TEXT_SIGNALS))
+        p_small_text=Logistic.fit(signals, small_ok, TEXT_SIGNALS),
+        p_large_text=Logistic.fit(signals, large_ok, TEXT_SIGNALS))
 
 
 def replay(calibration: Calibration, rows: list[dict], tolerance: float) -> dict:
@@ -287,17 +287,17 @@ def oracle(rows: list[dict], goal: float = GOAL_ACCURACY) -> dict:
     accuracy (the large model on the fewest, cheapest of those items that get there)."""
     large_cost = max(1e-9, sum(r["large_cost"] for r in rows))
     large_correct = max(1, sum(r["large_ok"] for r in rows))
-    cost = sum(r["small_cost"] for r in rows)
-    correct = sum(r["small_ok"] for r in rows)
-    at_goal = None
-    gains = sorted(r["large_cost"] - r["small_cost"] for r in rows if r["large_ok"] and not r["small_ok"])
-    for gain in [None, *gains]:
-        if gain is not None:
-            cost, correct = cost + gain, correct + 1
+
+    def point(correct: int, cost: float) -> dict:
+        return {"accuracy_vs_large": round(correct / large_correct, 4), "cost_vs_large": round(cost / large_cost, 4)}
+
+    correct, cost = sum(r["small_ok"] for r in rows), sum(r["small_cost"] for r in rows)
+    at_goal = point(correct, cost) if correct >= goal * large_correct else None
+    for gain in sorted(r["large_cost"] - r["small_cost"] for r in rows if r["large_ok"] and not r["small_ok"]):
+        correct, cost = correct + 1, cost + gain
         if at_goal is None and correct >= goal * large_correct:
-            at_goal = {"accuracy_vs_large": round(correct / large_correct, 4), "cost_vs_large": round(cost / large_cost, 4)}
-    return {"best": {"accuracy_vs_large": round(correct / large_correct, 4), "cost_vs_large": round(cost / large_cost, 4)},
-            "at_goal": at_goal}
+            at_goal = point(correct, cost)
+    return {"best": point(correct, cost), "at_goal": at_goal}
 
 
 # ---- the run ----------------------------------------------------------------------------------
