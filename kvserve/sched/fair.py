@@ -18,10 +18,15 @@ from __future__ import annotations
 import math
 
 
-def fair_caps(demands: dict, weights: dict, budget: int) -> dict:
+def fair_caps(demands: dict, weights: dict, budget: int, behind: dict | None = None) -> dict:
     """Each key's whole-token cap: min(demand, weighted max-min share of `budget`). The caps sum to
     min(budget, total demand). Rounding: floors first, then leftover tokens one by one to the keys
-    with the largest fractional part (ties by key order)."""
+    furthest behind (`behind`: key → virtual time, the least first; absent keys count as 0), then
+    to those with the largest fractional part, ties by key order.
+
+    Passing the virtual times matters when the budget is smaller than the number of keys with
+    work: every share is then under one token, and without them the same keys would take the
+    leftover tokens step after step while the others starved."""
     caps = {key: 0.0 for key in demands}
     active = {key for key, demand in demands.items() if demand > 0}
     left = float(budget)
@@ -39,7 +44,9 @@ def fair_caps(demands: dict, weights: dict, budget: int) -> dict:
         active -= satisfied
     whole = {key: math.floor(cap + 1e-9) for key, cap in caps.items()}
     spare = min(budget, sum(demands.values())) - sum(whole.values())
-    for key in sorted(caps, key=lambda k: whole[k] - caps[k])[:max(0, spare)]:
+    behind = behind or {}
+    wanting = [key for key in caps if whole[key] < demands[key]]
+    for key in sorted(wanting, key=lambda k: (behind.get(k, 0.0), whole[k] - caps[k]))[:max(0, spare)]:
         whole[key] = min(demands[key], whole[key] + 1)
     return whole
 

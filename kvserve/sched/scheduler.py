@@ -171,9 +171,19 @@ class Scheduler:
         budget = _StepBudget(self.config.max_num_batched_tokens, background, self._tenant_caps(),
                              self._over_share, self._over_share_allowance())
         chunks: list[ScheduledChunk] = []
-        preempted = self._schedule_running(budget, chunks)
+        sat_out: set[str] = set()
+        preempted = self._schedule_running(budget, chunks, sat_out)
         if not preempted:
             self._admit_waiting(budget, chunks)
+        if budget.tenant_caps is not None and budget.tokens > 0 and not preempted:
+            # Work conservation: tokens a tenant's share left unused (its requests could not take
+            # them: swapped out with no room to come back, waiting on a prefix in flight) go to
+            # running requests that the caps held back. Without this, a tenant that can never use
+            # its share could hold another's running request at 0 tokens step after step, neither
+            # finishing nor freeing its blocks. No preemption here, and those that sat out for an
+            # outranking prompt keep sitting out.
+            budget.tenant_caps = None
+            self._schedule_running(budget, chunks, sat_out, skip={c.request_id for c in chunks} | sat_out)
         finished, self._finished_ids = frozenset(self._finished_ids), set()
         return SchedulerOutput(tuple(chunks), finished, self.kv.take_swaps())
 
@@ -249,7 +259,7 @@ class Scheduler:
         demands: dict = {}
         for request in self.requests.values():
             demands[request.tenant] = demands.get(request.tenant, 0) + request.num_tokens - request.num_computed_tokens
-        return fair_caps(demands, self._weights, self.config.max_num_batched_tokens)
+        return fair_caps(demands, self._weights, self.config.max_num_batched_tokens, self.virtual.time)
 
     # ---- admission order ----------------------------------------------------------------------
     def _waiting_in_order(self):
@@ -381,10 +391,13 @@ class Scheduler:
                         0.5 * min(self.costs.decode_step_s, seconds))
             self.share_governor.observe(seconds, over_share, floor_s=floor)
 
-    def _schedule_running(self, budget: "_StepBudget", chunks: list[ScheduledChunk]) -> bool:
+    def _schedule_running(self, budget: "_StepBudget", chunks: list[ScheduledChunk], sat_out: set[str],
+                          skip: set[str] | None = None) -> bool:
         """Serve running requests in policy order; True if a request had to be preempted. A
         running prompt that a waiting request outranks sits the step out (its decodes still run),
-        so that the waiting one's prompt gets the step's tokens at once."""
+        so that the waiting one's prompt gets the step's tokens at once (its id goes in `sat_out`).
+        With `skip` (the work-conserving second pass): those are passed over, and a request that
+        finds no blocks waits instead of preempting anyone."""
         preempted = False
         self.waiting.order_running(self.running)
         first_waiting = next(self._waiting_in_order(), None)
@@ -392,14 +405,24 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget.tokens > 0:
             request = self.running[i]
+            if skip is not None and request.request_id in skip:
+                i += 1
+                continue
             num_new = budget.grant(request, request.num_pending_tokens)
             if num_new > 1 and first_waiting is not None and not first_waiting.background \
                     and self._outranks(first_waiting, request, seats) and not request.background:
                 num_new = 0
+                sat_out.add(request.request_id)
             if num_new <= 0:
                 if request.background:
                     break   # background work, left out of this step; it comes last in the order
                 i += 1      # over its tenant's share of the step, or outranked: it waits a step
+                continue
+            if skip is not None:
+                if self.kv.allocate_slots(request, num_new):
+                    chunks.append(self._chunk(request, num_new))
+                    budget.spend(request, num_new)
+                i += 1
                 continue
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running[-1]   # the least important (see policy.order_running)
@@ -490,11 +513,12 @@ class Scheduler:
         budget.spend(request, num_new)
 
     def _prefix_blocks_in_flight(self, scheduled: set[str]) -> set[bytes]:
-        """Hashes of the full prompt blocks running prefills have yet to compute. A background
-        prefill that sits this step out does not count: a foreground request must not wait for a
-        block that background work, held back while that foreground request waits, never computes."""
-        return {h for r in self.running if not r.background or r.request_id in scheduled
-                for h in self._uncomputed_prompt_blocks(r)}
+        """Hashes of the full prompt blocks that prefills scheduled in this step have yet to
+        compute. A prefill that sits this step out does not count: a request must not wait for a
+        block that nobody is computing, least of all one whose prefill sits out because that very
+        request outranks it (background work held back for it, a prompt it outranks: each would
+        wait for the other for ever)."""
+        return {h for r in self.running if r.request_id in scheduled for h in self._uncomputed_prompt_blocks(r)}
 
     def _uncomputed_prompt_blocks(self, request: Request) -> list[bytes]:
         if not self.kv.prefix_caching or request.num_computed_tokens >= request.num_prompt_tokens:

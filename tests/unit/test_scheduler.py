@@ -187,6 +187,47 @@ def test_random_arrivals_aborts_and_preemptions_keep_invariants(ops, num_blocks,
         assert outputs[rid] == expected, rid
 
 
+def test_a_token_budget_under_one_per_tenant_still_finishes_everyone():
+    """Found by the property test above: a budget of 1 token and three tenants. The fair cap's one
+    token always went to the same tenant, so a waiting request that outranked a running one had it
+    preempted (for its blocks) step after step without ever being given a token itself."""
+    core = make_core(num_blocks=4, block_size=1, budget=1, max_seqs=6, prefix=False, policy="priority")
+    for i, (length, max_tokens) in enumerate([(1, 1), (1, 3), (1, 1), (2, 1)]):
+        core.scheduler.add_request(request(f"r{i}", [1, 2][:length], max_tokens, priority=(i * 7) % 3,
+                                           tenant=f"t{i % 3}", weight=1 + i % 2))
+    outputs = run_all(core)
+    assert {rid: len(tokens) for rid, tokens in outputs.items()} == {"r0": 1, "r1": 3, "r2": 1, "r3": 1}
+    assert core.scheduler.kv.pool.num_free_blocks == 4
+
+
+def test_tokens_a_tenant_cannot_use_go_to_one_that_can():
+    """Found by the property test: r2's tenant was owed the step's spare token but r2, swapped out,
+    had no room to come back; r0's tenant got 0 tokens, so r0 never finished and never freed the
+    blocks r2 needed. What the fair caps leave unused now goes to running requests they held back."""
+    core = make_core(num_blocks=4, block_size=1, budget=2, max_seqs=6, prefix=False, host_blocks=2,
+                     policy="priority")
+    for i, max_tokens in enumerate([3, 3, 2]):
+        core.scheduler.add_request(request(f"r{i}", [1], max_tokens, priority=(i * 7) % 3, tenant=f"t{i}",
+                                           weight=1 + i % 2))
+    outputs = run_all(core)
+    assert {rid: len(tokens) for rid, tokens in outputs.items()} == {"r0": 3, "r1": 3, "r2": 2}
+    assert core.scheduler.kv.pool.num_free_blocks == 4
+
+
+def test_an_outranking_request_does_not_wait_for_a_prefix_it_holds_back():
+    """Found by the property test: a high-priority prompt shares its prefix with a low-priority
+    prefill in progress. It waited for that prefill to compute the shared block, while the prefill
+    sat out for it (it outranks it): nothing ran again. Now only prefills running this step count
+    as in flight."""
+    core = make_core(num_blocks=22, block_size=8, budget=20, policy="priority")
+    core.scheduler.add_request(request("low", list(range(31)), 3, priority=1))
+    core.step()                                                   # 20 of its 31 prompt tokens
+    core.scheduler.add_request(request("high", list(range(33)), 3, priority=0))
+    outputs = run_all(core)
+    assert outputs["high"] == reference_output(list(range(33)), 3)
+    assert outputs["low"] == reference_output(list(range(31)), 3)
+
+
 def test_prefix_evicted_to_the_host_tier_comes_back_on_a_hit():
     core = make_core(num_blocks=16, block_size=4, budget=64, host_blocks=128)
     shared = list(range(1, 41))                                   # 10 blocks

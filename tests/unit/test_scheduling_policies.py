@@ -283,6 +283,22 @@ def test_fair_caps_are_weighted_max_min_and_work_conserving(demands, weights, bu
                 assert caps[k] / w[k] >= caps[j] / w[j] - 1 / min(w.values()) - 1e-6, (caps, d, w)
 
 
+def test_fair_caps_smaller_than_the_tenants_rotate_by_virtual_time():
+    """A budget under one token per tenant: the tokens go to whoever is furthest behind, so over a
+    few steps every tenant is served (before, the same key took the token every step)."""
+    demands, weights = {"a": 5, "b": 5, "c": 5}, {"a": 1.0, "b": 1.0, "c": 1.0}
+    clock = VirtualClock()
+    served = {key: 0 for key in demands}
+    for _ in range(6):
+        caps = fair_caps(demands, weights, 1, clock.time)
+        assert sum(caps.values()) == 1
+        for key, cap in caps.items():
+            served[key] += cap
+            clock.charge(key, cap, weights[key])
+    assert served == {"a": 2, "b": 2, "c": 2}
+    assert fair_caps(demands, weights, 1, {"a": 3.0, "b": 1.0, "c": 2.0}) == {"a": 0, "b": 1, "c": 0}
+
+
 def test_virtual_clock_gives_a_returning_tenant_no_credit():
     clock = VirtualClock()
     clock.activate("a", set())
