@@ -41,6 +41,7 @@ class Tokenizer(Protocol):
     vocab_size: int
     eos_token_ids: frozenset[int]   # every end token the model declares
     bos_token_id: int | None
+    special_ids: frozenset[int]     # control tokens (turn markers, BOS/EOS): never text
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
@@ -161,6 +162,9 @@ class HFTokenizer:
         self._add_bos = add_bos and bos_token_id is not None
         self._add_eos = add_eos
         self._use_post_processor = use_post_processor
+        self.special_ids = frozenset(
+            {i for i, added in tokenizer.get_added_tokens_decoder().items() if added.special}
+            | self.eos_token_ids | ({bos_token_id} if bos_token_id is not None else set()))
         special = {"bos_token": self._token_text(bos_token_id), "eos_token": self._token_text(self.eos_token_id)}
         self.chat_template = (
             ChatTemplate(chat_template, {k: v for k, v in special.items() if v is not None})
@@ -430,6 +434,7 @@ class ByteTokenizer:
         self.vocab_size = 260
         self.bos_token_id: int | None = self.BOS
         self.eos_token_ids = frozenset({self.EOS})
+        self.special_ids = frozenset(self.SPECIAL_TEXT)
         self._template = ChatTemplate(self.TEMPLATE, {"bos_token": "<bos>", "eos_token": "<eos>"})
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

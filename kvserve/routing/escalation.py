@@ -50,14 +50,16 @@ class RoutedStream:
 
     quiet = False
 
-    def __init__(self, router: Router, models: dict[str, Any], prompt_ids: list[int], prompt_text: str,
+    def __init__(self, router: Router, models: dict[str, Any], prompt_ids: list[int], turn_text: str,
                  params: SamplingParams, add_kwargs: dict, decode: Callable[[list[int]], str],
-                 observe: Callable[[str, float], None] | None = None):
+                 observe: Callable[[str, float], None] | None = None, turn_tokens: int | None = None):
         self.request_id = uuid.uuid4().hex
         self.router = router
         self.models = models                   # name → object with .engine.add(...)
         self.prompt_ids = list(prompt_ids)
-        self.prompt_text = prompt_text
+        # The latest turn (predictor.latest_turn), which the lexical signals read: its text and length.
+        self.turn_text = turn_text
+        self.turn_tokens = len(self.prompt_ids) if turn_tokens is None else turn_tokens
         self.params = params
         # Never quiet inside: the routing reads the small model's answer token by token.
         self.add_kwargs = {k: v for k, v in add_kwargs.items() if k != "quiet"}
@@ -108,7 +110,7 @@ class RoutedStream:
     async def _run(self) -> AsyncIterator[RequestOutput]:
         config = self.router.config
         started = time.monotonic()
-        signals = text_signals(self.prompt_text, len(self.prompt_ids))
+        signals = text_signals(self.turn_text, self.turn_tokens)
         large_now, scores = self.router.before_text(signals)
         self.decision.scores.update(scores)
         if large_now:
@@ -143,7 +145,7 @@ class RoutedStream:
             return
         started = time.monotonic()
         first = output.logprobs[0] if output.logprobs else TokenLogprob(output.token_ids[0], 0.0)
-        signals = prompt_signals(self.prompt_text, len(self.prompt_ids), first.logprob, [lp for _, lp in first.top])
+        signals = prompt_signals(self.turn_text, self.turn_tokens, first.logprob, [lp for _, lp in first.top])
         self.decision.signals = signals
         go_small, scores = self.router.before(signals)
         self.decision.scores.update(scores)

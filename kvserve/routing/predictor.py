@@ -8,15 +8,18 @@ Small logistic models, each over a handful of signals that cost next to nothing 
     p_large(prompt)          P(the large model answers it well)              after the small prefill
     q_small(prompt, answer)  P(this small-model answer is good)              after (part of) the answer
 
-The text signals are lexical (length, code, digits): known before any model runs, so a prompt
-they already mark as one for the large model goes there without paying the small model's prefill
-(the `_text` pair; optional, absent from older calibration files). The prompt signals add the small
-model's own prefill statistics (the probability and the top-k entropy of its first token; the
-small model prefills the prompt anyway when it is tried, so they are nearly free). The answer signals are training-free scores of the
-answer's token log-probabilities: the mean and the lowest decile (and `window`: 0 for the held-back
-prefix, k for the k-th later window) (Gupta et al., ICLR 2024,
-"Language Model Cascades: Token-level uncertainty and beyond": a low quantile beats the mean on
-longer answers, because one confidently-wrong stretch hides in a mean).
+The text signals are lexical (length, code, digits) and read the latest turn only (`latest_turn`:
+the message being answered, not the history before it, so a long chat stays in the range the
+estimates were fitted on; each estimate also clamps its signals to that range). They are known
+before any model runs, so a prompt they already mark as one for the large model goes there
+without paying the small model's prefill (the `_text` pair; optional, absent from older
+calibration files). The prompt signals add the small model's own prefill statistics (the
+probability and the top-k entropy of its first token; the small model prefills the prompt anyway
+when it is tried, so they are nearly free). The answer signals are training-free scores of the
+answer's token log-probabilities: the mean and the lowest decile (and `window`: 0 for the
+held-back prefix, k for the k-th later window) (Gupta et al., ICLR 2024, "Language Model Cascades:
+Token-level uncertainty and beyond": a low quantile beats the mean on longer answers, because one
+confidently-wrong stretch hides in a mean).
 
 The rule is Bedrock's (IPR, arXiv 2509.06274): a cheaper model is chosen when its predicted
 quality is within the router's tolerance of the better model's, p_small >= p_large - tolerance.
@@ -30,26 +33,44 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TEXT_SIGNALS = ("log_prompt_tokens", "code", "digits")
+TEXT_SIGNALS = ("log_turn_tokens", "code", "digits")
 PROMPT_SIGNALS = ("first_token_logprob", "first_token_entropy", *TEXT_SIGNALS)
 ANSWER_SIGNALS = ("mean_logprob", "low_logprob", "first_token_logprob", "code")
+# Every signal a router computes (`window`: which window of the answer is scored, 0 for the held-back prefix).
+KNOWN_SIGNALS = frozenset(PROMPT_SIGNALS) | frozenset(ANSWER_SIGNALS) | {"window"}
 
 _CODE = re.compile(r"```|\bdef |\bclass |\bfunction\b|\bpython\b|\bSQL\b|\breturn\b|\bimplement|\bcode\b",
                    re.IGNORECASE)
 
 
-def text_signals(prompt_text: str, num_prompt_tokens: int) -> dict[str, float]:
-    """Signals of a prompt known before any model runs: its length and its kind."""
-    digits = sum(ch.isdigit() for ch in prompt_text)
-    return {"log_prompt_tokens": math.log1p(num_prompt_tokens), "code": 1.0 if _CODE.search(prompt_text) else 0.0,
+def latest_turn(prompt_ids: Sequence[int], special_ids: Collection[int]) -> tuple[int, int]:
+    """The latest turn of a templated prompt, as a [start, end) span of token positions: the tokens
+    between the last two occurrences of the special token that opens the reply (ChatML's
+    <|im_start|>, Llama 3's <|end_header_id|>, Gemma's <start_of_turn>), that is, the role and text
+    of the message being answered. Without a marker (a raw completion prompt) the whole prompt;
+    with a marker but nothing before it (a BOS), what follows it."""
+    n = len(prompt_ids)
+    last = next((i for i in range(n - 1, -1, -1) if prompt_ids[i] in special_ids), None)
+    if last is None:
+        return 0, n
+    marker = prompt_ids[last]
+    previous = next((i for i in range(last - 1, -1, -1) if prompt_ids[i] == marker), -1)
+    return (previous + 1, last) if last > previous + 1 else (last + 1, n)
+
+
+def text_signals(turn_text: str, turn_tokens: int) -> dict[str, float]:
+    """Signals of a prompt known before any model runs, from its latest turn (`latest_turn`): its
+    length in tokens and its kind (code, digits)."""
+    digits = sum(ch.isdigit() for ch in turn_text)
+    return {"log_turn_tokens": math.log1p(turn_tokens), "code": 1.0 if _CODE.search(turn_text) else 0.0,
             "digits": min(1.0, digits / 8)}
 
 
-def prompt_signals(prompt_text: str, num_prompt_tokens: int, first_token_logprob: float,
+def prompt_signals(turn_text: str, turn_tokens: int, first_token_logprob: float,
                    first_top_logprobs: Sequence[float]) -> dict[str, float]:
     """Signals of a prompt after the small model's prefill: its first-token probability and top-k
     entropy (from the top log-probabilities it returned, renormalised), and the text signals."""
@@ -57,7 +78,7 @@ def prompt_signals(prompt_text: str, num_prompt_tokens: int, first_token_logprob
     total = sum(probs)
     entropy = -sum(p / total * math.log(p / total) for p in probs if p > 0)
     return {"first_token_logprob": first_token_logprob, "first_token_entropy": entropy,
-            **text_signals(prompt_text, num_prompt_tokens)}
+            **text_signals(turn_text, turn_tokens)}
 
 
 def answer_scores(logprobs: Sequence[float], quantile: float = 0.1) -> dict[str, float]:
@@ -72,13 +93,22 @@ def answer_scores(logprobs: Sequence[float], quantile: float = 0.1) -> dict[str,
 
 @dataclass
 class Logistic:
-    """P(y = 1 | x) = sigmoid(bias + sum(weight[name] * x[name])) over named signals."""
+    """P(y = 1 | x) = sigmoid(bias + sum(weight[name] * x[name])) over named signals. A signal with
+    a fitted range is clamped to it first: outside the range the estimate is not extrapolated
+    (a prompt twice as long as any in the labelled set is scored as the longest one there)."""
 
     weights: dict[str, float] = field(default_factory=dict)
     bias: float = 0.0
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def __call__(self, signals: dict[str, float]) -> float:
-        z = self.bias + sum(w * signals.get(name, 0.0) for name, w in self.weights.items())
+        z = self.bias
+        for name, w in self.weights.items():
+            x = signals.get(name, 0.0)
+            if name in self.ranges:
+                low, high = self.ranges[name]
+                x = min(high, max(low, x))
+            z += w * x
         return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
 
     @classmethod
@@ -106,14 +136,25 @@ class Logistic:
             w = [wi - rate * g for wi, g in zip(w, gw)]
             b -= rate * gb
         weights = {k: wi / scales[k] for k, wi in zip(names, w)}
-        return cls(weights, b - sum(weights[k] * means[k] for k in names))
+        ranges = {k: (min(r.get(k, 0.0) for r in rows), max(r.get(k, 0.0) for r in rows)) for k in names}
+        return cls(weights, b - sum(weights[k] * means[k] for k in names), ranges)
 
     def to_json(self) -> dict:
-        return {"weights": self.weights, "bias": self.bias}
+        data: dict = {"weights": self.weights, "bias": self.bias}
+        if self.ranges:
+            data["ranges"] = {k: list(v) for k, v in self.ranges.items()}
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> Logistic:
-        return cls({str(k): float(v) for k, v in data.get("weights", {}).items()}, float(data.get("bias", 0.0)))
+        ranges = {}
+        for k, v in (data.get("ranges") or {}).items():
+            low, high = (float(x) for x in v)
+            if not low <= high:
+                raise ValueError(f"signal {k}: range {v} is empty")
+            ranges[str(k)] = (low, high)
+        return cls({str(k): float(v) for k, v in data.get("weights", {}).items()}, float(data.get("bias", 0.0)),
+                   ranges)
 
 
 @dataclass
@@ -142,12 +183,21 @@ class Calibration:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             both = data.get("p_small_text") is not None and data.get("p_large_text") is not None
-            return cls(Logistic.from_json(data["p_small"]), Logistic.from_json(data["p_large"]),
-                       Logistic.from_json(data["q_small"]), int(data.get("hold_tokens", 24)), source=str(path),
-                       p_small_text=Logistic.from_json(data["p_small_text"]) if both else None,
-                       p_large_text=Logistic.from_json(data["p_large_text"]) if both else None)
+            calibration = cls(Logistic.from_json(data["p_small"]), Logistic.from_json(data["p_large"]),
+                              Logistic.from_json(data["q_small"]), int(data.get("hold_tokens", 24)), source=str(path),
+                              p_small_text=Logistic.from_json(data["p_small_text"]) if both else None,
+                              p_large_text=Logistic.from_json(data["p_large_text"]) if both else None)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"cannot read the routing calibration {path}: {error}") from None
+        unknown = sorted({name for model in calibration.models() for name in model.weights} - KNOWN_SIGNALS)
+        if unknown:      # e.g. log_prompt_tokens, the whole prompt's length, before the latest turn's
+            raise ValueError(f"the routing calibration {path} weighs signals this kvserve does not compute "
+                             f"({', '.join(unknown)}): refit it with `kvserve bench routing --calibrate`")
+        return calibration
+
+    def models(self) -> list[Logistic]:
+        return [m for m in (self.p_small, self.p_large, self.q_small, self.p_small_text, self.p_large_text)
+                if m is not None]
 
     def save(self, path: str | Path, **extra) -> None:
         data = {"p_small": self.p_small.to_json(), "p_large": self.p_large.to_json(),

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from kvserve.routing.escalation import RoutedStream
+from kvserve.routing.predictor import latest_turn
 from kvserve.routing.router import Router
 from kvserve.sampling import InvalidRequestError
 
@@ -92,15 +93,17 @@ class _RouterEngine:
         for member in routed.members.values():     # bad input is refused now (400), by either model
             member.engine.engine.make_request(prompt, params, "validation", **{
                 k: v for k, v in kwargs.items() if k != "quiet"})
-        # The lexical signals look at the end of the prompt: the latest turn, not the system prompt.
-        text = tokenizer.decode(list(prompt[-256:]), skip_special_tokens=True)
+        # The lexical signals read the latest turn, not the system prompt or the history before it.
+        start, end = latest_turn(prompt, tokenizer.special_ids)
+        text = tokenizer.decode(list(prompt[max(start, end - 256):end]), skip_special_tokens=True)
         metrics = routed.metrics
 
         def observe(kind: str, seconds: float) -> None:
             metrics.routing_seconds.labels(routed.name, kind).observe(seconds)
 
         return RoutedStream(routed.router, routed.members, list(prompt), text, params, kwargs,
-                            lambda ids: tokenizer.decode(ids, skip_special_tokens=False), observe)
+                            lambda ids: tokenizer.decode(ids, skip_special_tokens=False), observe,
+                            turn_tokens=end - start)
 
 
 def same_tokenizer(a, b) -> bool:

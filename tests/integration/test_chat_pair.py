@@ -23,6 +23,7 @@ later window fail.
 
 import gc
 import json
+import math
 import re
 import subprocess
 import sys
@@ -288,6 +289,28 @@ def test_a_predicted_hard_prompt_goes_to_the_large_model_streamed(openai_client)
     assert routing["runs"][0]["output_tokens"] <= 2          # the small model ran its prefill and a token
     usage = chunks[-1].usage.model_extra["cost"]
     assert set(usage["by_model"]) == {"small", "large"}
+
+
+def test_a_long_history_does_not_move_the_routing_of_its_latest_turn(openai_client):
+    """The lexical signals read the latest turn: a question is routed alike alone and after a long
+    chat (before, the whole prompt's length pushed both estimates towards 0 and kept every long
+    chat on the small model)."""
+    question = {"role": "user", "content": "What is 47 + 38? Answer with just the number."}
+    history = []
+    for i in range(12):
+        history += [{"role": "user", "content": f"Tell me about topic {i}, in a few sentences please."},
+                    {"role": "assistant", "content": "It is a broad subject with a long history. " * 6}]
+    records = []
+    for messages in ([question], history + [question]):
+        response = openai_client.chat.completions.create(model="chat", messages=messages, max_tokens=4,
+                                                         temperature=0)
+        records.append((response.usage.prompt_tokens, response.model_extra["routing"]))
+    (short, alone), (long, after) = records
+    assert long > short + 500
+    text = ("log_turn_tokens", "code", "digits")
+    assert {k: after["signals"][k] for k in text} == {k: alone["signals"][k] for k in text}
+    assert alone["signals"]["log_turn_tokens"] < math.log1p(40)
+    assert (after["chosen_model"], after["reason"]) == (alone["chosen_model"], alone["reason"])
 
 
 def test_escalation_before_the_first_token_through_anthropic(server):

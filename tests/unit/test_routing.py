@@ -2,13 +2,14 @@
 can take, what the client sees on each, and the accounting of what each model ran."""
 
 import asyncio
+import json
 import math
 
 import pytest
 
 from kvserve.outputs import RequestOutput, RequestStats, TokenLogprob
 from kvserve.routing.escalation import RoutedStream
-from kvserve.routing.predictor import Calibration, Logistic, answer_scores, prompt_signals
+from kvserve.routing.predictor import Calibration, Logistic, answer_scores, latest_turn, prompt_signals, text_signals
 from kvserve.routing.router import Router, RouterConfigError, parse_router_spec
 from kvserve.sampling import FinishReason, SamplingParams
 
@@ -273,20 +274,84 @@ def test_signals_and_scores():
 
 
 def test_logistic_fit_separates_and_round_trips(tmp_path):
-    rows = [{"x": i / 10} for i in range(-20, 21)]
-    labels = [r["x"] > 0.3 for r in rows]
-    model = Logistic.fit(rows, labels, ["x"])
-    assert model({"x": 1.5}) > 0.9 and model({"x": -1.0}) < 0.1
+    rows = [{"low_logprob": i / 10} for i in range(-20, 21)]
+    labels = [r["low_logprob"] > 0.3 for r in rows]
+    model = Logistic.fit(rows, labels, ["low_logprob"])
+    assert model({"low_logprob": 1.5}) > 0.9 and model({"low_logprob": -1.0}) < 0.1
     calibration_ = Calibration(model, model, model, hold_tokens=16)
     calibration_.save(tmp_path / "c.json")
     loaded = Calibration.load(tmp_path / "c.json")
-    assert loaded.p_small({"x": 1.5}) == pytest.approx(model({"x": 1.5})) and loaded.hold_tokens == 16
+    assert loaded.p_small({"low_logprob": 1.5}) == pytest.approx(model({"low_logprob": 1.5}))
+    assert loaded.hold_tokens == 16
     assert loaded.p_small_text is None and loaded.p_large_text is None       # an older file: no text stage
     Calibration(model, model, model, p_small_text=model, p_large_text=model).save(tmp_path / "t.json")
     loaded = Calibration.load(tmp_path / "t.json")
-    assert loaded.p_large_text({"x": -1.0}) == pytest.approx(model({"x": -1.0}))
+    assert loaded.p_large_text({"low_logprob": -1.0}) == pytest.approx(model({"low_logprob": -1.0}))
     with pytest.raises(ValueError, match="cannot read the routing calibration"):
         Calibration.load(tmp_path / "missing.json")
+
+
+def test_latest_turn_is_the_message_being_answered():
+    # ChatML: <|im_start|>=1, <|im_end|>=2; system, user, then the reply's header.
+    system, user, header = [1, 10, 11, 2, 3], [1, 20, 21, 22, 2, 3], [1, 30, 3]
+    prompt = system + user + header
+    start, end = latest_turn(prompt, {1, 2})
+    assert prompt[start:end] == user[1:]                   # role, text and end marker of the user turn
+    history = system + [1, 40, 41, 2, 3, 1, 50, 51, 52, 53, 2, 3] * 20
+    start, end = latest_turn(history + user + header, {1, 2})
+    assert end - start == len(user) - 1                    # a long history does not lengthen it
+    # Llama 3: <|start_header_id|>=5, <|end_header_id|>=6, <|eot_id|>=7, BOS=9; the reply opens with 6.
+    prompt = [9, 5, 60, 6, 61, 7, 5, 62, 6, 70, 71, 7, 5, 63, 6]
+    start, end = latest_turn(prompt, {5, 6, 7, 9})
+    assert prompt[start:end] == [70, 71, 7, 5, 63]
+    assert latest_turn([80, 81, 82], {1, 2}) == (0, 3)      # no template: the whole prompt
+    assert latest_turn([9, 80, 81], {9}) == (1, 3)          # only a BOS: what follows it
+
+
+def test_text_signals_read_the_turn_not_the_history():
+    alone = text_signals("What is 47 + 38?", 12)
+    assert alone == text_signals("What is 47 + 38?", 12)
+    assert alone["log_turn_tokens"] == pytest.approx(math.log1p(12)) and alone["digits"] == 0.5
+    assert alone["code"] == 0.0 and text_signals("Write a Python function", 5)["code"] == 1.0
+
+
+def test_estimates_are_not_extrapolated_past_the_fitted_range(tmp_path):
+    def n(value):
+        return {"log_turn_tokens": value}
+
+    rows = [n(3.0 + i / 10) for i in range(20)]                      # fitted on 3.0 .. 4.9
+    model = Logistic.fit(rows, [r["log_turn_tokens"] < 4.0 for r in rows], ["log_turn_tokens"])
+    assert model.ranges["log_turn_tokens"] == (3.0, pytest.approx(4.9))
+    assert model(n(9.0)) == model(n(4.9)) > 0.0          # a very long turn scores as the longest seen
+    assert model(n(0.0)) == model(n(3.0))
+    Calibration(model, model, model).save(tmp_path / "c.json")
+    assert Calibration.load(tmp_path / "c.json").p_small(n(9.0)) == pytest.approx(model(n(4.9)))
+    unbounded = Logistic(dict(model.weights), model.bias)
+    assert unbounded(n(9.0)) < model(n(9.0))             # what a file without ranges does
+    with pytest.raises(ValueError, match="range"):
+        Logistic.from_json({"weights": {"log_turn_tokens": 1.0}, "ranges": {"log_turn_tokens": [2.0, 1.0]}})
+
+
+def test_a_calibration_of_signals_no_longer_computed_is_refused(tmp_path):
+    old = {"weights": {"log_prompt_tokens": -3.0}, "bias": 12.0}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"p_small": old, "p_large": old, "q_small": {"weights": {}, "bias": 1.0}}))
+    with pytest.raises(ValueError, match=r"does not compute \(log_prompt_tokens\).*--calibrate"):
+        Calibration.load(path)
+
+
+def test_the_stream_scores_the_turn_it_is_given():
+    small, large = FakeEngine("s", confident(4)), FakeEngine("L", confident(4, 70))
+    router = Router(parse_router_spec("chat=small,large", ["small", "large"]), calibration())
+    stream = RoutedStream(router, {"small": Member(small), "large": Member(large)}, list(range(1, 2001)),
+                          "What is 2 + 2?", SamplingParams(max_tokens=8), {}, decode=lambda ids: "x",
+                          turn_tokens=14)
+
+    async def drain():
+        return [o async for o in stream]
+
+    asyncio.run(drain())
+    assert stream.decision.signals["log_turn_tokens"] == pytest.approx(math.log1p(14))
 
 
 def handed_off(stop):

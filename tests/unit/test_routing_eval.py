@@ -246,7 +246,7 @@ def recorded(n=60):
     for i in range(n):
         hard = i % 3 == 0
         rows.append({"id": f"r{i}", "signals": {"first_token_logprob": -0.1 - (i % 5) / 10, "first_token_entropy": 0.3,
-                                                "log_prompt_tokens": 3.0 + (i % 4) / 10, "code": 0.0,
+                                                "log_turn_tokens": 3.0 + (i % 4) / 10, "code": 0.0,
                                                 "digits": 1.0 if hard else 0.0},
                      "answer": answer_scores([-2.5 if hard else -0.1] * 8), "small_ok": not hard, "large_ok": True,
                      "small_cost": 10.0, "prompt_tokens": 20, "small_tokens": 20,
