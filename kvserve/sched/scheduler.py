@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from kvserve.sched.fair import VirtualClock, fair_caps
 from kvserve.sched.plan import ModelOutput, ScheduledChunk, SchedulerOutput
 from kvserve.sched.policy import cache_aware_order, make_policy
 
+log = logging.getLogger(__name__)
 
 SHARE_INCREASE_TOKENS = 4    # the share governor's additive step, in prompt tokens
 SHARE_MINIMUM_TOKENS = 16    # and its least budget: a block of prompt per step always goes through
@@ -76,6 +78,7 @@ class SchedulerStats:
     # The most a first admission came after aging_factor × its service estimate (the aging bound's
     # slack term; <= 0: every request within aging_factor × its service time). Since start.
     max_wait_over_aging_s: float = float("-inf")
+    num_stalls_broken: int = 0           # steps that would have scheduled nothing with work pending (see schedule)
 
 
 class Scheduler:
@@ -104,6 +107,8 @@ class Scheduler:
         self._over_share: frozenset = frozenset()     # tenants whose prompt chunks this step governs
         self._under_share_seen = float("-inf")        # when a tenant under its share last had work
         self.num_prefix_waits = 0   # admissions deferred because the prefix was being computed
+        self.num_stalls_broken = 0  # steps that would have scheduled nothing with work pending
+        self._forced = False        # this step is breaking a stall: no sit-outs, no prefix waits
         self.costs = costs or PreemptionCosts(DEFAULT_COSTS.copy_bytes_per_s, DEFAULT_COSTS.prefill_tokens_per_s,
                                               DEFAULT_COSTS.decode_step_s, DEFAULT_COSTS.bytes_per_block)
         self.clock = clock
@@ -184,8 +189,32 @@ class Scheduler:
             # outranking prompt keep sitting out.
             budget.tenant_caps = None
             self._schedule_running(budget, chunks, sat_out, skip={c.request_id for c in chunks} | sat_out)
+        if not chunks and not preempted and self.requests:
+            self._break_stall(chunks)
         finished, self._finished_ids = frozenset(self._finished_ids), set()
         return SchedulerOutput(tuple(chunks), finished, self.kv.take_swaps())
+
+    def _break_stall(self, chunks: list[ScheduledChunk]) -> None:
+        """A safety net. A step that schedules nothing while requests wait or run would be the
+        same step again and again (the engine loop spinning, those requests hanging): some rule
+        held each request back for another that was held back in turn. Such a step is planned
+        again with the rules that can do that off: no fair caps, no background limit, no sitting
+        out for an outranking prompt, no waiting for a prefix in flight. It is counted
+        (`num_stalls_broken`, the `kvserve:scheduler_stalls_broken` metric) and logged, and the
+        scheduler's property tests require that it never happens: it is there for a bug they
+        have not found."""
+        self.num_stalls_broken += 1
+        if self.num_stalls_broken == 1 or self.num_stalls_broken % 1000 == 0:
+            log.warning("the scheduler found nothing to run with %d requests running and %d waiting; "
+                        "scheduling without fair caps, sit-outs or prefix waits (%d such steps so far)",
+                        len(self.running), len(self.waiting), self.num_stalls_broken)
+        self._forced = True
+        try:
+            budget = _StepBudget(self.config.max_num_batched_tokens)
+            if not self._schedule_running(budget, chunks, set()):
+                self._admit_waiting(budget, chunks)
+        finally:
+            self._forced = False
 
     # ---- who outranks whom --------------------------------------------------------------------
     def _outranks(self, waiting: Request, running: Request, seats: dict) -> bool:
@@ -409,7 +438,7 @@ class Scheduler:
                 i += 1
                 continue
             num_new = budget.grant(request, request.num_pending_tokens)
-            if num_new > 1 and first_waiting is not None and not first_waiting.background \
+            if num_new > 1 and first_waiting is not None and not first_waiting.background and not self._forced \
                     and self._outranks(first_waiting, request, seats) and not request.background:
                 num_new = 0
                 sat_out.add(request.request_id)
@@ -474,7 +503,7 @@ class Scheduler:
                 continue
             hit = self.kv.match(request)
             usable = (request.num_tokens - 1) // self.kv.block_size    # blocks a hit may cover (see match)
-            if hit.num_blocks < usable and request.block_hashes[hit.num_blocks] in in_flight:
+            if hit.num_blocks < usable and request.block_hashes[hit.num_blocks] in in_flight and not self._forced:
                 self.num_prefix_waits += 1
                 continue
             num_cached = hit.num_blocks * self.kv.block_size
@@ -634,7 +663,7 @@ class Scheduler:
                               self._preemptions_by_mode["recompute"],
                               kv.blocks_swapped_out * self.costs.bytes_per_block,
                               dict(self._tenant_tokens) if any(t is not None for t in self._tenant_tokens) else None,
-                              self._max_queue_time_s, self._max_wait_over_aging_s)
+                              self._max_queue_time_s, self._max_wait_over_aging_s, self.num_stalls_broken)
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()

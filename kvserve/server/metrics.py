@@ -51,6 +51,9 @@ class EngineStatsCollector(Collector):
         over = GaugeMetricFamily("kvserve:max_wait_over_aging_bound_seconds", "The most a first admission came after "
                                  "aging_factor x its service estimate, since start (<= 0: all within)",
                                  labels=["model_name"])
+        stalls = CounterMetricFamily("kvserve:scheduler_stalls_broken", "Steps that would have scheduled nothing "
+                                     "with requests pending, planned again without fair caps or waits (a bug: "
+                                     "should stay 0)", labels=["model_name"])
         computed = CounterMetricFamily("kvserve:computed_tokens", "Tokens run through the model (recomputation "
                                        "included)", labels=["model_name"])
         pinned = GaugeMetricFamily("kvserve:prompt_cache_pinned_blocks", "KV blocks held by cache checkpoints", labels=["model_name"])
@@ -81,6 +84,7 @@ class EngineStatsCollector(Collector):
             if stats.max_wait_over_aging_s != float("-inf"):
                 over.add_metric([name], stats.max_wait_over_aging_s)
             computed.add_metric([name], stats.num_computed_tokens)
+            stalls.add_metric([name], stats.num_stalls_broken)
             pinned.add_metric([name], kv.num_pinned_blocks)
             expired.add_metric([name], kv.pins_expired)
             evicted.add_metric([name, "lru", "device"], kv.blocks_evicted_lru)
@@ -91,7 +95,7 @@ class EngineStatsCollector(Collector):
             host.add_metric([name], kv.host_hit_blocks)
             disk.add_metric([name], kv.disk_hit_blocks)
         yield from (running, waiting, usage, blocks, queries, hits, preemptions, by_mode, swapped, longest, over,
-                    computed, pinned,
+                    computed, stalls, pinned,
                     expired, budget,
                     evicted, host, disk)
 

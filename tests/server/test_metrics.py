@@ -43,7 +43,7 @@ def test_metrics_parse_and_list_the_families(client: httpx.Client):
                  "kvserve:kv_cache_blocks"):
         assert families.get(name) == "gauge", (name, families)
     for name in ("kvserve:prefix_cache_queries", "kvserve:prefix_cache_hits", "kvserve:num_preemptions",
-                 "kvserve:request_success", "kvserve:requests_rejected"):
+                 "kvserve:request_success", "kvserve:requests_rejected", "kvserve:scheduler_stalls_broken"):
         assert families.get(name) == "counter", (name, families)
     for name in ("kvserve:time_to_first_token_seconds", "kvserve:e2e_request_latency_seconds",
                  "kvserve:request_prompt_tokens", "kvserve:request_generation_tokens",

@@ -175,6 +175,7 @@ def test_random_arrivals_aborts_and_preemptions_keep_invariants(ops, num_blocks,
     for rid, toks in rest.items():
         if outputs.get(rid, []) is not None:
             outputs.setdefault(rid, []).extend(toks)
+    assert core.scheduler.num_stalls_broken == 0, "a step found nothing to run (the safety net hid a stall)"
     kv = core.scheduler.kv
     assert kv.pool.num_free_blocks == kv.num_blocks, "every block is free or cached"
     kv.check_integrity()
@@ -226,6 +227,26 @@ def test_an_outranking_request_does_not_wait_for_a_prefix_it_holds_back():
     outputs = run_all(core)
     assert outputs["high"] == reference_output(list(range(33)), 3)
     assert outputs["low"] == reference_output(list(range(31)), 3)
+
+
+def test_a_stall_is_broken_counted_and_logged(monkeypatch, caplog):
+    """The safety net, on the stall above with its cause put back (a prefill that sits out counts
+    as in flight again): the step is planned again without waits, both requests finish with their
+    own tokens, and the stall is counted and logged."""
+    monkeypatch.setattr(Scheduler, "_prefix_blocks_in_flight",
+                        lambda self, scheduled: {h for r in self.running for h in self._uncomputed_prompt_blocks(r)})
+    core = make_core(num_blocks=22, block_size=8, budget=20, policy="priority")
+    core.scheduler.add_request(request("low", list(range(31)), 3, priority=1))
+    core.step()
+    core.scheduler.add_request(request("high", list(range(33)), 3, priority=0))
+    with caplog.at_level("WARNING", logger="kvserve.sched.scheduler"):
+        outputs = run_all(core)
+    assert outputs["high"] == reference_output(list(range(33)), 3)
+    assert outputs["low"] == reference_output(list(range(31)), 3)
+    assert core.scheduler.num_stalls_broken >= 1
+    assert core.scheduler.stats().num_stalls_broken == core.scheduler.num_stalls_broken
+    assert "found nothing to run" in caplog.text
+    assert core.scheduler.kv.pool.num_free_blocks == 22
 
 
 def test_prefix_evicted_to_the_host_tier_comes_back_on_a_hit():
