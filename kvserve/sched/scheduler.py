@@ -170,7 +170,7 @@ class Scheduler:
         self.kv.expire_pins()
         self._weights = self._tenant_weights()
         self._order = self._admission_order()
-        self._make_room()
+        self._make_room(self._tenant_caps())
         background = self._background_allowance()
         self._governed = background is not None and background > 0
         budget = _StepBudget(self.config.max_num_batched_tokens, background, self._tenant_caps(),
@@ -178,17 +178,27 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         sat_out: set[str] = set()
         preempted = self._schedule_running(budget, chunks, sat_out)
+        first_waiting = next(self._waiting_in_order(), None)
         if not preempted:
             self._admit_waiting(budget, chunks)
+        if budget.tenant_caps is not None:
+            # A share a tenant could not use counts as served: the leftover tokens of the next
+            # steps then go round to the others, instead of to it for as long as it stays stuck.
+            for tenant, unused in budget.tenant_caps.items():
+                if unused > 0:
+                    self.virtual.charge(tenant, unused, self._weights.get(tenant, 1.0))
         if budget.tenant_caps is not None and budget.tokens > 0 and not preempted:
             # Work conservation: tokens a tenant's share left unused (its requests could not take
             # them: swapped out with no room to come back, waiting on a prefix in flight) go to
             # running requests that the caps held back. Without this, a tenant that can never use
             # its share could hold another's running request at 0 tokens step after step, neither
-            # finishing nor freeing its blocks. No preemption here, and those that sat out for an
-            # outranking prompt keep sitting out.
+            # finishing nor freeing its blocks. Nothing scheduled is preempted here; and when the
+            # request that outranked some running prompts got its first chunk in this step, those
+            # prompts keep sitting out, so that the step stays short.
+            scheduled = {c.request_id for c in chunks}
+            held = sat_out if first_waiting is not None and first_waiting.request_id in scheduled else set()
             budget.tenant_caps = None
-            self._schedule_running(budget, chunks, sat_out, skip={c.request_id for c in chunks} | sat_out)
+            self._schedule_running(budget, chunks, set(), skip=scheduled | held)
         if not chunks and not preempted and self.requests:
             self._break_stall(chunks)
         finished, self._finished_ids = frozenset(self._finished_ids), set()
@@ -243,12 +253,15 @@ class Scheduler:
             weights[request.tenant] = max(weights.get(request.tenant, 0.0), request.weight)
         return weights
 
-    def _make_room(self) -> None:
+    def _make_room(self, caps: dict | None = None) -> None:
         """A waiting request that lacks a seat or KV blocks takes them from running requests it
         outranks (see _outranks), the least important first (the end of the policy's running
         order), if that frees enough; otherwise nobody is preempted for it. Waiting requests are
         considered in admission order; one that cannot be placed waits for a seat to free (after
-        MAX_UNPLACED of those, the rest wait too: this runs every step)."""
+        MAX_UNPLACED of those, the rest wait too: this runs every step). Nobody is preempted for a
+        request whose tenant gets no tokens this step (`caps`, the fair shares as they stand): it
+        could not run, and the one preempted for it might take the freed token back next step,
+        and so on for ever."""
         if not self.waiting or not self.running:
             return
         self.waiting.order_running(self.running)
@@ -261,6 +274,9 @@ class Scheduler:
             if seats_free < 1 or free < need:
                 if unplaced >= MAX_UNPLACED:
                     return
+                if caps is not None and caps.get(request.tenant, 0) <= 0:
+                    unplaced += 1
+                    continue
                 victims, gain_seats, gain_blocks = [], 0, 0
                 for victim in reversed(self.running):
                     if seats_free + gain_seats >= 1 and free + gain_blocks >= need:
@@ -305,7 +321,7 @@ class Scheduler:
         several tenants wait, interleaved by weighted fair queuing within each lane and priority."""
         order = list(self.waiting)
         if self.config.policy == "cache-aware" and len(order) > 1:
-            in_flight = self._prefix_blocks_in_flight(set())
+            in_flight = self._prefix_blocks_being_computed()
             now = self.clock()
             foreground = [r for r in order if not r.background]
             background = [r for r in order if r.background]
@@ -425,8 +441,9 @@ class Scheduler:
         """Serve running requests in policy order; True if a request had to be preempted. A
         running prompt that a waiting request outranks sits the step out (its decodes still run),
         so that the waiting one's prompt gets the step's tokens at once (its id goes in `sat_out`).
-        With `skip` (the work-conserving second pass): those are passed over, and a request that
-        finds no blocks waits instead of preempting anyone."""
+        With `skip` (the work-conserving second pass): those are passed over (the caller puts
+        there those that must keep sitting out), and a request that finds no blocks may preempt
+        only requests after it that have no chunk in this step."""
         preempted = False
         self.waiting.order_running(self.running)
         first_waiting = next(self._waiting_in_order(), None)
@@ -438,17 +455,26 @@ class Scheduler:
                 i += 1
                 continue
             num_new = budget.grant(request, request.num_pending_tokens)
-            if num_new > 1 and first_waiting is not None and not first_waiting.background and not self._forced \
-                    and self._outranks(first_waiting, request, seats) and not request.background:
-                num_new = 0
-                sat_out.add(request.request_id)
+            if request.num_pending_tokens > 1 and first_waiting is not None and not first_waiting.background \
+                    and not self._forced and skip is None and self._outranks(first_waiting, request, seats) \
+                    and not request.background:
+                sat_out.add(request.request_id)     # outranked (whether or not its tenant's cap left it any)
+                if num_new > 1:
+                    num_new = 0
             if num_new <= 0:
                 if request.background:
                     break   # background work, left out of this step; it comes last in the order
                 i += 1      # over its tenant's share of the step, or outranked: it waits a step
                 continue
             if skip is not None:
-                if self.kv.allocate_slots(request, num_new):
+                # Room may come only from requests after it in the policy's order that have no
+                # chunk in this step (the last first).
+                while not self.kv.allocate_slots(request, num_new):
+                    victim = next((r for r in reversed(self.running[i + 1:]) if r.request_id not in skip), None)
+                    if victim is None:
+                        break
+                    self._preempt(victim)
+                else:
                     chunks.append(self._chunk(request, num_new))
                     budget.spend(request, num_new)
                 i += 1
@@ -540,6 +566,11 @@ class Scheduler:
         self.running.append(request)
         chunks.append(self._chunk(request, num_new))
         budget.spend(request, num_new)
+
+    def _prefix_blocks_being_computed(self) -> set[bytes]:
+        """Hashes of the full prompt blocks foreground prefills have yet to compute, for ordering
+        (cache-aware counts them as good as cached: they will be by the time the request runs)."""
+        return {h for r in self.running if not r.background for h in self._uncomputed_prompt_blocks(r)}
 
     def _prefix_blocks_in_flight(self, scheduled: set[str]) -> set[bytes]:
         """Hashes of the full prompt blocks that prefills scheduled in this step have yet to

@@ -215,6 +215,21 @@ def test_tokens_a_tenant_cannot_use_go_to_one_that_can():
     assert core.scheduler.kv.pool.num_free_blocks == 4
 
 
+def test_a_share_a_tenant_cannot_use_goes_round_to_the_others():
+    """Found by the property test: the step's leftover token went, step after step, to the tenant
+    furthest behind, whose only request was swapped out with no room to come back; the
+    highest-priority request never got a token. An unused share now counts as served."""
+    core = make_core(num_blocks=23, block_size=2, budget=2, max_seqs=6, prefix=False, host_blocks=2,
+                     disk_blocks=3, policy="priority")
+    for i in range(3):
+        core.scheduler.add_request(request(f"r{i}", [5] * 35, 12, priority=(i * 7) % 3, tenant=f"t{i}",
+                                           weight=1 + i % 2))
+    outputs = run_all(core)
+    fits = min(12, core.scheduler.max_model_len - 35)          # the pool holds 46 tokens of one request
+    assert all(outputs[f"r{i}"] == reference_output([5] * 35, fits) for i in range(3))
+    assert core.scheduler.num_stalls_broken == 0
+
+
 def test_an_outranking_request_does_not_wait_for_a_prefix_it_holds_back():
     """Found by the property test: a high-priority prompt shares its prefix with a low-priority
     prefill in progress. It waited for that prefill to compute the shared block, while the prefill

@@ -193,6 +193,23 @@ def test_cache_aware_admits_cached_prefixes_first():
     assert [c.request_id for c in plan.chunks] == ["hit"]
 
 
+def test_cache_aware_counts_a_prefix_being_computed_as_cached():
+    """A prompt whose prefix a running prefill is computing counts that prefix as cached (it will
+    be by the time it runs): 60 tokens, 16 of them computed so far, beat another's 40 in the cache."""
+    clock = Clock()
+    core = make_core(num_blocks=200, budget=16, max_seqs=2, policy="cache-aware", clock=clock)
+    core.scheduler.add_request(request("old", list(range(100, 140)) + [5], 1))
+    run(core)                                                     # its 40-token prefix stays cached
+    shared = list(range(1, 61))
+    core.scheduler.add_request(request("warm", shared + [1], 1, arrival_time=clock.now))
+    core.step()                                                   # 16 of its 61 prompt tokens
+    core.scheduler.add_request(request("cached", list(range(100, 140)) + list(range(200, 220)), 1,
+                                       arrival_time=clock.now))
+    core.scheduler.add_request(request("in_flight", shared + [2], 1, arrival_time=clock.now + 0.001))
+    clock.now += 0.01
+    assert [r.request_id for r in core.scheduler._admission_order()] == ["in_flight", "cached"]
+
+
 def test_cache_aware_order_puts_overdue_requests_first_by_deadline():
     now = 100.0
     a = request("a", [1] * 8, 1, arrival_time=90.0)     # S = 1 → deadline 94: overdue
