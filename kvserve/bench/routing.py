@@ -211,6 +211,10 @@ def training_rows(small: list[Answer], large: list[Answer], hold: int) -> list[d
     for a in small:
         if a.routing is None or a.item.id not in large_by_id:
             continue
+        missing = [name for name in PROMPT_SIGNALS if name not in a.routing.get("signals", {})]
+        if missing:
+            raise ValueError(f"the small model's answer to {a.item.id} carries no {', '.join(missing)} (recorded by "
+                             "an older kvserve?): run the small and large modes again")
         rows.append({"id": a.item.id, "signals": dict(a.routing.get("signals", {})),
                      "answer": answer_scores(a.logprobs[:hold]), "small_ok": a.correct,
                      "large_ok": large_by_id[a.item.id].correct, "small_cost": a.cost,

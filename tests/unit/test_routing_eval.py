@@ -279,3 +279,19 @@ def test_cross_validation_and_the_oracle_at_the_goal():
     assert bounds["at_goal"] == {"accuracy_vs_large": round(59 / 60, 4),
                                  "cost_vs_large": round((40 * 10 + 19 * 100 + 10) / 3200, 4)}
     assert bounds["best"] == {"accuracy_vs_large": 1.0, "cost_vs_large": 0.75}
+
+
+def test_answers_recorded_without_todays_signals_are_refused():
+    """A run recorded before the length signal read the latest turn carries log_prompt_tokens, not
+    log_turn_tokens: fitting on it would weigh a signal that is 0 everywhere, so it is refused."""
+    from kvserve.bench.routing import Answer, training_rows
+
+    item = EvalItem(id="fact-001", kind="fact", prompt="What is the capital of France?", answers=("Paris",))
+    old = {"first_token_logprob": -0.1, "first_token_entropy": 0.2, "log_prompt_tokens": 3.9, "code": 0.0,
+           "digits": 0.0}
+    small = [Answer(item, "small", routing={"signals": old}, logprobs=[-0.1], correct=True)]
+    large = [Answer(item, "large", correct=True)]
+    with pytest.raises(ValueError, match="log_turn_tokens.*run the small and large modes again"):
+        training_rows(small, large, 24)
+    small[0].routing = {"signals": {**old, "log_turn_tokens": 2.5}}
+    assert len(training_rows(small, large, 24)) == 1
