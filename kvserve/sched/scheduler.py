@@ -170,10 +170,11 @@ class Scheduler:
         self.kv.expire_pins()
         self._weights = self._tenant_weights()
         self._order = self._admission_order()
-        self._make_room(self._tenant_caps())
+        caps = self._tenant_caps()      # as they stand; a request _make_room preempts waits this step anyway
+        self._make_room(caps)
         background = self._background_allowance()
         self._governed = background is not None and background > 0
-        budget = _StepBudget(self.config.max_num_batched_tokens, background, self._tenant_caps(),
+        budget = _StepBudget(self.config.max_num_batched_tokens, background, caps,
                              self._over_share, self._over_share_allowance())
         chunks: list[ScheduledChunk] = []
         sat_out: set[str] = set()
@@ -181,24 +182,24 @@ class Scheduler:
         first_waiting = next(self._waiting_in_order(), None)
         if not preempted:
             self._admit_waiting(budget, chunks)
-        if budget.tenant_caps is not None:
+        if caps is not None:
             # A share a tenant could not use counts as served: the leftover tokens of the next
             # steps then go round to the others, instead of to it for as long as it stays stuck.
-            for tenant, unused in budget.tenant_caps.items():
+            for tenant, unused in caps.items():
                 if unused > 0:
                     self.virtual.charge(tenant, unused, self._weights.get(tenant, 1.0))
-        if budget.tenant_caps is not None and budget.tokens > 0 and not preempted:
-            # Work conservation: tokens a tenant's share left unused (its requests could not take
-            # them: swapped out with no room to come back, waiting on a prefix in flight) go to
-            # running requests that the caps held back. Without this, a tenant that can never use
-            # its share could hold another's running request at 0 tokens step after step, neither
-            # finishing nor freeing its blocks. Nothing scheduled is preempted here; and when the
-            # request that outranked some running prompts got its first chunk in this step, those
-            # prompts keep sitting out, so that the step stays short.
-            scheduled = {c.request_id for c in chunks}
-            held = sat_out if first_waiting is not None and first_waiting.request_id in scheduled else set()
-            budget.tenant_caps = None
-            self._schedule_running(budget, chunks, set(), skip=scheduled | held)
+            if budget.tokens > 0 and not preempted:
+                # Work conservation: tokens a tenant's share left unused (its requests could not
+                # take them: swapped out with no room to come back, waiting on a prefix in flight)
+                # go to running requests that the caps held back. Without this, a tenant that can
+                # never use its share could hold another's running request at 0 tokens step after
+                # step, neither finishing nor freeing its blocks. Nothing scheduled is preempted
+                # here; and when the request that outranked some running prompts got its first
+                # chunk in this step, those prompts keep sitting out, so that the step stays short.
+                scheduled = {c.request_id for c in chunks}
+                held = sat_out if first_waiting is not None and first_waiting.request_id in scheduled else set()
+                budget.tenant_caps = None
+                self._schedule_running(budget, chunks, set(), skip=scheduled | held)
         if not chunks and not preempted and self.requests:
             self._break_stall(chunks)
         finished, self._finished_ids = frozenset(self._finished_ids), set()
@@ -253,7 +254,7 @@ class Scheduler:
             weights[request.tenant] = max(weights.get(request.tenant, 0.0), request.weight)
         return weights
 
-    def _make_room(self, caps: dict | None = None) -> None:
+    def _make_room(self, caps: dict | None) -> None:
         """A waiting request that lacks a seat or KV blocks takes them from running requests it
         outranks (see _outranks), the least important first (the end of the policy's running
         order), if that frees enough; otherwise nobody is preempted for it. Waiting requests are
