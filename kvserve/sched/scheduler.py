@@ -260,15 +260,17 @@ class Scheduler:
         order), if that frees enough; otherwise nobody is preempted for it. Waiting requests are
         considered in admission order; one that cannot be placed waits for a seat to free (after
         MAX_UNPLACED of those, the rest wait too: this runs every step). Nobody is preempted for a
-        request whose tenant gets no tokens this step (`caps`, the fair shares as they stand): it
-        could not run, and the one preempted for it might take the freed token back next step,
-        and so on for ever."""
+        request that could not run this step: one whose tenant gets no tokens (`caps`, the fair
+        shares as they stand), or one past what the step's token budget can start (every request
+        placed takes at least a token). The one preempted for it might take the freed token back
+        next step, and so on for ever."""
         if not self.waiting or not self.running:
             return
         self.waiting.order_running(self.running)
         seats_free = self.config.max_num_seqs - len(self.running)
         free = self.kv.stats().num_free_blocks
         seats = self._seats_by_tenant()
+        tokens_free = self.config.max_num_batched_tokens - len(self.running)
         unplaced = 0
         for request in self._waiting_in_order():
             need = self.kv.blocks_for(request.num_tokens + 1)
@@ -286,7 +288,7 @@ class Scheduler:
                         victims.append(victim)
                         gain_seats += 1
                         gain_blocks += self.kv.num_sole_blocks(victim)
-                if seats_free + gain_seats < 1 or free + gain_blocks < need:
+                if seats_free + gain_seats < 1 or free + gain_blocks < need or tokens_free + gain_seats < 1:
                     unplaced += 1
                     continue
                 for victim in victims:
@@ -294,8 +296,10 @@ class Scheduler:
                     seats[victim.tenant] -= 1
                 seats_free += gain_seats
                 free += gain_blocks
+                tokens_free += gain_seats
             seats_free -= 1
             free -= need
+            tokens_free -= 1
             seats[request.tenant] = seats.get(request.tenant, 0) + 1
 
     def _tenant_caps(self) -> dict | None:

@@ -1,6 +1,6 @@
 """Scheduler with a fake runner: continuous batching, chunking, prefix reuse, preemption, aborts."""
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kvserve.config import SchedulerConfig
@@ -133,6 +133,20 @@ ops = st.lists(
 )
 
 
+# Cases the test found that once livelocked (or stalled) the scheduler, replayed on every run.
+@example(
+    ops=[('abort', 16), ('add', 1, 10, 7), ('step', 3), ('abort', 49), ('step', 2), ('abort', 50), ('abort',
+    2), ('abort', 24), ('add', 1, 35, 5), ('step', 2), ('add', 0, 37, 1), ('abort', 30), ('add', 1, 2, 3),
+    ('add', 2, 34, 8), ('add', 3, 10, 4), ('step', 1), ('add', 1, 31, 2), ('add', 1, 35, 4), ('step', 4),
+    ('step', 2), ('abort', 15), ('abort', 32)], num_blocks=9, block_size=4, budget=1, prefix=False,
+    host_blocks=8, disk_blocks=16, policy='priority', preemption='swap', tenants=3)
+@example(
+    ops=[('add', 1, 33, 7), ('step', 2), ('step', 4), ('step', 3), ('step', 2), ('add', 3, 37, 12), ('add', 1,
+    24, 5), ('step', 1)], num_blocks=20, block_size=4, budget=1, prefix=False, host_blocks=0, disk_blocks=3,
+    policy='priority', preemption='recompute', tenants=3)
+@example(
+    ops=[('add', 2, 35, 12), ('add', 2, 35, 12), ('add', 2, 35, 12)], num_blocks=23, block_size=2, budget=2,
+    prefix=False, host_blocks=2, disk_blocks=3, policy='priority', preemption='auto', tenants=3)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops, num_blocks=st.integers(4, 24), block_size=st.sampled_from([1, 2, 4, 8]),
        budget=st.integers(1, 40), prefix=st.booleans(), host_blocks=st.sampled_from([0, 0, 2, 8, 32]),
@@ -213,6 +227,24 @@ def test_tokens_a_tenant_cannot_use_go_to_one_that_can():
     outputs = run_all(core)
     assert {rid: len(tokens) for rid, tokens in outputs.items()} == {"r0": 3, "r1": 3, "r2": 2}
     assert core.scheduler.kv.pool.num_free_blocks == 4
+
+
+def test_nobody_is_preempted_for_a_request_the_step_has_no_token_for():
+    """Found by the property test: with a budget of a token or two, waiting requests that outrank
+    running ones took their seats although the step could not start them, and the tokens went back
+    the next step, and so on. A waiting request now preempts only if the step's budget could start
+    it (each running request, and each waiting one placed before it, takes at least a token)."""
+    core = make_core(num_blocks=64, block_size=4, budget=2, max_seqs=3, prefix=False, policy="priority")
+    core.scheduler.add_request(request("x", [1], 6, priority=1))
+    core.scheduler.add_request(request("y", [2], 6, priority=1))
+    core.step()
+    core.step()                                  # both decoding: the step's 2 tokens are theirs
+    core.scheduler.add_request(request("w1", [3], 4, priority=0))
+    core.scheduler.add_request(request("w2", [4], 4, priority=0))
+    core.step()                                  # w1 takes the free seat; nothing to start w2 with
+    assert core.scheduler.stats().num_preemptions == 0
+    outputs = run_all(core)
+    assert outputs["w2"] == reference_output([4], 4)
 
 
 def test_a_share_a_tenant_cannot_use_goes_round_to_the_others():
