@@ -110,13 +110,13 @@ class RouteBook:
         """Serve sent the request there (`request` False: a call addressed to the replica)."""
         with self.lock:
             self._unpick(request_id)
+            view = self.replicas.setdefault(replica, ReplicaView())
             if request_id in self._done_early:   # its completion came first: nothing left in flight
                 del self._done_early[request_id]
-                return
-            view = self.replicas.setdefault(replica, ReplicaView())
-            self._sent[request_id] = replica
-            view.in_flight += 1
-            if request:
+            else:
+                self._sent[request_id] = replica
+                view.in_flight += 1
+            if request:   # counted either way: it was sent there
                 view.routed += 1
                 if self.pow2:
                     self.decisions["pow2"] += 1

@@ -90,7 +90,8 @@ def test_the_book_never_leaves_a_count_behind():
     book.sync({"a": None, "b": None})
     book.choose(RouteKey(_hashes(5)), ["a", "b"], "early")
     book.completed("early")                      # completion first ...
-    book.routed("a", "early")                    # ... then the send: nothing stays in flight
+    book.routed("a", "early")                    # ... then the send: nothing stays in flight,
+    assert book.replicas["a"].in_flight == 0 and book.replicas["a"].routed == 1   # but it was routed there
     picked = book.choose(RouteKey(_hashes(6)), ["a", "b"], "moved").replica
     elsewhere = "b" if picked == "a" else "a"
     book.routed(elsewhere, "moved")              # Serve sent it to the other replica
