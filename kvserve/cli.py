@@ -22,6 +22,9 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
         group.add_argument("--model", action="append", default=None, metavar="[NAME=]MODEL",
                            help="a model to serve, repeatable: GGUF file, Hugging Face directory or random:tiny, "
                                 "optionally named (default: the embedded SmolLM2-135M-Instruct)")
+        group.add_argument("--engine-loop", default="auto", choices=["auto", "shared", "separate"],
+                           help="with several models: shared steps them all on one engine thread, in turn; "
+                                "separate gives each its own thread (auto: shared on a CPU, separate on CUDA)")
     else:
         group.add_argument("--model", default=None,
                            help="GGUF file, Hugging Face directory, or random:tiny "
@@ -162,6 +165,19 @@ def model_engine_config(base: EngineConfig, name: str, model: str | None, num_mo
     return config
 
 
+def shared_engine_loop(choice: str, device: str) -> bool:
+    """--engine-loop: do a process's models step on one thread? On a CPU they share the cores, and
+    taking turns is faster than contending (kvserve/engine/async_engine.py: StepLoop); on CUDA one
+    engine's host work may overlap another's kernels."""
+    if choice != "auto":
+        return choice == "shared"
+    if device == "auto":
+        import torch
+
+        return not torch.cuda.is_available()
+    return device != "cuda"
+
+
 def server_address(args: argparse.Namespace, environ=os.environ) -> tuple[str, int]:
     """--host/--port; SageMaker's contract (--sagemaker, or SAGEMAKER_BIND_TO_PORT set) binds every
     interface on port 8080, or on the port that variable names."""
@@ -239,7 +255,7 @@ def parse_cost_weights(specs: list[str], models: dict[str, str | None]) -> tuple
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kvserve.engine.async_engine import AsyncEngine
+    from kvserve.engine.async_engine import AsyncEngine, StepLoop
     from kvserve.engine.engine import Engine
     from kvserve.server.app import create_app
     from kvserve.server.auth import ApiKeys
@@ -270,7 +286,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if cluster is not None:
             return {name: cluster.deploy(name, model_engine_config(base, name, model, len(models)), faults)
                     for name, model in models.items()}
-        return {name: AsyncEngine(lambda config=model_engine_config(base, name, model, len(models)): build(config))
+        loop = StepLoop() if shared_engine_loop(args.engine_loop, base.device) else None
+        return {name: AsyncEngine(lambda config=model_engine_config(base, name, model, len(models)): build(config),
+                                  loop=loop)
                 for name, model in models.items()}
 
     def reload_keys() -> ApiKeys:

@@ -1,4 +1,5 @@
 """AsyncEngine: runs an Engine on a background thread; add / stream / abort from asyncio.
+StepLoop: that thread, which may step several engines (the models of one process) in turn.
 
     asyncio side                          engine thread
     ───────────                           ─────────────
@@ -17,7 +18,8 @@ Failure: a request the engine cannot run fails alone (EngineCore isolates it; it
 with FinishReason.ERROR). Anything else that escapes a step is fatal: every stream in flight gets
 EngineDeadError at once, later adds and calls raise it, and the `on_fatal` listeners are told
 (the server turns /health to 503 and exits non-zero, so that a supervisor restarts it). Once the
-loop has ended no add can slip in unanswered: registration and the loop's end share a lock.
+engine has ended no add can slip in unanswered: registration and the engine's end share a lock. On
+a shared loop the other engines go on stepping.
 """
 
 from __future__ import annotations
@@ -113,28 +115,140 @@ class RequestStream:
             self._engine.abort(self.request_id)
 
 
+class StepLoop:
+    """The engine thread: steps every engine attached to it, one step each in turn.
+
+    The models of one process share one loop by default (`kvserve serve --engine-loop`). On a CPU,
+    two engines stepping on two threads at once hold two OpenMP teams on the same cores: the
+    workers spin against each other and every step of both slows down (measured on 2 cores with the
+    chat pair, 4 requests each: both done in 5.3 s on one loop, 7.1 s on two threads). Taking turns,
+    each engine's step has every core, and every running request advances by a token a round
+    whichever model serves it. An engine's step that fails with anything a request cannot be
+    blamed for ends that engine alone (see AsyncEngine); the others go on."""
+
+    def __init__(self, name: str = "kvserve-engine"):
+        self.name = name
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._members: list[AsyncEngine] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._attached_once = False
+        self._closed = False
+
+    def attach(self, member: "AsyncEngine", engine: Engine | Callable[[], Engine]) -> Engine:
+        """Build `engine` on the loop's thread (a function that builds one; see AsyncEngine) and step
+        it from now on. Raises what the builder raised."""
+        built = threading.Event()
+        box: dict = {}
+        with self._lock:
+            if self._closed:
+                raise EngineDeadError("the engine loop was shut down")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            self._commands.put((member, "attach", (engine, built, box)))
+        built.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["engine"]
+
+    def put(self, member: "AsyncEngine", kind: str, arg: object) -> None:
+        self._commands.put((member, kind, arg))
+
+    def detach(self, member: "AsyncEngine", timeout_s: float = 30.0) -> None:
+        """Stop stepping `member` (its streams end; see AsyncEngine.shutdown). The last one out ends
+        the thread."""
+        done = threading.Event()
+        with self._lock:
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                return
+            self._commands.put((member, "detach", done))
+        done.wait(timeout_s)
+        if not self._members:   # the last one: the thread ends
+            thread.join(timeout=timeout_s)
+
+    # ---- the loop's thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        trimmer = IdleTrimmer()
+        while True:
+            busy = any(m.engine.has_unfinished for m in self._members)
+            self._apply_commands(block=not busy)
+            with self._lock:
+                if not self._members and self._commands.empty() and self._attached_once:
+                    self._closed = True
+                    break
+            stepped = False
+            for member in list(self._members):
+                if member.engine.has_unfinished:
+                    stepped = True
+                    if not member._step():   # fatal: that engine has ended
+                        self._members.remove(member)
+                        continue
+                    if len(self._members) > 1:        # aborts and adds between the engines' turns too
+                        self._apply_commands(block=False)
+                member._stats = member.engine.stats()
+            if stepped:
+                trimmer.stepped()
+            elif self._commands.empty():
+                trimmer.idle()
+
+    def _apply_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            member, kind, arg = command
+            if kind == "attach":
+                self._attach(member, *arg)
+            elif kind == "detach":
+                if member in self._members:
+                    member._end(EngineDeadError("the engine was shut down"), None)
+                    self._members.remove(member)
+                arg.set()
+            elif member in self._members:
+                if not member._command(kind, arg):
+                    self._members.remove(member)
+            elif kind == "call":   # an engine already ended: no awaiting caller hangs
+                _, future = arg
+                future.get_loop().call_soon_threadsafe(_settle, future, None, member._ended)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _attach(self, member: "AsyncEngine", engine: Engine | Callable[[], Engine], built: threading.Event,
+                box: dict) -> None:
+        self._attached_once = True
+        try:
+            box["engine"] = engine if isinstance(engine, Engine) else engine()
+        except BaseException as error:   # the builder's: attach() raises it
+            box["error"] = error
+        else:
+            member.engine = box["engine"]
+            self._members.append(member)
+        finally:
+            built.set()
+
+
 class AsyncEngine:
-    def __init__(self, engine: Engine | Callable[[], Engine]):
+    def __init__(self, engine: Engine | Callable[[], Engine], loop: StepLoop | None = None):
         """`engine`, or a function that builds one: it is then built on the engine thread itself.
+        `loop`: the engine thread it shares with other engines (None: a thread of its own).
 
         Prefer the function. libgomp throttles its workers' spin-waiting once a process holds more
         OpenMP threads than CPUs, and a thread that ran parallel torch ops keeps its team until it
         exits: an engine stepped on one thread after its model was loaded on another that lives on
         (the main thread of `kvserve batch`, say) ran 35% slower on 2 cores (bf16 matmuls 1.8x)."""
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._stop = threading.Event()
-        self._lock = threading.Lock()                  # registration vs the loop's end (see module doc)
-        self._ended: EngineDeadError | None = None     # set once the loop has ended, under _lock
-        self.error: BaseException | None = None        # what killed the loop, if it died
+        self._lock = threading.Lock()                  # registration vs the engine's end (see module doc)
+        self._ended: EngineDeadError | None = None     # set once the engine has ended, under _lock
+        self.error: BaseException | None = None        # what killed the engine, if it died
         self._fatal_listeners: list[Callable[[BaseException], None]] = []
-        self._thread = threading.Thread(target=self._run, args=(engine,), name="kvserve-engine", daemon=True)
-        self._built = threading.Event()
-        self._build_error: BaseException | None = None
-        self._thread.start()
-        self._built.wait()
-        if self._build_error is not None:
-            raise self._build_error
+        self._loop = loop if loop is not None else StepLoop()
+        self.engine = self._loop.attach(self, engine)
         self._stats = self.engine.stats()
 
     # ---- asyncio side ------------------------------------------------------------------------
@@ -151,7 +265,7 @@ class AsyncEngine:
         with self._lock:
             self._raise_if_ended()
             self._streams[request_id] = stream
-            self._commands.put(("add", request))
+            self._loop.put(self, "add", request)
         return stream
 
     def _raise_if_ended(self) -> None:
@@ -168,7 +282,7 @@ class AsyncEngine:
         return 1
 
     def on_fatal(self, listener: Callable[[BaseException], None]) -> None:
-        """Call `listener(error)` (on the engine thread) if the loop dies; at once if it has."""
+        """Call `listener(error)` (on the engine thread) if the engine dies; at once if it has."""
         with self._lock:
             self._fatal_listeners.append(listener)
             error = self.error
@@ -176,14 +290,14 @@ class AsyncEngine:
             listener(error)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._loop.put(self, "abort", request_id)
 
     async def call(self, fn: Callable[[Engine], T]) -> T:
         """Run fn(engine) on the engine thread between steps (engine state is not thread-safe)."""
         future = asyncio.get_running_loop().create_future()
         with self._lock:
             self._raise_if_ended()
-            self._commands.put(("call", (fn, future)))
+            self._loop.put(self, "call", (fn, future))
         return await future
 
     def stats(self) -> SchedulerStats:
@@ -192,60 +306,24 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         self._stop.set()
-        self._commands.put(("wake", None))
-        self._thread.join(timeout=30)
+        self._loop.detach(self)
 
-    # ---- engine thread -----------------------------------------------------------------------
-    def _run(self, engine: Engine | Callable[[], Engine]) -> None:
+    # ---- engine thread (StepLoop) --------------------------------------------------------------
+    def _step(self) -> bool:
+        """One step; False when it was fatal (module docstring: every stream fails, the listeners
+        are told)."""
         try:
-            self.engine = engine if isinstance(engine, Engine) else engine()
-        except BaseException as error:   # the constructor raises it
-            self._build_error = error
-            return
-        finally:
-            self._built.set()
-        fatal: Exception | None = None
-        trimmer = IdleTrimmer()
-        try:
-            while not self._stop.is_set():
-                self._apply_commands(block=not self.engine.has_unfinished)
-                if self.engine.has_unfinished:
-                    self._deliver(self.engine.step())
-                    trimmer.stepped()
-                elif self._commands.empty():
-                    trimmer.idle()
-                self._stats = self.engine.stats()
-            ended = EngineDeadError("the engine was shut down")
-        except Exception as error:   # fatal (module docstring): fail everything, tell the listeners
+            self._deliver(self.engine.step())
+        except Exception as error:
             log.exception("the engine loop failed; failing %d requests in flight", len(self._streams))
-            ended = EngineDeadError(f"the engine failed ({type(error).__name__}: {error}); "
-                                    "the server must be restarted")
-            fatal = error
-        with self._lock:   # from here on, add() and call() raise instead of queueing
-            self._ended, self.error = ended, fatal
-            listeners = list(self._fatal_listeners) if fatal is not None else []
-        for listener in listeners:   # first: the server says why before its clients hear of it
-            try:
-                listener(fatal)
-            except Exception:
-                log.exception("an on_fatal listener failed")
-        self._fail_all(ended)
-        while True:   # answer calls still queued, so no awaiting caller hangs
-            try:
-                kind, arg = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "call":
-                _, future = arg
-                future.get_loop().call_soon_threadsafe(_settle, future, None, ended)
+            self._end(EngineDeadError(f"the engine failed ({type(error).__name__}: {error}); "
+                                      "the server must be restarted"), error)
+            return False
+        return True
 
-    def _apply_commands(self, block: bool) -> None:
+    def _command(self, kind: str, arg: object) -> bool:
+        """Apply an add, abort or call; False when the engine broke applying it (as fatal as a step)."""
         try:
-            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            kind, arg = command
             if kind == "add":
                 self.engine.add_request(arg)
             elif kind == "abort":
@@ -254,10 +332,24 @@ class AsyncEngine:
                     self._deliver([output])
             elif kind == "call":
                 self._call(*arg)
+        except Exception as error:
+            log.exception("the engine failed applying a command; failing %d requests in flight", len(self._streams))
+            self._end(EngineDeadError(f"the engine failed ({type(error).__name__}: {error}); "
+                                      "the server must be restarted"), error)
+            return False
+        return True
+
+    def _end(self, ended: EngineDeadError, fatal: BaseException | None) -> None:
+        """The engine stops (shut down, or `fatal`): from here on add() and call() raise `ended`."""
+        with self._lock:
+            self._ended, self.error = ended, fatal
+            listeners = list(self._fatal_listeners) if fatal is not None else []
+        for listener in listeners:   # first: the server says why before its clients hear of it
             try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
+                listener(fatal)
+            except Exception:
+                log.exception("an on_fatal listener failed")
+        self._fail_all(ended)
 
     def _call(self, fn: Callable[[Engine], object], future: asyncio.Future) -> None:
         loop = future.get_loop()
@@ -287,4 +379,4 @@ class AsyncEngine:
         self._streams.clear()
 
 
-__all__ = ["AsyncEngine", "RequestStream", "EngineDeadError", "FinishReason"]
+__all__ = ["AsyncEngine", "StepLoop", "RequestStream", "EngineDeadError", "FinishReason"]

@@ -35,7 +35,7 @@ import torch
 from kvserve.bench.hf_baseline import hf_greedy, hf_model
 from kvserve.cli import parse_routers
 from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
-from kvserve.engine.async_engine import AsyncEngine
+from kvserve.engine.async_engine import AsyncEngine, StepLoop
 from kvserve.engine.engine import Engine
 from kvserve.engine.llm import LLM
 from kvserve.model import registry
@@ -232,12 +232,12 @@ def server(tmp_path_factory, small_checkpoint):
 
     release_memory()   # what the parity tests freed goes back to the OS before two more models load
 
-    def engines() -> dict[str, AsyncEngine]:
-        built = {}
+    def engines() -> dict[str, AsyncEngine]:   # on one engine thread, as `kvserve serve` runs them on a CPU
+        built, loop = {}, StepLoop()
         for name, checkpoint in (("small", small_checkpoint), ("large", None)):
             engine_config = EngineConfig(model=sources[name], cache=CacheConfig(num_blocks=1024),
                                          scheduler=SchedulerConfig(max_num_seqs=8))
-            built[name] = AsyncEngine(lambda c=engine_config, k=checkpoint: Engine(c, checkpoint=k))
+            built[name] = AsyncEngine(lambda c=engine_config, k=checkpoint: Engine(c, checkpoint=k), loop=loop)
             if checkpoint is not None:
                 # The server is the small checkpoint's last user in this module (the parity test
                 # above ran first): its fp32 weights go now, before the large model loads.

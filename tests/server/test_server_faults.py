@@ -101,6 +101,26 @@ def test_a_real_server_whose_engine_dies_exits_non_zero():
         assert "injected fault" in output and "exiting" in output
 
 
+def test_a_real_server_steps_two_models_on_one_engine_thread_and_exits_1_when_one_dies():
+    """Two models (on a CPU they share one engine thread, taking turns): both answer at once, the
+    same (the same random weights); one engine's death still fails its request and ends the process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with serve_process("--model", "second=random:tiny", "--inject-fault", "engine-dies-after-steps=30") as (url, process):
+        def ask(model: str) -> httpx.Response:
+            return httpx.post(f"{url}{CHAT}", json={**chat(max_tokens=8, ignore_eos=True), "model": model}, timeout=30)
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(ask, [MODEL, "second", MODEL, "second"]))
+        assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+        assert len({a.json()["choices"][0]["message"]["content"] for a in answers}) == 1
+        assert {a.json()["model"] for a in answers} == {MODEL, "second"}
+        response = httpx.post(f"{url}{CHAT}", json={**chat(max_tokens=500, ignore_eos=True), "model": "second"},
+                              timeout=30)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "engine_dead"
+        assert process.wait(timeout=30) == 1
+
+
 def test_a_model_that_cannot_load_makes_the_server_exit_1():
     import subprocess
     import sys

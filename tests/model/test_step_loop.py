@@ -1,0 +1,145 @@
+"""StepLoop: several engines stepped on one thread, in turn (`kvserve serve --engine-loop shared`)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from conftest import make_engine
+from kvserve.cli import shared_engine_loop
+from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, StepLoop
+from kvserve.sampling import FinishReason, SamplingParams
+
+PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+PROMPTS = ["first prompt of the pair", "a second, longer prompt for the other engine", "3"]
+
+
+def _recording(engine, name: str, log: list) -> object:
+    """The engine, its steps logged by name and thread."""
+    step = engine.step
+
+    def logged():
+        log.append((name, threading.get_ident()))
+        return step()
+
+    engine.step = logged
+    return engine
+
+
+async def _collect(stream) -> tuple[int, ...]:
+    tokens, last = [], None
+    async for output in stream:
+        tokens.extend(output.token_ids)
+        last = output
+    assert last.finish_reason is FinishReason.LENGTH
+    return tuple(tokens)
+
+
+async def _run(async_engine: AsyncEngine, prompts, params=PARAMS) -> list[tuple[int, ...]]:
+    streams = [await async_engine.add(p, params) for p in prompts]
+    return list(await asyncio.gather(*(_collect(s) for s in streams)))
+
+
+def test_two_engines_on_one_loop_take_turns_on_one_thread_and_answer_as_alone():
+    alone = AsyncEngine(make_engine())
+    try:
+        expected = asyncio.run(_run(alone, PROMPTS))
+    finally:
+        alone.shutdown()
+
+    log: list = []
+    loop = StepLoop()
+    a = AsyncEngine(lambda: _recording(make_engine(), "a", log), loop=loop)
+    b = AsyncEngine(lambda: _recording(make_engine(), "b", log), loop=loop)
+    try:
+        async def both():   # the loop is held by a call until both engines have all their requests
+            gate = threading.Event()
+            held = asyncio.ensure_future(a.call(lambda engine: gate.wait(10)))
+            streams = [[await engine.add(p, PARAMS) for p in PROMPTS] for engine in (a, b)]
+            gate.set()
+            assert await held
+            return [list(await asyncio.gather(*(_collect(s) for s in group))) for group in streams]
+
+        got_a, got_b = asyncio.run(both())
+        assert got_a == got_b == expected                        # the same greedy answers as alone
+        assert {thread for _, thread in log} == {loop._thread.ident}    # one thread stepped both
+        names = [name for name, _ in log]
+        assert set(names) == {"a", "b"}
+        # Both had work from the first step; they took turns until one was done.
+        last_a, last_b = max(i for i, n in enumerate(names) if n == "a"), max(i for i, n in enumerate(names) if n == "b")
+        both_busy = names[:min(last_a, last_b) + 1]
+        assert all(x != y for x, y in zip(both_busy, both_busy[1:])), names
+    finally:
+        a.shutdown()
+        assert b.alive and not a.alive and loop._thread.is_alive()   # one out: the loop goes on for the other
+        assert asyncio.run(_run(b, PROMPTS[:1])) == expected[:1]
+        b.shutdown()
+    assert not loop._thread.is_alive()                             # the last one out ends the thread
+    for engine in (a, b):
+        engine.engine.check_integrity()
+        kv = engine.engine.stats().kv
+        assert kv.num_used_blocks == 0 and kv.num_free_blocks == kv.num_blocks
+
+
+def test_a_fatal_step_ends_its_engine_alone_on_a_shared_loop():
+    loop = StepLoop()
+    doomed_engine = make_engine()
+    real_step, steps = doomed_engine.step, []
+
+    def failing_step():
+        steps.append(1)
+        if len(steps) > 3:
+            raise RuntimeError("injected: this engine's device failed")
+        return real_step()
+
+    doomed_engine.step = failing_step
+    doomed = AsyncEngine(doomed_engine, loop=loop)
+    healthy = AsyncEngine(make_engine(), loop=loop)
+    told: list = []
+    doomed.on_fatal(told.append)
+    healthy.on_fatal(told.append)
+    try:
+        async def main():
+            long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+            doomed_stream = await doomed.add(PROMPTS[0], long)
+            good = asyncio.ensure_future(_run(healthy, PROMPTS))
+            with pytest.raises(EngineDeadError, match="device failed"):
+                async with asyncio.timeout(10):
+                    async for _ in doomed_stream:
+                        pass
+            with pytest.raises(EngineDeadError):
+                await doomed.add("too late", PARAMS)
+            with pytest.raises(EngineDeadError):
+                await doomed.call(lambda e: e.stats())
+            return await asyncio.wait_for(good, 30)
+
+        answers = asyncio.run(main())
+        assert len(answers) == len(PROMPTS) and all(len(t) == PARAMS.max_tokens for t in answers)
+        assert len(told) == 1 and "device failed" in str(told[0])
+        assert healthy.alive and not doomed.alive
+        assert asyncio.run(healthy.call(lambda e: e.stats())).num_running == 0
+    finally:
+        doomed.shutdown()
+        healthy.shutdown()
+    assert not loop._thread.is_alive()
+
+
+def test_a_builder_that_fails_on_a_shared_loop_raises_and_leaves_the_others_running():
+    loop = StepLoop()
+    first = AsyncEngine(make_engine(), loop=loop)
+    try:
+        def broken():
+            raise ValueError("no such model file")
+
+        with pytest.raises(ValueError, match="no such model file"):
+            AsyncEngine(broken, loop=loop)
+        assert asyncio.run(_run(first, PROMPTS[:1]))[0]
+    finally:
+        first.shutdown()
+
+
+def test_the_engine_loop_option():
+    assert shared_engine_loop("shared", "cuda") and not shared_engine_loop("separate", "cpu")
+    assert shared_engine_loop("auto", "cpu") and not shared_engine_loop("auto", "cuda")
