@@ -28,6 +28,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
@@ -122,12 +123,21 @@ class StepLoop:
     two engines stepping on two threads at once hold two OpenMP teams on the same cores: the
     workers spin against each other and every step of both slows down (measured on 2 cores with the
     chat pair, 4 requests each: both done in 5.3 s on one loop, 7.1 s on two threads). Taking turns,
-    each engine's step has every core, and every running request advances by a token a round
-    whichever model serves it. An engine's step that fails with anything a request cannot be
-    blamed for ends that engine alone (see AsyncEngine); the others go on."""
+    each engine's step has every core.
 
-    def __init__(self, name: str = "kvserve-engine"):
+    Whose turn: the engine whose requests have had the least of the thread's time. A step charges
+    its engine the step's time divided by its requests (running and waiting); an engine back from
+    idle starts level with the busy ones, with nothing banked. So each request gets about the same
+    compute whichever model serves it: a small model's requests get more tokens a second than a
+    large one's, and an answer held back to be scored (a router's cascade) is decided sooner (the
+    routing bench's cascade TTFT p95: 2.76 s, against 3.50 s with strict turns, one step each).
+
+    An engine's step that fails with anything a request cannot be blamed for ends that engine alone
+    (see AsyncEngine); the others go on."""
+
+    def __init__(self, name: str = "kvserve-engine", clock: Callable[[], float] = time.perf_counter):
         self.name = name
+        self._clock = clock
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._members: list[AsyncEngine] = []
         self._lock = threading.Lock()
@@ -172,26 +182,32 @@ class StepLoop:
     def _run(self) -> None:
         trimmer = IdleTrimmer()
         while True:
-            busy = any(m.engine.has_unfinished for m in self._members)
+            busy = [m for m in self._members if m.engine.has_unfinished]
             self._apply_commands(block=not busy)
             with self._lock:
                 if not self._members and self._commands.empty() and self._attached_once:
                     self._closed = True
                     break
-            stepped = False
-            for member in list(self._members):
-                if member.engine.has_unfinished:
-                    stepped = True
-                    if not member._step():   # fatal: that engine has ended
-                        self._members.remove(member)
-                        continue
-                    if len(self._members) > 1:        # aborts and adds between the engines' turns too
-                        self._apply_commands(block=False)
-                member._stats = member.engine.stats()
-            if stepped:
+            busy = [m for m in self._members if m.engine.has_unfinished]
+            for member in self._members:
+                if member in busy and not member._busy and len(busy) > 1:   # back from idle: no banked turns
+                    member._served = max(member._served, min(m._served for m in busy if m is not member))
+                member._busy = member in busy
+            if busy:
+                member = min(busy, key=lambda m: m._served)
+                requests = max(1, member._stats.num_running + member._stats.num_waiting)
+                start = self._clock()
+                if not member._step():   # fatal: that engine has ended
+                    self._members.remove(member)
+                else:
+                    member._served += (self._clock() - start) / requests
+                    member._stats = member.engine.stats()
                 trimmer.stepped()
-            elif self._commands.empty():
-                trimmer.idle()
+            else:
+                for member in self._members:
+                    member._stats = member.engine.stats()
+                if self._commands.empty():
+                    trimmer.idle()
 
     def _apply_commands(self, block: bool) -> None:
         try:
@@ -227,6 +243,7 @@ class StepLoop:
             box["error"] = error
         else:
             member.engine = box["engine"]
+            member._stats = member.engine.stats()
             self._members.append(member)
         finally:
             built.set()
@@ -247,6 +264,8 @@ class AsyncEngine:
         self._ended: EngineDeadError | None = None     # set once the engine has ended, under _lock
         self.error: BaseException | None = None        # what killed the engine, if it died
         self._fatal_listeners: list[Callable[[BaseException], None]] = []
+        self._served = 0.0   # the loop's account: thread time per request this engine has had
+        self._busy = False
         self._loop = loop if loop is not None else StepLoop()
         self.engine = self._loop.attach(self, engine)
         self._stats = self.engine.stats()
