@@ -10,7 +10,7 @@ import pytest
 
 from conftest import make_engine
 from kvserve.cli import shared_engine_loop
-from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, StepLoop
+from kvserve.engine.async_engine import MAX_PASSED_OVER, AsyncEngine, EngineDeadError, StepLoop
 from kvserve.sampling import FinishReason, SamplingParams
 
 PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -199,6 +199,13 @@ def test_the_loop_shares_its_time_by_request_whichever_engine_serves_it():
         order = run(3)
         first = order[:20]
         assert 9 <= first.count("large") <= 11, order
+        # A full batch on the small model (32 requests: 1/32 a step) beside one request on the large:
+        # by time it would be ~96 small steps a large one; the large waits at most MAX_PASSED_OVER.
+        small.requests = 32
+        order = run(1)
+        turns = [k for k, name in enumerate(order) if name == "large"]
+        gaps = [b - a - 1 for a, b in zip([-1, *turns], turns)]
+        assert len(turns) == 12 and max(gaps) == MAX_PASSED_OVER, order
     finally:
         for engine in engines:
             engine.shutdown()
