@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -209,3 +210,36 @@ def test_the_loop_shares_its_time_by_request_whichever_engine_serves_it():
     finally:
         for engine in engines:
             engine.shutdown()
+
+
+def test_an_engine_whose_books_break_between_steps_ends_alone_and_shutdown_twice_returns_at_once():
+    loop = StepLoop()
+    broken_engine = make_engine()
+    real_stats, calls = broken_engine.stats, []
+
+    def failing_stats():
+        calls.append(1)
+        if len(calls) > 4:
+            raise RuntimeError("injected: the stats cannot be read")
+        return real_stats()
+
+    healthy = AsyncEngine(make_engine(), loop=loop)
+    broken = AsyncEngine(broken_engine, loop=loop)
+    broken_engine.stats = failing_stats
+    try:
+        async def main():
+            stream = await broken.add(PROMPTS[0], SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+            with pytest.raises(EngineDeadError, match="stats cannot be read"):
+                async with asyncio.timeout(10):
+                    async for _ in stream:
+                        pass
+            return await asyncio.wait_for(_run(healthy, PROMPTS), 30)
+
+        assert len(asyncio.run(main())) == len(PROMPTS)
+        assert healthy.alive and not broken.alive
+    finally:
+        for engine in (broken, healthy, healthy, broken):
+            started = time.monotonic()
+            engine.shutdown()
+            assert time.monotonic() - started < 5
+    assert not loop._thread.is_alive()
