@@ -215,8 +215,16 @@ class RemoteEngine:
 
 
 def stats_from_dict(values: dict) -> SchedulerStats:
-    """A replica's reported stats (plain values, as dataclasses.asdict gave them)."""
-    return SchedulerStats(**{**values, "kv": KVCacheStats(**values["kv"])})
+    """A replica's reported stats (plain values, as dataclasses.asdict gave them). In a rolling
+    upgrade a replica may run another kvserve: a field this one does not know is dropped, and one
+    it lacks takes its default (0 where none is declared), rather than breaking /metrics."""
+    return SchedulerStats(**_known(SchedulerStats, {**values, "kv": KVCacheStats(**_known(KVCacheStats, values["kv"]))}))
+
+
+def _known(cls, values: dict) -> dict:
+    fields = dataclasses.fields(cls)
+    return {f.name: values.get(f.name, 0) for f in fields
+            if f.name in values or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)}
 
 
 def sum_stats(stats: list[SchedulerStats]) -> SchedulerStats:

@@ -150,6 +150,13 @@ def _stats(running: int, waiting: int, used: int, hits: int, tenants: dict | Non
 def test_replica_stats_sum_and_maxima_stay_maxima():
     one = _stats(1, 2, 3, 4, {"x": 1}, 0.25)
     assert stats_from_dict(dataclasses.asdict(one)) == one      # as a replica reports them
+    # A replica of another version (a rolling upgrade): fields unknown here dropped, missing ones defaulted.
+    newer = dataclasses.asdict(one) | {"num_future_counter": 7}
+    newer["kv"] |= {"future_blocks": 3}
+    assert stats_from_dict(newer) == one
+    older = dataclasses.asdict(one)
+    del older["num_stalls_broken"], older["kv"]["host_hit_blocks"], older["num_preemptions"]
+    assert stats_from_dict(older) == dataclasses.replace(one, num_preemptions=0)
     total = sum_stats([_stats(2, 1, 10, 40, {"a": 5}, 0.5), _stats(1, 0, 20, 60, {"a": 1, "b": 2}, 1.5),
                        _stats(0, 0, 0, 0, None, 0.0)])
     assert (total.num_running, total.num_waiting, total.num_preemptions) == (3, 1, 3)
