@@ -32,9 +32,10 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
     group.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                        help="auto: bf16 on CUDA and on CPUs with AVX512-BF16, else fp32")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    group.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu"],
-                       help="cpu: C++ decode kernel over the paged cache (built on first use); torch: the "
-                            "reference; auto: cpu on CPU when it builds")
+    group.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
+                       help="cpu: C++ decode kernel over the paged cache (built on first use); triton: Triton "
+                            "kernels over the paged cache (CUDA); torch: the reference; auto: cpu on CPU when "
+                            "it builds, triton on CUDA when importable and it passes a start-up check")
     group.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
                        help="weight-only, CPU: int8 with per-channel scales (half the weight memory); int4 in "
                             "groups of 32 (a GGUF's own Q4_1 weights; fastest for a few streams); auto (default): "

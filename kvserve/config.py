@@ -163,7 +163,7 @@ class SchedulerConfig:
 
 DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
-ATTENTION_BACKENDS = ("auto", "torch", "cpu")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
@@ -177,7 +177,7 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
-    attention_backend: str = "auto"   # auto: the C++ CPU kernel on CPU when it builds, else torch
+    attention_backend: str = "auto"   # auto: the C++ CPU kernel on CPU when it builds, triton on CUDA, else torch
     # weight-only: int8 (per-channel scales) or int4 (groups of 32, Q4_1 layout); auto: int4 on CPU when the
     # dtype is auto too (the speed default of `kvserve serve`), else none. The library keeps none: an engine
     # built in code computes what its dtype says unless it asks for more.

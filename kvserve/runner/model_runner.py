@@ -95,7 +95,8 @@ def num_kv_blocks(cache: CacheConfig, config: ModelConfig, dtype: torch.dtype) -
 
 
 def make_attention_backend(name: str, device: torch.device):
-    """auto → the C++ CPU decode kernel on CPU when it builds here, else the torch reference.
+    """auto → the C++ CPU decode kernel on CPU when it builds here; on CUDA the Triton kernels when
+    triton is importable and they pass a start-up check against the reference; else the reference.
     The reference attends in fp32 on CPU: torch's CPU SDPA is much slower in bf16 (benchmarks.md)."""
     if name in ("auto", "cpu") and device.type == "cpu":
         from kvserve.attention import cpu_kernels
@@ -109,6 +110,19 @@ def make_attention_backend(name: str, device: torch.device):
                              "use --attention-backend torch")
     elif name == "cpu":
         raise ValueError(f"--attention-backend cpu needs --device cpu, not {device.type}")
+    if name == "triton" or (name == "auto" and device.type == "cuda"):
+        from kvserve.attention import triton_backend
+
+        if not triton_backend.available(device):
+            if name == "triton":
+                raise ValueError("--attention-backend triton needs the triton package and a CUDA device "
+                                 "(on a CPU only under TRITON_INTERPRET=1, for tests)")
+        else:
+            problem = triton_backend.self_check(device) if name == "auto" else None
+            if problem is None:
+                return triton_backend.TritonPagedAttention(device)
+            log.warning("the triton attention backend failed its start-up check (%s); using the torch "
+                        "reference", problem)
     return TorchPagedAttention(torch.float32 if device.type == "cpu" else None)
 
 
