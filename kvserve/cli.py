@@ -20,14 +20,14 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
     group = parser.add_argument_group("engine")
     if repeat_model:
         group.add_argument("--model", action="append", default=None, metavar="[NAME=]MODEL",
-                           help="a model to serve, repeatable: GGUF file, Hugging Face directory or random:tiny, "
+                           help="a model to serve, repeatable: GGUF file, Hugging Face directory, registered name or random:PRESET, "
                                 "optionally named (default: the embedded SmolLM2-135M-Instruct)")
         group.add_argument("--engine-loop", default="auto", choices=["auto", "shared", "separate"],
                            help="with several models: shared steps them all on one engine thread, in turn; "
                                 "separate gives each its own thread (auto: shared on a CPU, separate on CUDA)")
     else:
         group.add_argument("--model", default=None,
-                           help="GGUF file, Hugging Face directory, or random:tiny "
+                           help="GGUF file, Hugging Face directory, registered name, or random:PRESET (tiny, llama-1b, llama-8b) "
                                 "(default: embedded SmolLM2-135M-Instruct)")
     group.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                        help="auto: bf16 on CUDA and on CPUs with AVX512-BF16, else fp32")

@@ -568,7 +568,7 @@ def _check_state_dict(state: dict[str, torch.Tensor], config: ModelConfig, sourc
 # Random weights (tests, benchmarks)
 
 
-def random_weights(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+def random_weights(config: ModelConfig, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A deterministic random state dict with the names and shapes of `expected_shapes(config)`.
 
     Scales are chosen so the model behaves like a real one in tests, not like a near-identity:
@@ -581,6 +581,7 @@ def random_weights(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
       - logits have a spread of about sqrt(hidden_size), so greedy argmax is never decided by
         rounding noise: untied, lm_head ~ N(0, 1); tied, the final norm weight is 1 / 0.1 = 10;
       - biases ~ N(0, 0.1^2); all other norm weights = 1.
+    Each tensor is drawn in fp32 and converted to `dtype` at once (the same values for any dtype).
     """
     generator = torch.Generator().manual_seed(seed)
     final_norm = _LOGIT_STD / _EMBEDDING_STD if config.tie_word_embeddings else 1.0
@@ -592,6 +593,7 @@ def random_weights(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
             state[name] = torch.ones(shape, dtype=torch.float32)
         else:
             state[name] = torch.randn(shape, generator=generator, dtype=torch.float32) * _random_std(name, shape)
+        state[name] = state[name].to(dtype)   # tensor by tensor: an 8B model never exists in fp32 whole
     return state
 
 

@@ -419,7 +419,8 @@ class ByteTokenizer:
     """Token ids 0..255 are the raw UTF-8 bytes; 256..259 are <bos>, <eos>, <|im_start|>, <|im_end|>.
 
     Special tokens written in the text are NOT parsed (they encode as their bytes). Decoding a
-    cut-off multi-byte character gives U+FFFD, as real byte-level BPE tokenizers do.
+    cut-off multi-byte character gives U+FFFD, as real byte-level BPE tokenizers do. A larger
+    `vocab_size` (a random model of a real shape) adds ids that decode as "<id>".
     """
 
     BOS = 256
@@ -430,8 +431,10 @@ class ByteTokenizer:
     TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
                 "{% if add_generation_prompt %}assistant: {% endif %}")
 
-    def __init__(self) -> None:
-        self.vocab_size = 260
+    def __init__(self, vocab_size: int = 260) -> None:
+        if vocab_size < 260:
+            raise ValueError(f"a byte tokenizer needs at least 260 ids, not {vocab_size}")
+        self.vocab_size = vocab_size
         self.bos_token_id: int | None = self.BOS
         self.eos_token_ids = frozenset({self.EOS})
         self.special_ids = frozenset(self.SPECIAL_TEXT)
@@ -452,7 +455,9 @@ class ByteTokenizer:
                 continue
             pieces.append(run.decode("utf-8", errors="replace"))
             run.clear()
-            if not skip_special_tokens:
+            if token_id not in self.SPECIAL_TEXT:
+                pieces.append(f"<{token_id}>")
+            elif not skip_special_tokens:
                 pieces.append(self.SPECIAL_TEXT[token_id])
         pieces.append(run.decode("utf-8", errors="replace"))
         return "".join(pieces)

