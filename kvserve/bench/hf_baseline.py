@@ -42,6 +42,16 @@ def hf_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
     return model.to(dtype).eval()
 
 
+def hf_continuous_batching(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations through transformers' continuous batching (`generate_batch`), end
+    tokens ignored: one max_new_tokens for every prompt (its API takes one)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    results = model.generate_batch([list(p) for p in prompts], generation_config=config, progress_bar=True)
+    return [list(r.generated_tokens) for r in results.values()]
+
+
 @torch.inference_mode()
 def hf_greedy(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 1) -> list[list[int]]:
     """Greedy continuations of exactly max_new_tokens tokens (end tokens ignored), left-padded batches."""
@@ -49,8 +59,9 @@ def hf_greedy(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, batc
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         width = max(len(p) for p in batch)
-        input_ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in batch])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        device = model.device
+        input_ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in batch], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                              min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
         results.extend(row[width:].tolist() for row in out)

@@ -5,6 +5,8 @@ For each batch size B: B seeded random prompts of --context-len tokens are prefi
 the median (and fastest) step time, decode tok/s (B / step), the share of the step spent in the model runner
 (forward + sampling) and the rest ("host": scheduling, block bookkeeping, detokenizing, Python
 between the two). `--profile` adds torch.profiler's top operators for the largest B.
+On a GPU of known peak, each result also carries its floor (the weights and the KV cache read once
+at the memory bandwidth: kvserve/bench/floor.py) and the fraction of it reached.
 The speed notes (docs/speed-notes.md) quote this command's output. One JSON line last.
 """
 
@@ -84,16 +86,25 @@ def run_step_bench(args: argparse.Namespace, config: EngineConfig) -> int:
     import torch
 
     from kvserve import cpu_features
+    from kvserve.bench.floor import decode_step_floor_s, device_peak, floor_report
     from kvserve.engine.engine import Engine
+    from kvserve.runner.model_runner import kv_bytes_per_block
 
     engine = Engine(config)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
+    peak = device_peak(torch.cuda.get_device_name(engine.device)) if engine.device.type == "cuda" else None
+    runner = engine.core.runner
     results = []
     for b in sizes:
         r = _measure(engine, b, args, profile=args.profile and b == max(sizes))
+        if peak is not None:   # the weights once, and each sequence's cache (context + the steps so far)
+            kv = b * (args.context_len + args.steps // 2) * kv_bytes_per_block(
+                engine.model_config, 1, runner.kv_dtype)
+            r.update(floor_report(peak, decode_step_floor_s(peak, runner.weight_bytes(), kv), r["step_ms"] / 1e3))
         results.append(r)
+        floor = f"  floor {r['floor_s'] * 1e3:.3f} ms ({r['fraction_of_floor']:.1%})" if r.get("floor_s") else ""
         print(f"batch {b:3d}: step {r['step_ms']:7.2f} ms (min {r['step_min_ms']:.2f})  {r['decode_tok_s']:7.1f} tok/s  "
-              f"runner {r['runner_ms']:7.2f} ms  host share {r['host_share']:.1%}")
+              f"runner {r['runner_ms']:7.2f} ms  host share {r['host_share']:.1%}{floor}")
     print(json.dumps({"bench": "step", "model": config.model or "default",
                       "dtype": str(engine.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
                       "isa": cpu_features.isa() if engine.device.type == "cpu" else None,

@@ -239,6 +239,17 @@ class ModelRunner:
         self.score(ids[:8], chunk_size=1)
 
     @torch.inference_mode()
+    def weight_bytes(self) -> int:
+        """Bytes of the tensors the model holds (tied ones once): what a decode step reads at the
+        least (a bench's physical floor)."""
+        seen: set[int] = set()
+        total = 0
+        for tensor in [*self.model.parameters(), *self.model.buffers()]:
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
+        return total
+
     def measure_costs(self) -> PreemptionCosts:
         """What preemption costs each way on this machine (see sched/cost.py), timed once after the
         warm-up: a 256-token prefill and one-token decode steps through a private cache, and a

@@ -33,6 +33,20 @@ def test_bench_offline_ends_with_one_json_line():
     assert again["prompt_tokens"] == result["prompt_tokens"]
 
 
+def test_bench_offline_mixed_lengths_against_transformers_on_the_same_device():
+    out = kvserve("bench", "offline", "--model", "random:tiny", "--dtype", "float32", "--num-prompts", "5",
+                  "--prompt-len-range", "10:60", "--output-len-range", "3:9", "--num-kv-blocks", "64",
+                  "--compare-transformers", timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["prompt_len"] == [10, 60] and result["output_len"] == [3, 9]
+    assert 5 * 3 <= result["output_tokens"] <= 5 * 9 and 5 * 10 <= result["prompt_tokens"] <= 5 * 60
+    assert result["transformers"]["mode"] in ("generate_batch", "static") and result["transformers"]["output_tok_s"] > 0
+    assert result["kvserve"].get("floor_s") is None            # a CPU: no GPU peak to hold it against
+    bad = kvserve("bench", "offline", "--model", "random:tiny", "--output-len-range", "9:3")
+    assert bad.returncode == 2 and "MIN:MAX" in bad.stderr
+
+
 def test_errors_exit_2_with_a_message():
     out = kvserve("generate", "hi", "--model", "/nonexistent/model.gguf")
     assert out.returncode == 2 and "kvserve: error:" in out.stderr and "/nonexistent/model.gguf" in out.stderr
