@@ -32,15 +32,15 @@ import functools
 import importlib.metadata
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import gguf
 import numpy as np
 import torch
 
 from kvserve.config import ConfigError, ModelConfig
 from kvserve.model import gguf_dequant, registry
-from kvserve.model.gguf_file import GGUFFile, GGUFTensor
+if TYPE_CHECKING:   # gguf loads with the first GGUF file: a random model of a real shape needs none
+    from kvserve.model.gguf_file import GGUFFile, GGUFTensor
 
 
 class ModelLoadError(ValueError):
@@ -192,6 +192,8 @@ def open_gguf(path: Path) -> GGUFFile:
 @functools.lru_cache(maxsize=2)
 def _open_gguf_cached(path: str, size: int, mtime_ns: int) -> GGUFFile:
     try:
+        from kvserve.model.gguf_file import GGUFFile
+
         return GGUFFile(path)
     except Exception as error:  # the reader raises ValueError/struct.error/... on corrupt files
         raise ModelLoadError(f"cannot read GGUF file {path}: {error}") from error
@@ -474,6 +476,8 @@ def _dequantize(path: Path, tensor: GGUFTensor) -> torch.Tensor:
             return gguf_dequant.dequantize(tensor.data, type_name, torch_shape)
         except ValueError as error:
             raise ModelLoadError(f"GGUF file {path}: tensor {tensor.name!r}: {error}") from error
+    import gguf
+
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as error:

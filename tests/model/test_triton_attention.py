@@ -21,6 +21,8 @@ from kvserve.attention.triton_backend import TritonPagedAttention, choose_splits
 from kvserve.attention import triton_kernels  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The interpreter converts 1-element arrays to ints, which numpy deprecates, once per scalar it reads.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
 def _batch(rng: random.Random, chunks: list[tuple[int, int]], block_size: int, num_blocks: int):
