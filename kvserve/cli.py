@@ -36,6 +36,8 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
                        help="cpu: C++ decode kernel over the paged cache (built on first use); triton: Triton "
                             "kernels over the paged cache (CUDA); torch: the reference; auto: cpu on CPU when "
                             "it builds, triton on CUDA when importable and it passes a start-up check")
+    group.add_argument("--enforce-eager", action="store_true",
+                       help="CUDA: run decode steps eagerly, without capturing CUDA graphs at start-up")
     group.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
                        help="weight-only, CPU: int8 with per-channel scales (half the weight memory); int4 in "
                             "groups of 32 (a GGUF's own Q4_1 weights; fastest for a few streams); auto (default): "
@@ -84,7 +86,7 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
-        attention_backend=args.attention_backend, quantization=args.quantization,
+        attention_backend=args.attention_backend, quantization=args.quantization, enforce_eager=args.enforce_eager,
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                           memory_bytes=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
                           host_memory_bytes=args.kv_host_memory, disk_dir=args.kv_disk_dir,

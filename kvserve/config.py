@@ -182,6 +182,7 @@ class EngineConfig:
     # dtype is auto too (the speed default of `kvserve serve`), else none. The library keeps none: an engine
     # built in code computes what its dtype says unless it asks for more.
     quantization: str = "none"
+    enforce_eager: bool = False       # CUDA: no graphs of decode steps (runner/cuda_graphs.py)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -94,7 +94,9 @@ class Engine(EngineFront):
             checkpoint = load_checkpoint(config.model, seed=config.seed,
                                          dtype=ModelRunner.weights_dtype(self.dtype, self.quantization))
         runner = ModelRunner(checkpoint.config, checkpoint.weights, config.cache, self.dtype, self.device, config.seed,
-                             attention=config.attention_backend, quantization=self.quantization)
+                             attention=config.attention_backend, quantization=self.quantization,
+                             max_num_seqs=config.scheduler.max_num_seqs,
+                             max_model_len=context_limit(config, checkpoint.config), enforce_eager=config.enforce_eager)
         kv = KVCacheManager(runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
                             pin_budget_fraction=config.cache.pin_budget_fraction,
                             num_host_blocks=runner.num_host_blocks, num_disk_blocks=runner.num_disk_blocks)

@@ -129,7 +129,11 @@ def make_attention_backend(name: str, device: torch.device):
 class ModelRunner:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], cache: CacheConfig,
                  dtype: torch.dtype, device: torch.device, seed: int = 0, attention: str = "auto",
-                 quantization: str = "none"):
+                 quantization: str = "none", max_num_seqs: int = 64, max_model_len: int | None = None,
+                 enforce_eager: bool = False):
+        """On CUDA with the triton backend, all-decode steps of up to `max_num_seqs` rows replay
+        CUDA graphs captured here for contexts up to `max_model_len` (runner/cuda_graphs.py),
+        unless `enforce_eager`."""
         self.config = config
         self.device = device
         self.dtype = dtype
@@ -178,6 +182,9 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         self._generators: dict[str, torch.Generator] = {}
         self.warm_up()
+        self.graphs = None
+        if device.type == "cuda" and self.backend.name == "triton" and not enforce_eager:
+            self._capture_graphs(max_num_seqs, max_model_len or config.max_position_embeddings)
         kernels = "" if device.type != "cpu" else f"; CPU kernels: {cpu_features.isa()}"
         startup_log.info("model on %s in %s (quantization: %s%s); KV cache %d blocks of %d tokens in %s", device,
                          str(dtype).removeprefix("torch."), quantization, kernels, self.num_blocks, self.block_size,
@@ -212,16 +219,36 @@ class ModelRunner:
             raise KVTransferError(f"a KV copy between tiers failed: {error!r}") from error
         if not plan.chunks:
             return EMPTY_MODEL_OUTPUT
+        if self.graphs is not None and all(c.num_tokens == 1 and c.samples for c in plan.chunks):
+            hidden = self.graphs.run([c.token_ids[0] for c in plan.chunks], [c.start_position for c in plan.chunks],
+                                     [c.block_ids for c in plan.chunks])
+            if hidden is not None:   # every row samples: the rows are the logits rows
+                return self._sample(self.model.compute_logits(hidden), tuple(c.request_id for c in plan.chunks),
+                                    tuple(c.sampling_params for c in plan.chunks))
         inputs = prepare_inputs(plan, self.block_size, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
         if not inputs.sampling_request_ids:
             return EMPTY_MODEL_OUTPUT
         logits = self.model.compute_logits(hidden[inputs.logits_indices])      # [num_sampling, vocab]
-        generators = [self._generator(rid, p) for rid, p in zip(inputs.sampling_request_ids, inputs.sampling_params)]
-        sampled = self.sampler(logits, inputs.sampling_params, generators)
-        ids = inputs.sampling_request_ids
+        return self._sample(logits, inputs.sampling_request_ids, inputs.sampling_params)
+
+    def _sample(self, logits: torch.Tensor, ids: tuple[str, ...], params: tuple) -> ModelOutput:
+        generators = [self._generator(rid, p) for rid, p in zip(ids, params)]
+        sampled = self.sampler(logits, params, generators)
         return ModelOutput(dict(zip(ids, sampled.token_ids)),
                            {rid: lp for rid, lp in zip(ids, sampled.logprobs) if lp is not None})
+
+    def _capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        from kvserve.runner.cuda_graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size, self.device)
+        try:
+            graphs.capture()
+        except Exception as error:   # a model or kernel a graph cannot hold: eager, said once
+            log.warning("CUDA graph capture failed (%s: %s); decode steps run eagerly", type(error).__name__, error)
+            torch.cuda.synchronize()
+            return
+        self.graphs = graphs
 
     def _new_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zeroed (K, V) per layer, each [num_blocks, block_size, kv_heads, head_dim]."""

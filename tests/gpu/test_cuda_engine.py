@@ -1,6 +1,7 @@
 """The engine on a CUDA device (skipped without one; `scripts/gpu-check.sh` runs these on a GPU
 machine): fp32 greedy output equals transformers' token for token on the same weights, with the
-torch reference and with the Triton kernels; preemption and prefix-cache hits leave it unchanged.
+torch reference and with the Triton kernels; preemption and prefix-cache hits leave it unchanged;
+decode steps replayed from CUDA graphs give the eager steps' tokens.
 The Triton kernels' own parity tests (tests/model/test_triton_attention.py) run on CUDA there too."""
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ def _engine(model: str, backend: str, checkpoint, **options):
 
     cache = {k: options[k] for k in ("num_blocks", "enable_prefix_caching") if k in options}
     scheduler = {k: options[k] for k in ("max_num_seqs", "max_num_batched_tokens", "preemption_mode") if k in options}
-    config = EngineConfig(model=model, dtype="float32", device="cuda", attention_backend=backend,
+    config = EngineConfig(model=model, dtype=options.get("dtype", "float32"), device="cuda", attention_backend=backend,
+                          enforce_eager=options.get("enforce_eager", False),
                           cache=CacheConfig(**{"num_blocks": 512, **cache}), scheduler=SchedulerConfig(**scheduler))
     return Engine(config, checkpoint=checkpoint)
 
@@ -63,3 +65,16 @@ def test_preemption_and_prefix_hits_leave_the_triton_output_unchanged():
     assert _greedy(tight, prompts, 48) == expected
     stats = tight.stats()
     assert stats.num_preemptions > 0 and stats.kv.prefix_hit_tokens > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graph_decode_gives_the_eager_tokens(dtype):
+    from kvserve.model.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint("random:tiny")
+    graphed = _engine("random:tiny", "triton", checkpoint, dtype=dtype, max_num_seqs=16)
+    assert graphed.core.runner.graphs is not None and graphed.core.runner.graphs.ladder == (1, 2, 4, 8, 16)
+    eager = _engine("random:tiny", "triton", checkpoint, dtype=dtype, max_num_seqs=16, enforce_eager=True)
+    assert eager.core.runner.graphs is None
+    prompts = PROMPTS + PROMPTS[:3]                      # 11 rows: padded to 16, then fewer as none finish early
+    assert _greedy(graphed, prompts, 40) == _greedy(eager, prompts, 40)
