@@ -47,6 +47,10 @@ def add_engine_options(parser: argparse.ArgumentParser, repeat_model: bool = Fal
     group.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
     group.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                        help="KV pool size in bytes, e.g. 512MiB or 2GiB (default 1GiB)")
+    group.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
+                       help="CUDA, without --kv-cache-memory or --num-kv-blocks: the KV pool takes this share of "
+                            "the GPU's memory, less other processes', the weights and a profiled activation peak "
+                            "(default 0.9)")
     group.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                        help="the KV cache's dtype; auto: bf16 under a quantized fp32 model on CPU (half the bytes, "
                             "read with fp32 math), else the model's dtype")
@@ -91,7 +95,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           memory_bytes=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
                           host_memory_bytes=args.kv_host_memory, disk_dir=args.kv_disk_dir,
                           disk_num_blocks=args.kv_disk_blocks, pin_budget_fraction=args.pin_budget,
-                          dtype=args.kv_cache_dtype),
+                          dtype=args.kv_cache_dtype, gpu_memory_utilization=args.gpu_memory_utilization),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                   policy=args.scheduling_policy, background_step_factor=args.background_step_factor,

@@ -67,8 +67,9 @@ KV_CACHE_DTYPES = ("auto", "bfloat16", "float32")
 class CacheConfig:
     """The paged KV cache: block size and how many blocks the pool holds.
 
-    The pool is sized by exactly one of `num_blocks` or `memory_bytes`; with neither, the
-    runner picks a default budget (see `DEFAULT_KV_MEMORY_BYTES`).
+    The pool is sized by exactly one of `num_blocks` or `memory_bytes`; with neither, the runner
+    picks a default budget: on CUDA from the free GPU memory (`gpu_memory_utilization`), else
+    `DEFAULT_KV_MEMORY_BYTES`.
     """
 
     block_size: int = 16
@@ -82,8 +83,13 @@ class CacheConfig:
     # --kv-cache-dtype: auto = bf16 under a quantized fp32 model on CPU (half the bytes, twice the
     # tokens; read with fp32 math), else the model's dtype
     dtype: str = "auto"
+    # --gpu-memory-utilization: on CUDA without a size given, the pool takes this share of the
+    # GPU's memory, less what other processes hold, the weights and a profiled activation peak
+    gpu_memory_utilization: float = 0.9
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.dtype!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

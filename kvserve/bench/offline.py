@@ -14,6 +14,7 @@ Prints a progress bar, a summary, and one JSON line last.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import random
@@ -95,13 +96,14 @@ def run_engine(engine: Engine, prompts: list[list[int]], outputs: list[int]) -> 
             "preemptions": stats.num_preemptions}
 
 
-def run_transformers(engine: Engine, prompts: list[list[int]], outputs: list[int], batch_size: int) -> dict:
+def run_transformers(config: EngineConfig, device, dtype, prompts: list[list[int]], outputs: list[int],
+                     batch_size: int) -> dict:
     """transformers on the engine's device and dtype, the same weights: continuous batching where
     it has it (every prompt generating the longest output), else static batches of `batch_size`."""
     from kvserve.bench.hf_baseline import hf_continuous_batching, hf_greedy, hf_model
     from kvserve.model.checkpoint import load_checkpoint
 
-    model = hf_model(load_checkpoint(engine.config.model, engine.config.seed), engine.dtype).to(engine.device)
+    model = hf_model(load_checkpoint(config.model, config.seed), dtype).to(device)
     if hasattr(model, "generate_batch"):
         start = time.perf_counter()
         generated = hf_continuous_batching(model, prompts, max(outputs))
@@ -145,8 +147,13 @@ def run_offline_bench(args: argparse.Namespace, config: EngineConfig) -> int:
         floor = None if peak is None else offline_floor_s(
             peak, parameters, engine.core.runner.weight_bytes(), result["prompt_tokens"] + sum(outputs), max(outputs))
         result["kvserve"].update(floor_report(peak, floor, result["kvserve"]["wall_s"]))
-    if args.compare_transformers:
-        result["transformers"] = run_transformers(engine, prompts, outputs, args.hf_batch_size)
+    if args.compare_transformers:   # the engine's memory (its KV pool) goes first
+        device, dtype = engine.device, engine.dtype
+        del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        result["transformers"] = run_transformers(config, device, dtype, prompts, outputs, args.hf_batch_size)
         result["ratio_vs_transformers"] = round(
             result["kvserve"]["output_tok_s"] / result["transformers"]["output_tok_s"], 2)
     print(f"kvserve: {result['kvserve']['output_tok_s']} output tok/s, {result['kvserve']['total_tok_s']} total tok/s, "

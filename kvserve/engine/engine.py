@@ -96,7 +96,8 @@ class Engine(EngineFront):
         runner = ModelRunner(checkpoint.config, checkpoint.weights, config.cache, self.dtype, self.device, config.seed,
                              attention=config.attention_backend, quantization=self.quantization,
                              max_num_seqs=config.scheduler.max_num_seqs,
-                             max_model_len=context_limit(config, checkpoint.config), enforce_eager=config.enforce_eager)
+                             max_model_len=context_limit(config, checkpoint.config), enforce_eager=config.enforce_eager,
+                             max_num_batched_tokens=config.scheduler.max_num_batched_tokens)
         kv = KVCacheManager(runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
                             pin_budget_fraction=config.cache.pin_budget_fraction,
                             num_host_blocks=runner.num_host_blocks, num_disk_blocks=runner.num_disk_blocks)

@@ -83,6 +83,15 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype)
     return 2 * config.num_layers * block_size * config.kv_size * dtype.itemsize
 
 
+def gpu_kv_budget(total: int, free: int, reserved: int, allocated: int, activation_peak: int,
+                  utilization: float) -> int:
+    """Bytes the KV pool may take on a GPU of `total` bytes with `free` free: `utilization` of it,
+    less what other processes hold (what is neither free nor reserved by this one), this
+    process's tensors (the weights) and its activation peak; 0 when nothing is left."""
+    others = max(0, total - free - reserved)
+    return max(0, int(utilization * total) - others - allocated - activation_peak)
+
+
 def num_kv_blocks(cache: CacheConfig, config: ModelConfig, dtype: torch.dtype) -> int:
     if cache.num_blocks is not None:
         return cache.num_blocks
@@ -130,7 +139,7 @@ class ModelRunner:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], cache: CacheConfig,
                  dtype: torch.dtype, device: torch.device, seed: int = 0, attention: str = "auto",
                  quantization: str = "none", max_num_seqs: int = 64, max_model_len: int | None = None,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, max_num_batched_tokens: int = 512):
         """On CUDA with the triton backend, all-decode steps of up to `max_num_seqs` rows replay
         CUDA graphs captured here for contexts up to `max_model_len` (runner/cuda_graphs.py),
         unless `enforce_eager`."""
@@ -165,7 +174,10 @@ class ModelRunner:
                          quant.gather_quantized_weights(model) / 1e6)
         self.model = model.eval()
         self.kv_dtype = resolve_kv_dtype(cache.dtype, dtype, quantization, device)
-        self.num_blocks = num_kv_blocks(cache, config, self.kv_dtype)
+        if device.type == "cuda" and cache.num_blocks is None and cache.memory_bytes is None:
+            self.num_blocks = self._blocks_from_gpu_memory(cache, max_num_batched_tokens, max_num_seqs)
+        else:
+            self.num_blocks = num_kv_blocks(cache, config, self.kv_dtype)
         self.kv_caches = self._new_kv_caches(self.num_blocks)
         shape = self.kv_caches[0][0].shape
         # The host tier: a separate bounded store in host memory (pinned on CUDA for fast copies).
@@ -237,6 +249,37 @@ class ModelRunner:
         sampled = self.sampler(logits, params, generators)
         return ModelOutput(dict(zip(ids, sampled.token_ids)),
                            {rid: lp for rid, lp in zip(ids, sampled.logprobs) if lp is not None})
+
+    def _blocks_from_gpu_memory(self, cache: CacheConfig, max_tokens: int, max_seqs: int) -> int:
+        """The pool's blocks on CUDA: the largest step's activation peak is measured first (a
+        prefill of `max_tokens` tokens through a private cache, the LM head on `max_seqs` rows),
+        then the pool takes what --gpu-memory-utilization leaves (gpu_kv_budget)."""
+        per_block = kv_bytes_per_block(self.config, self.block_size, self.kv_dtype)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        blocks = -(-max_tokens // self.block_size)
+        caches = self._new_kv_caches(blocks)
+        chunk = ScheduledChunk("profile", tuple(i % self.config.vocab_size for i in range(max_tokens)), 0,
+                               tuple(range(blocks)), False, SamplingParams())
+        with torch.inference_mode():
+            inputs = prepare_inputs(SchedulerOutput((chunk,)), self.block_size, self.device)
+            hidden = self.model(inputs.input_ids, inputs.positions, caches, inputs.metadata)
+            self.model.compute_logits(hidden[-min(max_seqs, max_tokens):]).float()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base - blocks * per_block
+        del caches, inputs, hidden
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = gpu_kv_budget(total, free, torch.cuda.memory_reserved(self.device), torch.cuda.memory_allocated(
+            self.device), peak, cache.gpu_memory_utilization)
+        if budget < per_block:
+            raise ValueError(f"--gpu-memory-utilization {cache.gpu_memory_utilization} leaves no room for a KV "
+                             f"block after the weights and a {peak / 1e9:.2f} GB activation peak; raise it, lower "
+                             "--max-num-batched-tokens, or give --kv-cache-memory")
+        startup_log.info("KV pool from GPU memory: %.1f GB (%.0f%% of %.1f GB, less %.2f GB of weights and a "
+                         "%.2f GB activation peak)", budget / 1e9, 100 * cache.gpu_memory_utilization, total / 1e9,
+                         torch.cuda.memory_allocated(self.device) / 1e9, peak / 1e9)
+        return budget // per_block
 
     def _capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         from kvserve.runner.cuda_graphs import DecodeGraphs

@@ -74,3 +74,15 @@ def test_a_padded_decode_step_from_the_graph_inputs_equals_the_eager_step():
     torch.testing.assert_close(padded[:3], eager, rtol=1e-5, atol=1e-5)
     for (k1, v1), (k2, v2) in zip(eager_caches, graph_caches):       # the padded row wrote nothing
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def test_the_gpu_kv_budget_leaves_others_the_weights_and_the_activation_peak():
+    from kvserve.config import CacheConfig, ConfigError
+    from kvserve.runner.model_runner import gpu_kv_budget
+
+    gb = 10**9
+    # 140 GB card, 10 GB held by another process, this one has reserved 3 GB (2 GB of weights).
+    assert gpu_kv_budget(140 * gb, 127 * gb, 3 * gb, 2 * gb, 1 * gb, 0.9) == 126 * gb - 10 * gb - 2 * gb - 1 * gb
+    assert gpu_kv_budget(10 * gb, 1 * gb, 1 * gb, 1 * gb, 1 * gb, 0.5) == 0      # nothing left: 0, not negative
+    with pytest.raises(ConfigError, match="gpu-memory-utilization"):
+        CacheConfig(gpu_memory_utilization=1.5)

@@ -23,3 +23,4 @@ def test_floors_of_a_decode_step_and_of_the_offline_workload():
     report = floor_report(h200, floor, 38.6)
     assert report["fraction_of_floor"] == pytest.approx(floor / 38.6, abs=1e-4) and report["peak"]["device"] == "H200"
     assert floor_report(None, None, 1.0) == {"floor_s": None, "fraction_of_floor": None}
+
