@@ -16,7 +16,9 @@ from torch import nn
 
 
 def _fusable(kernels, x: torch.Tensor) -> bool:
-    return kernels is not None and x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu"
+    """Do the fused ops take x? The C++ ops take CPU tensors, the Triton ones (model/triton_ops.py) CUDA ones."""
+    return kernels is not None and x.dtype in (torch.bfloat16, torch.float32) and \
+        x.device.type == getattr(kernels, "device_type", "cpu")
 
 
 class RMSNorm(nn.Module):

@@ -172,6 +172,10 @@ class ModelRunner:
             if quantization != "none":
                 log.info("quantized weights gathered into one buffer: %.0f MB",
                          quant.gather_quantized_weights(model) / 1e6)
+        if device.type == "cuda" and dtype == torch.bfloat16 and self.backend.name == "triton":
+            from kvserve.model.triton_ops import TritonFusedOps   # fp32 keeps the torch spec, op for op
+
+            model.use_fused_kernels(TritonFusedOps())
         self.model = model.eval()
         self.kv_dtype = resolve_kv_dtype(cache.dtype, dtype, quantization, device)
         if device.type == "cuda" and cache.num_blocks is None and cache.memory_bytes is None:
