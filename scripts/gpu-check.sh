@@ -17,7 +17,8 @@ LOG=${OUT:-/tmp}/gpu-check.log
 started=$(date +%s)
 
 run_tests() {   # two runs: tests/model and tests/gpu each import their own conftest
-    timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/model/test_triton_attention.py >>"$LOG" 2>&1 || return $?
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/model/test_triton_attention.py \
+        tests/model/test_triton_ops.py tests/model/test_cuda_graphs.py >>"$LOG" 2>&1 || return $?
     timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu >>"$LOG" 2>&1
 }
 run_tests; tests_rc=$?
