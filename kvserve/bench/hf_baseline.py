@@ -47,8 +47,11 @@ def hf_continuous_batching(model, prompts: Sequence[Sequence[int]], max_new_toke
     tokens ignored: one max_new_tokens for every prompt (its API takes one)."""
     from transformers import GenerationConfig
 
+    import inspect
+
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    results = model.generate_batch([list(p) for p in prompts], generation_config=config, progress_bar=True)
+    options = {"progress_bar": True} if "progress_bar" in inspect.signature(model.generate_batch).parameters else {}
+    results = model.generate_batch([list(p) for p in prompts], generation_config=config, **options)
     return [list(r.generated_tokens) for r in results.values()]
 
 
