@@ -54,6 +54,10 @@ class TritonPagedAttention:
         self._ops = triton_kernels   # (not `kernels`: the runner reads that as the C++ CPU kernels)
         self.num_cores = (torch.cuda.get_device_properties(device).multi_processor_count
                           if device.type == "cuda" else 1)
+        # Decode-only steps split their keys as for a context this long (the runner sets the
+        # model's limit), so an eager step and a CUDA graph's (captured for that limit) compute
+        # the same sums in the same order; None: by the step's own longest context.
+        self.decode_split_len: int | None = None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -62,18 +66,31 @@ class TritonPagedAttention:
         out = torch.empty_like(query)
         starts = metadata.query_start_loc_host
         max_query_len = max((b - a for a, b in zip(starts, starts[1:])), default=0)
-        splits = choose_splits(metadata.num_seqs, k_cache.shape[2], max(metadata.seq_lens_host, default=0),
-                               max_query_len, self.num_cores)
+        longest = max(metadata.seq_lens_host, default=0)
+        if max_query_len == 1 and self.decode_split_len is not None:
+            longest = max(longest, self.decode_split_len)
+        splits = choose_splits(metadata.num_seqs, k_cache.shape[2], longest, max_query_len, self.num_cores)
         self._ops.paged_attention(query, k_cache, v_cache, out, metadata.query_start_loc, metadata.seq_lens,
                                      metadata.block_table, scale, max_query_len, splits=splits)
         return out
 
 
-def self_check(device: torch.device) -> str | None:
-    """One small mixed batch through this backend and the torch reference on `device`: None when
-    they agree, else what went wrong (`--attention-backend auto` then keeps the reference)."""
+def self_check(device: torch.device, dtype: torch.dtype = torch.float32) -> str | None:
+    """Small batches through this backend and the torch reference on `device`, in fp32 and in the
+    model's `dtype`: a mixed one, and a decode-only one with its keys split. None when they agree,
+    else what went wrong (`--attention-backend auto` then keeps the reference)."""
+    for check_dtype in dict.fromkeys((torch.float32, dtype)):
+        problem = _check(device, check_dtype)
+        if problem is not None:
+            return f"{problem} ({str(check_dtype).removeprefix('torch.')})"
+    return None
+
+
+def _check(device: torch.device, dtype: torch.dtype) -> str | None:
+    from kvserve.attention import triton_kernels
     from kvserve.attention.torch_ref import TorchPagedAttention
 
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
     try:
         generator = torch.Generator().manual_seed(0)
         block_size, heads, kv_heads, head_dim = 16, 4, 2, 64
@@ -83,12 +100,23 @@ def self_check(device: torch.device) -> str | None:
         as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
         metadata = AttentionMetadata(as_tensor(slots), as_tensor(starts), as_tensor(lens), as_tensor(tables),
                                      block_size, starts, lens)
-        cache = torch.randn((2, 8, block_size, kv_heads, head_dim), generator=generator).to(device)
-        q = torch.randn((30, heads, head_dim), generator=generator).to(device)
-        k, v = (torch.randn((30, kv_heads, head_dim), generator=generator).to(device) for _ in range(2))
-        expected = TorchPagedAttention().forward(q, k, v, (cache[0].clone(), cache[1].clone()), metadata, 0.125)
+        cache = torch.randn((2, 8, block_size, kv_heads, head_dim), generator=generator).to(dtype).to(device)
+        q = torch.randn((30, heads, head_dim), generator=generator).to(dtype).to(device)
+        k, v = (torch.randn((30, kv_heads, head_dim), generator=generator).to(dtype).to(device) for _ in range(2))
+        reference = TorchPagedAttention(torch.float32)
+        expected = reference.forward(q, k, v, (cache[0].clone(), cache[1].clone()), metadata, 0.125)
         got = TritonPagedAttention(device).forward(q, k, v, (cache[0].clone(), cache[1].clone()), metadata, 0.125)
-        error = (got - expected).abs().max().item()
+        error = (got.float() - expected.float()).abs().max().item()
+        # Decode only, the keys split 4 ways and merged (the decode rows of the batch above, again).
+        decode_meta = AttentionMetadata(as_tensor([3 * 16 + 7, 2 * 16 + 8]), as_tensor([0, 1, 2]), as_tensor([40, 9]),
+                                        as_tensor([[1, 7, 3], [2, 0, 0]]), block_size, (0, 1, 2), (40, 9))
+        rows = q[[20, 29]].contiguous()
+        caches = (cache[0].clone(), cache[1].clone())
+        expected = reference.forward(rows, k[[20, 29]], v[[20, 29]], caches, decode_meta, 0.125)
+        got = torch.empty_like(rows)
+        triton_kernels.paged_attention(rows, *caches, got, decode_meta.query_start_loc, decode_meta.seq_lens,
+                                       decode_meta.block_table, 0.125, 1, splits=4)
+        error = max(error, (got.float() - expected.float()).abs().max().item())
     except Exception as failure:   # a compile or launch failure: say which
         return f"{type(failure).__name__}: {failure}"
-    return None if error < 1e-3 else f"its output differs from the reference by {error:.3g}"
+    return None if error < tolerance else f"its output differs from the reference by {error:.3g}"

@@ -143,6 +143,7 @@ def _merge_splits_kernel(part_ptr, stats_ptr, out_ptr, stride_ot, stride_oh, num
     top = tl.max(maxima, 0)
     weights = tl.where(maxima == float("-inf"), 0.0, tl.exp(maxima - top))
     total = tl.sum(sums * weights, 0)
+    total = tl.where(total == 0.0, 1.0, total)   # a padded row (context 0) saw no key: zeros, not nan
     d = tl.arange(0, BLOCK_D)
     parts = tl.load(part_ptr + (base + s)[:, None] * BLOCK_D + d[None, :])
     result = tl.sum(parts * weights[:, None], 0) / total

@@ -1,7 +1,8 @@
 """Fused element-wise ops on CUDA as Triton kernels: residual add + RMSNorm, rotary embedding,
 and SiLU(gate)·up. Each is one kernel where the torch spec (kvserve/model/layers.py) is three to
 six, and each rounds where torch rounds (every intermediate torch keeps in the tensor's dtype is
-rounded to it here too), so a bf16 model computes what its torch code computes.
+rounded to it here too), so a bf16 model computes what its torch code computes, but for the last
+fp32 bit of a square root or exponential, which can move a bf16 result by one rounding.
 
 They replace the torch code only for bf16 models (`TritonFusedOps`, set by the runner on CUDA with
 `use_fused_kernels`, as the C++ ops are on a CPU): fp32 keeps the torch spec op for op, so that

@@ -9,7 +9,8 @@ once, a step is replayed with one launch.
 - **Persistent inputs.** The graphs read fixed device buffers (token ids, positions, cache slots,
   context lengths, block tables); a step fills them from pinned host buffers with asynchronous
   copies. Padded rows have slot -1 (their K/V are not written) and context 0 (they attend to
-  nothing and give zeros), so they touch no real block.
+  nothing and give zeros), so they touch no real block. Eager decode steps split their keys as the
+  graphs do (the backend's `decode_split_len`), so both compute the same sums in the same order.
 - **What stays outside.** The LM head and sampling run after the replay, on the rows that are
   real; reading the sampled ids is the step's one synchronisation.
 
@@ -99,7 +100,8 @@ class DecodeInputs:
             for host, device in ((self._host_ids, self.input_ids), (self._host_positions, self.positions),
                                  (self._host_slots, self.slot_mapping), (self._host_lens, self.seq_lens)):
                 device[:rows].copy_(host[:rows], non_blocking=True)
-            self.block_table[:rows, :width].copy_(self._host_table[:rows, :width], non_blocking=True)
+            # Whole rows: a contiguous pinned slice, so the copy stays asynchronous.
+            self.block_table[:rows].copy_(self._host_table[:rows], non_blocking=True)
 
 
 class DecodeGraphs:

@@ -103,7 +103,7 @@ def num_kv_blocks(cache: CacheConfig, config: ModelConfig, dtype: torch.dtype) -
     return num_blocks
 
 
-def make_attention_backend(name: str, device: torch.device):
+def make_attention_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """auto → the C++ CPU decode kernel on CPU when it builds here; on CUDA the Triton kernels when
     triton is importable and they pass a start-up check against the reference; else the reference.
     The reference attends in fp32 on CPU: torch's CPU SDPA is much slower in bf16 (benchmarks.md)."""
@@ -127,7 +127,7 @@ def make_attention_backend(name: str, device: torch.device):
                 raise ValueError("--attention-backend triton needs the triton package and a CUDA device "
                                  "(on a CPU only under TRITON_INTERPRET=1, for tests)")
         else:
-            problem = triton_backend.self_check(device) if name == "auto" else None
+            problem = triton_backend.self_check(device, dtype) if name == "auto" else None
             if problem is None:
                 return triton_backend.TritonPagedAttention(device)
             log.warning("the triton attention backend failed its start-up check (%s); using the torch "
@@ -147,7 +147,9 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = cache.block_size
-        self.backend = make_attention_backend(attention, device)
+        self.backend = make_attention_backend(attention, device, dtype)
+        if self.backend.name == "triton":   # eager decode steps split their keys as the CUDA graphs do
+            self.backend.decode_split_len = max_model_len or config.max_position_embeddings
         with torch.device("meta"):
             model = LlamaForCausalLM(config, self.backend)
         model = model.to_empty(device=device)
@@ -262,6 +264,7 @@ class ModelRunner:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+        max_tokens = min(max_tokens, self.config.max_position_embeddings)   # one sequence: its positions exist
         blocks = -(-max_tokens // self.block_size)
         caches = self._new_kv_caches(blocks)
         chunk = ScheduledChunk("profile", tuple(i % self.config.vocab_size for i in range(max_tokens)), 0,

@@ -166,9 +166,22 @@ def test_backend_choice_and_the_start_up_check(monkeypatch):
     from kvserve.runner.model_runner import make_attention_backend
 
     assert triton_backend.self_check(DEVICE) is None                  # the kernels agree with the reference
+    assert triton_backend.self_check(DEVICE, torch.bfloat16) is None
     assert make_attention_backend("triton", DEVICE).name == "triton"
     if DEVICE.type == "cpu":
         assert make_attention_backend("auto", DEVICE).name != "triton"    # a CPU's auto: the C++ kernels or torch
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(ValueError, match="triton needs the triton package and a CUDA device"):
             make_attention_backend("triton", DEVICE)
+
+
+def test_a_padded_row_gives_zeros_with_or_without_split_keys():
+    gen = torch.Generator().manual_seed(9)
+    cache = [torch.randn((4, 16, 1, 16), generator=gen).to(DEVICE) for _ in range(2)]
+    q = torch.randn((2, 2, 16), generator=gen).to(DEVICE)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=DEVICE)  # noqa: E731
+    for splits in (1, 4):
+        out = torch.full_like(q, 7.0)
+        triton_kernels.paged_attention(q, *cache, out, as_tensor([0, 1, 2]), as_tensor([50, 0]),
+                                       as_tensor([[0, 1, 2, 3], [0, 0, 0, 0]]), 0.25, 1, splits=splits)
+        assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isfinite(out[0]).all(), splits
