@@ -50,7 +50,20 @@ def hf_continuous_batching(model, prompts: Sequence[Sequence[int]], max_new_toke
     import inspect
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    options = {"progress_bar": True} if "progress_bar" in inspect.signature(model.generate_batch).parameters else {}
+    parameters = inspect.signature(model.generate_batch).parameters
+    options = {"progress_bar": True} if "progress_bar" in parameters else {}
+    # Its paged cache sized for this workload (pages of 256 tokens): left to itself it takes most
+    # of the free memory, on a CPU ~10 GB of host RAM, which the other test worker needed.
+    page = 256
+    num_blocks = sum(-(-(len(p) + max_new_tokens) // page) for p in prompts) + len(prompts)
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    except ImportError:   # older transformers read the cache's size from the generation config
+        ContinuousBatchingConfig = None
+    if ContinuousBatchingConfig is not None and "continuous_batching_config" in parameters:
+        options["continuous_batching_config"] = ContinuousBatchingConfig(page_size=page, num_blocks=num_blocks)
+    else:
+        config.num_blocks, config.block_size = num_blocks, page
     results = model.generate_batch([list(p) for p in prompts], generation_config=config, **options)
     return [list(r.generated_tokens) for r in results.values()]
 

@@ -13,6 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from conftest import tiny_checkpoint  # noqa: E402
 from kvserve.runner.cuda_graphs import DecodeInputs, graph_ladder, padded_size  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -45,7 +46,6 @@ def test_filling_pads_with_rows_that_write_nothing():
 
 def test_a_padded_decode_step_from_the_graph_inputs_equals_the_eager_step():
     pytest.importorskip("triton")
-    from conftest import tiny_checkpoint
     from kvserve.config import CacheConfig
     from kvserve.runner.inputs import prepare_inputs
     from kvserve.runner.model_runner import ModelRunner

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from conftest import tiny_checkpoint  # noqa: E402
 from kvserve.attention.backend import AttentionMetadata, write_kv  # noqa: E402
 from kvserve.attention.torch_ref import TorchPagedAttention  # noqa: E402
 from kvserve.attention.triton_backend import TritonPagedAttention, choose_splits  # noqa: E402
@@ -127,7 +128,6 @@ def test_splits_fill_the_gpu_only_for_long_decode_batches():
 
 
 def _engine(backend: str, **scheduler):
-    from conftest import tiny_checkpoint
     from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
     from kvserve.engine.engine import Engine
 
