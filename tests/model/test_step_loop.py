@@ -68,11 +68,11 @@ def test_two_engines_on_one_loop_share_one_thread_and_answer_as_alone():
         assert got_a == got_b == expected                        # the same greedy answers as alone
         assert {thread for _, thread in log} == {loop._thread.ident}    # one thread stepped both
         names = [name for name, _ in log]
-        # Both had work from the first step; they took turns (the same requests: about as many steps)
-        # until one was done.
+        # Both had work from the first step and both were stepped while the other still had work
+        # (whose turn it was depends on measured step times: the rule itself is tested below on a
+        # clock of its own).
         last_a, last_b = max(i for i, n in enumerate(names) if n == "a"), max(i for i, n in enumerate(names) if n == "b")
-        both_busy = names[:min(last_a, last_b) + 1]
-        assert {"a", "b"} <= set(both_busy[:4]) and len(both_busy) >= 2 * PARAMS.max_tokens - 4, names
+        assert {"a", "b"} <= set(names[:min(last_a, last_b) + 1]), names
     finally:
         a.shutdown()
         assert b.alive and not a.alive and loop._thread.is_alive()   # one out: the loop goes on for the other
