@@ -381,9 +381,8 @@ class AsyncEngine:
         when it was fatal (module docstring: every stream fails, the listeners are told)."""
         requests = max(1, self._stats.num_running)
         start = clock()
-        try:
+        try:   # (the stats are read again by the loop's next _poll, before it can block)
             self._deliver(self.engine.step())
-            self._stats = self.engine.stats()
         except Exception as error:
             self._fatal(error)
             return False
