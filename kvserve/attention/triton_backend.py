@@ -58,21 +58,28 @@ class TritonPagedAttention:
         # model's limit), so an eager step and a CUDA graph's (captured for that limit) compute
         # the same sums in the same order; None: by the step's own longest context.
         self.decode_split_len: int | None = None
+        self._last: tuple[AttentionMetadata, int, int] | None = None   # a step's (metadata, max query len, splits)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         k_cache, v_cache = kv_cache
         self._ops.write_kv(key, value, k_cache, v_cache, metadata.slot_mapping)
         out = torch.empty_like(query)
+        if self._last is None or self._last[0] is not metadata:   # once a step, not once a layer
+            self._last = (metadata, *self._launch_shape(metadata, k_cache.shape[2]))
+        _, max_query_len, splits = self._last
+        self._ops.paged_attention(query, k_cache, v_cache, out, metadata.query_start_loc, metadata.seq_lens,
+                                  metadata.block_table, scale, max_query_len, splits=splits)
+        return out
+
+    def _launch_shape(self, metadata: AttentionMetadata, num_kv_heads: int) -> tuple[int, int]:
+        """(the longest chunk, the key splits) of a step."""
         starts = metadata.query_start_loc_host
         max_query_len = max((b - a for a, b in zip(starts, starts[1:])), default=0)
         longest = max(metadata.seq_lens_host, default=0)
         if max_query_len == 1 and self.decode_split_len is not None:
             longest = max(longest, self.decode_split_len)
-        splits = choose_splits(metadata.num_seqs, k_cache.shape[2], longest, max_query_len, self.num_cores)
-        self._ops.paged_attention(query, k_cache, v_cache, out, metadata.query_start_loc, metadata.seq_lens,
-                                     metadata.block_table, scale, max_query_len, splits=splits)
-        return out
+        return max_query_len, choose_splits(metadata.num_seqs, num_kv_heads, longest, max_query_len, self.num_cores)
 
 
 def self_check(device: torch.device, dtype: torch.dtype = torch.float32) -> str | None:
