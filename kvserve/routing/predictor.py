@@ -8,9 +8,10 @@ Small logistic models, each over a handful of signals that cost next to nothing 
     p_large(prompt)          P(the large model answers it well)              after the small prefill
     q_small(prompt, answer)  P(this small-model answer is good)              after (part of) the answer
 
-The text signals are lexical (length, code, digits) and read the latest turn only (`latest_turn`:
-the message being answered, not the history before it, so a long chat stays in the range the
-estimates were fitted on; each estimate also clamps its signals to that range). They are known
+The text signals are lexical (length, code, digits) and read the latest turn only: the message
+being answered, not the history before it, so a long chat stays in the range the estimates were
+fitted on (each estimate also clamps its signals to that range). The chat APIs pass that
+message's text; a raw prompt's latest turn is found between its turn markers (`latest_turn`). They are known
 before any model runs, so a prompt they already mark as one for the large model goes there
 without paying the small model's prefill (the `_text` pair; optional, absent from older
 calibration files). The prompt signals add the small model's own prefill statistics (the

@@ -368,6 +368,15 @@ def _join_logprobs(parts: list[dict], kind: str) -> dict | None:
     return {key: [x for p in parts for x in p[key]] for key in ("tokens", "token_logprobs", "top_logprobs")}
 
 
+def latest_message_text(messages: Sequence[ChatMessage]) -> str:
+    """The text of the message being answered: the last one not written by the assistant (an
+    assistant message at the end is a reply being continued, not what it answers)."""
+    for message in reversed(messages):
+        if message.role != "assistant":
+            return message.text_content()
+    return messages[-1].text_content() if messages else ""
+
+
 def with_tools(messages: list[ChatMessage], tools: list[dict] | None) -> list[ChatMessage]:
     """OpenAI function tools as text at the start of the system prompt (see tools.py); a tool's
     `cache_control` marks the end of its line. Tool calls are not produced."""
@@ -446,7 +455,8 @@ class OpenAIServing:
             raise APIError(400, f"the chat template rejected the messages: {error}", param="messages") from error
         checkpoints = [(position, mark.ttl_s) for position, mark in zip(positions, marks)]
         generation = await self._start("chat", model, body, [prompt], body.requested_max_tokens, add_special=False,
-                                       checkpoints=checkpoints, tenant=tenant, background=background)
+                                       checkpoints=checkpoints, tenant=tenant, background=background,
+                                       turn=latest_message_text(messages))
         generation.compaction = compacted
         return generation
 
@@ -534,8 +544,9 @@ class OpenAIServing:
 
     async def _start(self, kind: str, model: ServedModel, body, prompts: list, max_tokens: int | None,
                      add_special: bool, checkpoints: list[tuple[int, float]] = (),
-                     tenant: str | None = None, background: bool = False) -> Generation:
+                     tenant: str | None = None, background: bool = False, turn: str | None = None) -> Generation:
         """`checkpoints`: (character position, ttl_s) in prompts[0] (chat has one prompt).
+        `turn`: the text of the chat message being answered, which a router's signals read.
         The tenant's share: its weight and default priority go to the engine; an interactive
         request also holds concurrency slots and a token charge (a TenantLease) until it ends."""
         received = time.monotonic()
@@ -567,6 +578,8 @@ class OpenAIServing:
                 with self._rejections(share):
                     lease.charge(sum(len(ids) for ids in token_lists), sum(p.max_tokens for p in params))
             streams = []
+            # A router reads the message being answered (its lexical signals); a model takes no such argument.
+            routed = {"turn": turn} if turn is not None and hasattr(model, "router") else {}
             try:
                 per_choice = [(ids, p) for ids, p in zip(token_lists, pins) for _ in range(body.n)]
                 for (ids, prompt_pins), choice_params in zip(per_choice, params):
@@ -574,7 +587,7 @@ class OpenAIServing:
                                                           cache_salt=cache_namespace(tenant, body.cache_salt),
                                                           priority=priority, checkpoints=prompt_pins,
                                                           background=background, quiet=background,
-                                                          tenant=tenant, weight=share.weight))
+                                                          tenant=tenant, weight=share.weight, **routed))
             except BaseException:
                 for stream in streams:
                     stream.abort()

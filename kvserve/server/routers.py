@@ -87,15 +87,16 @@ class _RouterEngine:
         """The small model's engine, for what the pair shares (end tokens, tokenizer)."""
         return self.routed.members[self.routed.router.config.small].engine.engine
 
-    async def add(self, prompt: list[int], params, **kwargs) -> RoutedStream:
+    async def add(self, prompt: list[int], params, turn: str | None = None, **kwargs) -> RoutedStream:
+        """`turn`: the text of the chat message being answered (the chat APIs pass it); without
+        it (a completion's raw prompt) the latest turn is found in the prompt's tokens."""
         routed = self.routed
         tokenizer = routed.tokenizer
         for member in routed.members.values():     # bad input is refused now (400), by either model
             member.engine.engine.make_request(prompt, params, "validation", **{
                 k: v for k, v in kwargs.items() if k != "quiet"})
         # The lexical signals read the latest turn, not the system prompt or the history before it.
-        start, end = latest_turn(prompt, tokenizer.special_ids)
-        text = tokenizer.decode(list(prompt[max(start, end - 256):end]), skip_special_tokens=True)
+        text, turn_tokens = turn_of(prompt, tokenizer, turn)
         metrics = routed.metrics
 
         def observe(kind: str, seconds: float) -> None:
@@ -103,7 +104,20 @@ class _RouterEngine:
 
         return RoutedStream(routed.router, routed.members, list(prompt), text, params, kwargs,
                             lambda ids: tokenizer.decode(ids, skip_special_tokens=False), observe,
-                            turn_tokens=end - start)
+                            turn_tokens=turn_tokens)
+
+
+def turn_of(prompt: list[int], tokenizer, turn: str | None, tail: int = 256) -> tuple[str, int]:
+    """The latest turn's text (its last `tail` tokens, which the lexical signals read) and length in
+    tokens. From the message's own text when the API layer knows it: the length of its content
+    alone, whatever the template wraps it in (Phi-3's or Mistral's reply marker does not close the
+    user's turn, so a span of markers would take in the previous answer too). Else the span between
+    the prompt's turn markers (predictor.latest_turn)."""
+    if turn is not None:
+        ids = tokenizer.encode(turn, add_special_tokens=False)
+        return tokenizer.decode(ids[-tail:], skip_special_tokens=True), len(ids)
+    start, end = latest_turn(prompt, tokenizer.special_ids)
+    return tokenizer.decode(list(prompt[max(start, end - tail):end]), skip_special_tokens=True), end - start
 
 
 def same_tokenizer(a, b) -> bool:
