@@ -53,17 +53,25 @@ def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device)
             sampling_ids.append(chunk.request_id)
             sampling_params.append(chunk.sampling_params)
 
-    def as_tensor(values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
-
+    # One host tensor holds every input, so a step makes one copy to the device; on CUDA from
+    # pinned memory (the caching host allocator's), asynchronous for real, so the host goes on
+    # without waiting for it. The inputs are views of that one device tensor.
+    sizes = [len(input_ids), len(positions), len(slots), len(query_start_loc), len(seq_lens),
+             len(logits_indices), len(block_table) * max_blocks]
+    host = torch.tensor(input_ids + positions + slots + query_start_loc + seq_lens + logits_indices
+                        + [b for row in block_table for b in row], dtype=torch.int64)
+    if device.type == "cuda":
+        flat = host.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = host.to(device)
+    ids, pos, slot_mapping, starts, lens, rows, table = torch.split(flat, sizes)
     metadata = AttentionMetadata(
-        slot_mapping=as_tensor(slots),
-        query_start_loc=as_tensor(query_start_loc),
-        seq_lens=as_tensor(seq_lens),
-        block_table=as_tensor(block_table),
+        slot_mapping=slot_mapping,
+        query_start_loc=starts,
+        seq_lens=lens,
+        block_table=table.view(len(block_table), max_blocks),
         block_size=block_size,
         query_start_loc_host=tuple(query_start_loc),
         seq_lens_host=tuple(seq_lens),
     )
-    return ModelInputs(as_tensor(input_ids), as_tensor(positions), metadata, as_tensor(logits_indices),
-                       tuple(sampling_ids), tuple(sampling_params))
+    return ModelInputs(ids, pos, metadata, rows, tuple(sampling_ids), tuple(sampling_params))

@@ -78,3 +78,35 @@ def test_cuda_graph_decode_gives_the_eager_tokens(dtype):
     assert eager.core.runner.graphs is None
     prompts = PROMPTS + PROMPTS[:3]                      # 11 rows: padded to 16, then fewer as none finish early
     assert _greedy(graphed, prompts, 40) == _greedy(eager, prompts, 40)
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_a_step_never_waits_for_the_gpu_before_sampling(enforce_eager):
+    """No .item(), .tolist(), .cpu() or blocking copy in the forward pass (eager: prefill chunks,
+    prefix hits and decode rows mixed; graphs: the decode replays) nor in the logits: under torch's
+    sync debug mode a synchronising call raises. Reading the sampled ids is the step's one sync."""
+    from kvserve.model.checkpoint import load_checkpoint
+
+    engine = _engine("random:tiny", "triton", load_checkpoint("random:tiny"), max_num_batched_tokens=48,
+                     max_num_seqs=8, enforce_eager=enforce_eager)
+    runner = engine.core.runner
+    checked = []
+
+    def no_sync(function):
+        def run(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return function(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                checked.append(function.__name__)
+        return run
+
+    runner.model.forward = no_sync(runner.model.forward)
+    runner.model.compute_logits = no_sync(runner.model.compute_logits)
+    if runner.graphs is not None:
+        runner.graphs.run = no_sync(runner.graphs.run)
+    shared = [5] * 20
+    _greedy(engine, [shared + p for p in PROMPTS], 12)
+    assert "forward" in checked and "compute_logits" in checked
+    assert enforce_eager or "run" in checked

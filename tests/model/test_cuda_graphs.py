@@ -44,6 +44,29 @@ def test_filling_pads_with_rows_that_write_nothing():
     assert inputs.slot_mapping[:2].tolist() == [13, -1] and inputs.seq_lens[:2].tolist() == [2, 0]
 
 
+def test_an_eager_step_s_inputs_are_laid_out_as_the_docstring_says():
+    """runner/inputs.py: every input comes from one host tensor (one copy to the device a step)."""
+    from kvserve.runner.inputs import prepare_inputs
+    from kvserve.sampling import SamplingParams
+    from kvserve.sched.plan import ScheduledChunk, SchedulerOutput
+
+    params = SamplingParams(max_tokens=4)
+    plan = SchedulerOutput((ScheduledChunk("a", (10, 11, 12, 13, 14), 0, (3, 8), True, params),
+                            ScheduledChunk("b", (20,), 39, (1, 2, 4, 6, 7, 9, 5, 0, 11, 12), True, params),
+                            ScheduledChunk("c", (30, 31), 14, (5, 2, 9, 4), False, params)))
+    inputs = prepare_inputs(plan, 4, torch.device("cpu"))
+    assert inputs.input_ids.tolist() == [10, 11, 12, 13, 14, 20, 30, 31]
+    assert inputs.positions.tolist() == [0, 1, 2, 3, 4, 39, 14, 15]
+    assert inputs.metadata.slot_mapping.tolist() == [12, 13, 14, 15, 32, 51, 18, 19]
+    assert inputs.metadata.query_start_loc.tolist() == [0, 5, 6, 8]
+    assert inputs.metadata.seq_lens.tolist() == [5, 40, 16]
+    assert inputs.metadata.block_table.shape == (3, 10)
+    assert inputs.metadata.block_table[0].tolist() == [3, 8] + [0] * 8
+    assert inputs.metadata.block_table[2, :4].tolist() == [5, 2, 9, 4]
+    assert inputs.logits_indices.tolist() == [4, 5] and inputs.sampling_request_ids == ("a", "b")
+    assert inputs.metadata.query_start_loc_host == (0, 5, 6, 8) and inputs.metadata.seq_lens_host == (5, 40, 16)
+
+
 def test_a_padded_decode_step_from_the_graph_inputs_equals_the_eager_step():
     pytest.importorskip("triton")
     from kvserve.config import CacheConfig
