@@ -518,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="NAME=SMALL,LARGE[,key=value...]",
                        help="a router clients name as a model, repeatable; options: tolerance (0..1, default "
                             "0.1), fallback, escalation (stream|before|off), predict (on|off), hold (tokens held "
-                            "back and scored, default 24), window (tokens per later check, default 32), "
+                            "back and scored, default: the calibration's, 8 for the shipped one, 24 for the "
+                            "prior), window (tokens per later check, default 32), "
                             "calibration (a JSON file from `kvserve bench routing --calibrate`)")
     group.add_argument("--cost-weight", action="append", default=[], metavar="NAME=WEIGHT",
                        help="the cost of a token on a model, repeatable (default: its parameter count in billions)")

@@ -71,6 +71,7 @@ class RoutedStream:
         self.runs: list[dict] = self.decision.runs    # {"model", "prompt_tokens", "cached_tokens", "output_tokens", "shown"}
         self._current = None                   # the engine stream being read
         self._run_open = None                  # (model, prompt tokens, tokens sent before it) of the run not yet accounted
+        self._open_generated = 0               # tokens that run has generated so far (shown or held back)
         self._aborted = False
         self._done = False
         self._sent: list[int] = []             # tokens the client has
@@ -99,7 +100,7 @@ class RoutedStream:
             model, prompt_tokens, sent_before = self._run_open
             shown = len(self._sent) - sent_before
             self.runs.append({"model": model, "prompt_tokens": prompt_tokens, "cached_tokens": 0,
-                              "output_tokens": shown, "shown": shown})
+                              "output_tokens": max(shown, self._open_generated), "shown": shown})
             self.decision.segments = _segments(self.runs)
             self._run_open = None
         self._aborted = True
@@ -134,6 +135,7 @@ class RoutedStream:
         async def read() -> RequestOutput:
             output = await stream.__anext__()
             held.append(output)
+            self._open_generated += len(output.token_ids)
             tokens.extend(output.token_ids)
             logprobs.extend(e.logprob for e in output.logprobs or ())
             return output
@@ -145,7 +147,9 @@ class RoutedStream:
             return
         started = time.monotonic()
         first = output.logprobs[0] if output.logprobs else TokenLogprob(output.token_ids[0], 0.0)
-        signals = prompt_signals(self.turn_text, self.turn_tokens, first.logprob, [lp for _, lp in first.top])
+        # The entropy over the top alternatives the calibration was fitted on, however many the client asked for.
+        signals = prompt_signals(self.turn_text, self.turn_tokens, first.logprob,
+                                 [lp for _, lp in first.top[:SIGNAL_TOP_LOGPROBS]])
         self.decision.signals = signals
         go_small, scores = self.router.before(signals)
         self.decision.scores.update(scores)
@@ -175,10 +179,13 @@ class RoutedStream:
         if released.finished:
             return
 
-        checked = len(tokens)          # tokens scored so far (the held-back prefix)
+        # Tokens scored so far: the held-back prefix. A delta that arrived merged (a reader behind
+        # the engine) may reach past it; what it released unscored opens the first window.
+        checked = min(len(tokens), config.hold_tokens) if config.escalation != "off" else len(tokens)
         pending_handoff = False
         while True:
             output = await stream.__anext__()
+            self._open_generated += len(output.token_ids)
             tokens.extend(output.token_ids)
             logprobs.extend(e.logprob for e in output.logprobs or ())
             self._sent.extend(output.token_ids)
@@ -237,6 +244,7 @@ class RoutedStream:
         sent_before = len(self._sent)
         stream = await self._start(model, prompt, params)
         async for output in stream:
+            self._open_generated += len(output.token_ids)
             self._sent.extend(output.token_ids)
             if output.finished:
                 self._record(model, output, shown=len(self._sent) - sent_before)
@@ -246,6 +254,7 @@ class RoutedStream:
         stream = await self.models[model].engine.add(prompt, params, **self.add_kwargs)
         self._current = stream
         self._run_open = (model, len(prompt), len(self._sent))
+        self._open_generated = 0
         if self._aborted:           # aborted while this model was being started
             stream.abort()
         return stream

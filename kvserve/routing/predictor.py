@@ -190,6 +190,9 @@ class Calibration:
                               p_large_text=Logistic.from_json(data["p_large_text"]) if both else None)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"cannot read the routing calibration {path}: {error}") from None
+        if calibration.hold_tokens < 1:
+            raise ValueError(f"the routing calibration {path} has hold_tokens {calibration.hold_tokens}: "
+                             "the answer estimate needs a held-back prefix of at least 1 token")
         unknown = sorted({name for model in calibration.models() for name in model.weights} - KNOWN_SIGNALS)
         if unknown:      # e.g. log_prompt_tokens, the whole prompt's length, before the latest turn's
             raise ValueError(f"the routing calibration {path} weighs signals this kvserve does not compute "

@@ -1,7 +1,7 @@
 """A router is a virtual model: clients name it (`"model": "chat"`) and it picks a real one.
 
     --router chat=small,large[,tolerance=0.1][,fallback=large][,escalation=stream|before|off]
-                             [,predict=on|off][,hold=24][,window=32][,calibration=FILE]
+                             [,predict=on|off][,hold=N][,window=32][,calibration=FILE]
 
 The models are listed cheapest first (two for now: a small and a large one that share a
 tokenizer). Each request goes through:
@@ -14,7 +14,8 @@ tokenizer). Each request goes through:
      its prefill statistics and the prompt's lexical signals give p_small and p_large
      (predictor.py); the small model goes on when p_small >= p_large - tolerance, otherwise the
      large one answers (reason "predicted");
-  2. escalation: the first `hold` tokens of the small model's answer are held back and scored;
+  2. escalation: the first `hold` tokens of the small model's answer are held back and scored
+     (default: as many as the calibration's answer estimate was fitted on, 24 for the prior);
      when q_small(answer so far) < p_large - tolerance the large model answers instead, before
      the client saw anything (reason "low_confidence");
   3. hand-off while streaming: once tokens flow, each further `window` of tokens is scored the
@@ -32,7 +33,7 @@ This module decides; it runs nothing. escalation.py runs a routed request throug
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvserve.routing.predictor import Calibration
 
@@ -51,7 +52,7 @@ class RouterConfig:
     fallback: str = ""                    # default: the last (most capable) model
     escalation: str = "stream"
     predict: bool = True
-    hold_tokens: int = 24
+    hold_tokens: int | None = None        # None: the calibration's (Router resolves it)
     window_tokens: int = 32
     calibration: str | None = None
 
@@ -105,7 +106,7 @@ def parse_router_spec(spec: str, model_names: list[str] | tuple[str, ...]) -> Ro
             fallback=options.get("fallback", models[-1]),
             escalation=options.get("escalation", "stream"),
             predict=_on_off(options.get("predict", "on")),
-            hold_tokens=int(options.get("hold", 24)),
+            hold_tokens=int(options["hold"]) if "hold" in options else None,
             window_tokens=int(options.get("window", 32)),
             calibration=options.get("calibration") or None)
     except ValueError as error:
@@ -116,7 +117,7 @@ def parse_router_spec(spec: str, model_names: list[str] | tuple[str, ...]) -> Ro
         raise RouterConfigError(f"--router {spec!r}: fallback must be one of the router's models")
     if config.escalation not in ESCALATION_MODES:
         raise RouterConfigError(f"--router {spec!r}: escalation must be one of {', '.join(ESCALATION_MODES)}")
-    if config.hold_tokens < 1 or config.window_tokens < 1:
+    if (config.hold_tokens is not None and config.hold_tokens < 1) or config.window_tokens < 1:
         raise RouterConfigError(f"--router {spec!r}: hold and window must be at least 1 token")
     return config
 
@@ -157,6 +158,8 @@ class Router:
         if calibration is None:
             calibration = Calibration.load(config.calibration) if config.calibration else Calibration.prior()
         self.calibration = calibration
+        if config.hold_tokens is None:   # the prefix length the answer estimate was fitted on
+            self.config = replace(config, hold_tokens=calibration.hold_tokens)
 
     @property
     def name(self) -> str:

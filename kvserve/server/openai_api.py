@@ -36,9 +36,10 @@ from kvserve.server.auth import TenantLease, TenantLimits, TenantShare
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.checkpoints import collect_marks, render_with_marks
 from kvserve.server.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, ContentPart,
-                                     check_messages, engine_dead)
+                                     as_api_error, check_messages, engine_dead)
 from kvserve.server.tools import TOOLS_HEADER, tool_line
 from kvserve.routing.replicas import ROUTING_SESSION
+from kvserve.server.routers import turn_of
 
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,8 @@ class Generation:
         except EngineDeadError as error:
             await queue.put(engine_dead(error))
         except Exception as error:   # noqa: BLE001 - a routed stream starts engines as it goes: its errors
-            await queue.put(error)   # end the answer as they would have ended its start
+            # end the answer as they would have ended its start (an APIError: an in-band error frame)
+            await queue.put(as_api_error(error, "a routed stream"))
 
     # ---- shaping ----------------------------------------------------------------------------
     def _on_output(self, choice: _Choice, output: RequestOutput) -> dict | None:
@@ -254,15 +256,21 @@ class Generation:
 
     def cost(self) -> dict:
         """Weighted cost: cost weight x (prompt + generated tokens) of every model run, prompt
-        tokens once per prompt; a routed answer counts the tokens of every model that ran for
-        it, the ones thrown away by an escalation included."""
+        tokens once per prompt (and model); a routed answer counts the tokens of every model that
+        ran for it, the ones thrown away by an escalation included."""
         by_model: dict[str, float] = {}
         seen: set[int] = set()
+        routed_seen: set[tuple[int, str]] = set()     # (prompt, model): that model's run already paid the prompt
         for c in self.choices:
             if c.routed is not None:
                 members = self.model.members
+                prompt = self.prompt_lengths[c.prompt_index]
                 for run in c.routed.runs:
-                    tokens = run["prompt_tokens"] + run["output_tokens"]
+                    key = (c.prompt_index, run["model"])
+                    # A hand-off's run reads the prompt plus the tokens sent: those count for every choice.
+                    tokens = run["output_tokens"] + (run["prompt_tokens"] - prompt if key in routed_seen
+                                                     else run["prompt_tokens"])
+                    routed_seen.add(key)
                     by_model[run["model"]] = by_model.get(run["model"], 0.0) + members[run["model"]].cost_weight * tokens
                 continue
             tokens = c.num_tokens + (self.prompt_lengths[c.prompt_index] if c.prompt_index not in seen else 0)
@@ -497,11 +505,15 @@ class OpenAIServing:
                                              cache_salt=cache_namespace(tenant, None), priority=share.priority,
                                              tenant=tenant, weight=share.weight)
             text = []
-            async for output in stream:
-                text.append(output.text)
-                if output.finish_reason is FinishReason.ERROR:
-                    raise APIError(500, "the summary of the history could not be written", type="server_error",
-                                   code="engine_error")
+            try:
+                async for output in stream:
+                    text.append(output.text)
+                    if output.finish_reason is FinishReason.ERROR:
+                        raise APIError(500, "the summary of the history could not be written", type="server_error",
+                                       code="engine_error")
+            finally:   # the client went away (the handler cancelled) or it failed: the writer stops too
+                if not stream.finished:
+                    stream.abort()
             return "".join(text).strip()
 
         async def summarize(previous: str | None, turns: list[dict]) -> str:
@@ -578,8 +590,11 @@ class OpenAIServing:
                 with self._rejections(share):
                     lease.charge(sum(len(ids) for ids in token_lists), sum(p.max_tokens for p in params))
             streams = []
-            # A router reads the message being answered (its lexical signals); a model takes no such argument.
-            routed = {"turn": turn} if turn is not None and hasattr(model, "router") else {}
+            # A router reads the message being answered (its lexical signals; tokenized once, off the
+            # event loop, as the prompt is); a model takes no such argument.
+            routed = {}
+            if turn is not None and hasattr(model, "router"):
+                routed["turn"] = await asyncio.to_thread(turn_of, token_lists[0], model.tokenizer, turn)
             try:
                 per_choice = [(ids, p) for ids, p in zip(token_lists, pins) for _ in range(body.n)]
                 for (ids, prompt_pins), choice_params in zip(per_choice, params):

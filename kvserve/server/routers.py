@@ -87,16 +87,16 @@ class _RouterEngine:
         """The small model's engine, for what the pair shares (end tokens, tokenizer)."""
         return self.routed.members[self.routed.router.config.small].engine.engine
 
-    async def add(self, prompt: list[int], params, turn: str | None = None, **kwargs) -> RoutedStream:
-        """`turn`: the text of the chat message being answered (the chat APIs pass it); without
-        it (a completion's raw prompt) the latest turn is found in the prompt's tokens."""
+    async def add(self, prompt: list[int], params, turn: tuple[str, int] | None = None, **kwargs) -> RoutedStream:
+        """`turn`: the latest turn as `turn_of` gives it, from the chat message being answered (the
+        chat APIs pass it); without it (a completion's raw prompt) it is found in the prompt's tokens."""
         routed = self.routed
         tokenizer = routed.tokenizer
         for member in routed.members.values():     # bad input is refused now (400), by either model
             member.engine.engine.make_request(prompt, params, "validation", **{
                 k: v for k, v in kwargs.items() if k != "quiet"})
         # The lexical signals read the latest turn, not the system prompt or the history before it.
-        text, turn_tokens = turn_of(prompt, tokenizer, turn)
+        text, turn_tokens = turn if turn is not None else turn_of(prompt, tokenizer, None)
         metrics = routed.metrics
 
         def observe(kind: str, seconds: float) -> None:

@@ -91,3 +91,36 @@ def test_a_bad_anthropic_edit_is_a_400(server):
         "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}],
         "context_management": {"edits": [{"type": "rewrite_everything"}]}})
     assert response.status_code == 400 and "not supported" in response.json()["error"]["message"]
+
+
+def test_a_request_cancelled_while_its_summary_is_written_stops_the_writer():
+    """The summary is the small model's own request: a WebSocket cancel (or a closed socket) while
+    it is being written aborts it, instead of leaving it generating up to its 512 tokens."""
+    import asyncio
+    import json
+    import time
+
+    import websockets
+
+    with single_torch_thread(), ServerThread(step_delay_s=0.05) as slow:
+        engine = slow.engine()
+
+        async def scenario():
+            async with websockets.connect(slow.base_url.replace("http://", "ws://") + "/v1/ws") as ws:
+                body = {"model": MODEL, "messages": history(8), "max_tokens": 4, "temperature": 0,
+                        "compaction": {"budget_tokens": 1200}}
+                await ws.send(json.dumps({"type": "request", "id": "a", "endpoint": "chat", "body": body}))
+                deadline = time.monotonic() + 20
+                while engine.stats().num_running == 0:         # the summary is being written
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.3)
+                await ws.send(json.dumps({"type": "cancel", "id": "a"}))
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                assert (frame["type"], frame["id"]) == ("cancelled", "a")
+
+        asyncio.run(scenario())
+        deadline = time.monotonic() + 3                        # a few steps, not the rest of the summary
+        while not slow.idle() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert slow.idle(), engine.stats()

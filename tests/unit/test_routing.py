@@ -2,12 +2,13 @@
 can take, what the client sees on each, and the accounting of what each model ran."""
 
 import asyncio
+import functools
 import json
 import math
 
 import pytest
 
-from kvserve.outputs import RequestOutput, RequestStats, TokenLogprob
+from kvserve.outputs import RequestOutput, RequestStats, TokenLogprob, merge
 from kvserve.routing.escalation import RoutedStream
 from kvserve.routing.predictor import Calibration, Logistic, answer_scores, latest_turn, prompt_signals, text_signals
 from kvserve.routing.router import Router, RouterConfigError, parse_router_spec
@@ -265,6 +266,17 @@ def test_bad_router_specs_say_what_is_wrong(spec, message):
         parse_router_spec(spec, ["small", "large"])
 
 
+def test_the_held_back_prefix_defaults_to_the_calibration_s():
+    """The answer estimate was fitted on prefixes of the calibration's length: a router holds back
+    that many tokens unless told otherwise (the prior: 24)."""
+    model = Logistic({}, 0.0)
+    fitted = Calibration(model, model, model, hold_tokens=8)
+    assert Router(parse_router_spec("chat=small,large", ["small", "large"]), fitted).config.hold_tokens == 8
+    assert Router(parse_router_spec("chat=small,large,hold=30", ["small", "large"]), fitted).config.hold_tokens == 30
+    router = Router(parse_router_spec("chat=small,large", ["small", "large"]))
+    assert router.config.hold_tokens == 24 and router.describe()["hold_tokens"] == 24
+
+
 def test_signals_and_scores():
     signals = prompt_signals("Write a Python function def f(x)", 12, math.log(0.9), [math.log(0.9), math.log(0.1)])
     assert signals["code"] == 1.0 and 0.3 < signals["first_token_entropy"] < 0.34
@@ -423,3 +435,68 @@ def test_a_router_is_admitted_only_while_both_models_have_room():
     assert not admitted(0, 0, 8)             # the large model's queue is full (8 >= 4 + 4): escalations would pile up
     assert admitted(0, 0, 7)
     assert not admitted(1, 0, 7)             # routed answers count against the large model too
+
+
+def test_the_entropy_signal_reads_the_top_5_whatever_the_client_asks_for():
+    """The calibration was fitted on the top-5 alternatives: a client asking for 20 log-probabilities
+    must not change the signal (nor so the route)."""
+    plain, _, _, _ = route(confident(10), confident(3, 60))
+    wide, outputs, _, _ = route(confident(10), confident(3, 60), logprobs=20)
+    assert wide.decision.signals["first_token_entropy"] == plain.decision.signals["first_token_entropy"]
+    assert all(len(e.top) == 20 for o in outputs for e in o.logprobs)       # the client still gets its 20
+
+
+class MergingStream(FakeStream):
+    """Deltas of `per` tokens at once, as an engine stream whose reader fell behind delivers them."""
+
+    per = 5
+
+    async def __anext__(self):
+        first = await super().__anext__()
+        outputs = [first]
+        while not outputs[-1].finished and len(outputs) < self.per:
+            outputs.append(await super().__anext__())
+        return functools.reduce(merge, outputs)
+
+
+def test_tokens_released_with_the_held_back_prefix_are_scored_by_the_first_window():
+    """A merged delta reaching past the held-back prefix: its tail was sent unscored before; now the
+    first window starts where the prefix ends, so a doubtful token there still hands the answer off."""
+    script = [(1 + i, CONFIDENT) for i in range(4)] + [(5, DOUBTFUL)] + [(6 + i, CONFIDENT) for i in range(30)] + [(0, 0.0)]
+    small, large = FakeEngine("s", script), FakeEngine("L", confident(3, 60))
+    small.add = lambda prompt, params, **kw: _merging(small, prompt, params)
+    router = Router(parse_router_spec("chat=small,large,hold=4,window=8", ["small", "large"]), calibration())
+    stream = RoutedStream(router, {"small": Member(small), "large": Member(large)}, [101, 102, 103], "Say hi",
+                          SamplingParams(max_tokens=64), {}, decode=lambda ids: "".join(chr(65 + t % 26) for t in ids))
+
+    async def consume():
+        return [o async for o in stream]
+
+    asyncio.run(consume())
+    assert stream.decision.reason == "handoff" and large.started
+
+
+async def _merging(engine, prompt, params):
+    stream = MergingStream(engine, f"{engine.name}-{len(engine.started)}", prompt, params)
+    engine.started.append(stream)
+    return stream
+
+
+def test_an_abort_during_the_hold_back_accounts_the_tokens_generated():
+    """The client went away while the first tokens were held back: none was shown, but the small
+    model generated them, and the cost counts them."""
+    small, large = FakeEngine("s", confident(40)), FakeEngine("L", [])
+    router = Router(parse_router_spec("chat=small,large,hold=30", ["small", "large"]), calibration())
+    stream = RoutedStream(router, {"small": Member(small), "large": Member(large)}, [101, 102, 103], "Say hi",
+                          SamplingParams(max_tokens=64), {}, decode=str)
+
+    async def consume_then_abort():
+        task = asyncio.ensure_future(stream.__anext__())
+        while small.started == [] or small.started[0].produced < 6:
+            await asyncio.sleep(0)
+        stream.abort()
+        assert (await task).finished
+
+    asyncio.run(consume_then_abort())
+    (run,) = stream.runs
+    assert run["model"] == "small" and run["output_tokens"] >= 6       # (it was 0: nothing shown yet)

@@ -1,7 +1,12 @@
-"""A router's lexical signals read the message being answered, as the API layer knows it, whatever
+"""Routers over two tiny random engines, on a real server (the real pair's tests are in
+tests/integration/test_chat_pair.py).
+
+A router's lexical signals read the message being answered, as the API layer knows it, whatever
 the chat template wraps it in (server/routers.py turn_of). The tiny model's template has no turn
 markers at all, like a template whose reply marker does not close the user's turn (Phi-3,
-Mistral v1): found from the prompt's tokens alone, the "latest turn" there is the whole prompt."""
+Mistral v1): found from the prompt's tokens alone, the "latest turn" there is the whole prompt.
+Also: a routed answer with n choices pays its prompt once per model, as a model named directly
+does; an error a routed stream raises mid-answer reaches the client as an API error."""
 
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ QUESTION = "What is 47 + 38? Answer with just the number."
 
 @pytest.fixture(scope="module")
 def router_server():
-    config = ServerConfig(routers=(RouterConfig(name="chat", models=("small", "large")),))
+    config = ServerConfig(routers=(RouterConfig(name="chat", models=("small", "large")),
+                                   RouterConfig(name="pinned", models=("small", "large"), predict=False,
+                                                escalation="off")))
     engines = lambda: {"small": AsyncEngine(make_engine()), "large": AsyncEngine(make_engine())}  # noqa: E731
     with single_torch_thread(), ServerThread(config, engines) as server:
         yield server.base_url
@@ -69,3 +76,56 @@ def test_latest_message_text():
     assert latest_message_text([message("user", "q"), message("tool", "42")]) == "42"
     assert latest_message_text([message("user", [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}])]) == "ab"
     assert latest_message_text([message("assistant", "only")]) == "only"
+
+
+def test_n_routed_choices_pay_the_prompt_once_as_a_model_named_directly_does(router_server):
+    body = {"messages": [{"role": "user", "content": QUESTION}], "n": 2, "max_tokens": 3, "temperature": 0}
+    costs = {}
+    for model in ("pinned", "small"):      # "pinned": the router that always keeps the small model
+        response = httpx.post(f"{router_server}/v1/chat/completions", json={"model": model, **body}, timeout=60)
+        assert response.status_code == 200, response.text
+        usage = response.json()["usage"]
+        costs[model] = usage["cost"]["weighted"]
+    assert usage["completion_tokens"] == 6
+    assert costs["pinned"] == pytest.approx(costs["small"])
+
+
+def test_an_error_a_routed_stream_raises_mid_answer_is_an_api_error():
+    """A routed stream starts engines as it goes (escalation, hand-off): one that refuses the
+    request raises InvalidRequestError from inside the stream. It reaches the consumer as a 400,
+    which the SSE writer sends as an in-band error frame (an unknown exception cut the stream)."""
+    import asyncio
+    import time
+
+    from kvserve.outputs import RequestOutput, RequestStats
+    from kvserve.sampling import InvalidRequestError
+    from kvserve.server.metrics import ServerMetrics
+    from kvserve.server.openai_api import Generation
+    from kvserve.server.protocol import APIError
+
+    class Refused:
+        decision, quiet, finished, answering_model, runs = object(), False, False, "small", []
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            if not hasattr(self, "sent"):
+                self.sent = True
+                return RequestOutput("r", "Hi", (5,), None, None, RequestStats(3, 0, 1, 4))
+            raise InvalidRequestError("the prompt has 90 tokens; this model's context allows at most 79", "prompt")
+
+        def abort(self):
+            pass
+
+    class Model:
+        name, live, in_flight, background_in_flight, members = "chat", set(), 1, 0, {}
+
+    async def consume():
+        generation = Generation("chat", Model(), [Refused()], [3], False, None, ServerMetrics(lambda: {}),
+                                time.monotonic())
+        return [chunk async for chunk in generation.chunks()]
+
+    with pytest.raises(APIError) as caught:
+        asyncio.run(consume())
+    assert caught.value.status == 400 and "context allows" in str(caught.value)
