@@ -167,6 +167,9 @@ class RoutedStream:
             ok, q_small = self.router.acceptable(signals, answer, scores["p_large"])
             self.decision.scores.update({"q_small": q_small, **answer})
             self.observe("holdback", time.monotonic() - started)
+            if self._aborted:                # cancelled during the hold: nothing held is shown
+                yield self._final(FinishReason.ABORT)
+                return
             if not ok and not self._aborted and not (output.finished and output.finish_reason is FinishReason.ERROR):
                 async for out in self._replace(config.large, "low_confidence", output):
                     yield out

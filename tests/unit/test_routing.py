@@ -495,8 +495,10 @@ def test_an_abort_during_the_hold_back_accounts_the_tokens_generated():
         while small.started == [] or small.started[0].produced < 6:
             await asyncio.sleep(0)
         stream.abort()
-        assert (await task).finished
+        output = await task
+        assert output.finish_reason is FinishReason.ABORT and not output.token_ids   # nothing held is shown
 
     asyncio.run(consume_then_abort())
     (run,) = stream.runs
-    assert run["model"] == "small" and run["output_tokens"] >= 6       # (it was 0: nothing shown yet)
+    assert run["model"] == "small" and run["output_tokens"] >= 6 and run["shown"] == 0   # (it counted 0)
+    assert stream.decision.segments == []
