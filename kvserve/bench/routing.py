@@ -202,6 +202,15 @@ def summarize(answers: list[Answer]) -> dict:
         models[a.model or "none"] = models.get(a.model or "none", 0) + 1
         if a.routing is not None:
             reasons[a.routing["reason"]] = reasons.get(a.routing["reason"], 0) + 1
+    # TTFT by route (the model that finished the answer, and why): what the client waits for
+    # depends on the path (the text stage's straight answer; a small answer kept after the
+    # held-back prefix; an escalation after it; a hand-off).
+    routes: dict[str, list[float]] = {}
+    for a in answers:
+        if a.routing is not None and a.ttft_s is not None:
+            routes.setdefault(f"{a.model}:{a.routing['reason']}", []).append(a.ttft_s)
+    ttft_by_route = {route: {"answers": len(some), "p50": _ms(percentile(some, 50)), "p95": _ms(percentile(some, 95))}
+                     for route, some in sorted(routes.items())}
     by_kind = {}
     for kind in sorted({a.item.kind for a in answers}):
         some = [a for a in answers if a.item.kind == kind]
@@ -210,7 +219,8 @@ def summarize(answers: list[Answer]) -> dict:
             "accuracy_by_kind": by_kind, "weighted_cost": round(sum(a.cost for a in answers), 1),
             "ttft_ms_p50": _ms(percentile(ttfts, 50)), "ttft_ms_p95": _ms(percentile(ttfts, 95)),
             "share": {m: round(n / len(answers), 4) for m, n in sorted(models.items())},
-            "reasons": reasons, "errors": sum(a.error is not None for a in answers)}
+            "reasons": reasons, "ttft_ms_by_route": ttft_by_route,
+            "errors": sum(a.error is not None for a in answers)}
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -421,6 +431,11 @@ def print_table(result: dict) -> None:
         print(f"{mode:9} {s['accuracy']:8.1%} {s.get('accuracy_vs_large', math.nan):8.1%} {s['weighted_cost']:10.0f} "
               f"{s.get('cost_vs_large', math.nan):8.1%} {s['ttft_ms_p50'] or 0:7.0f}ms {s['ttft_ms_p95'] or 0:7.0f}ms"
               f"  {share}")
+    for mode, s in result["modes"].items():
+        routes = s.get("ttft_ms_by_route") or {}
+        if len(routes) > 1:
+            print(f"  {mode} TTFT p50/p95 by route: " + "; ".join(
+                f"{route} ({r['answers']}) {r['p50'] or 0:.0f}/{r['p95'] or 0:.0f} ms" for route, r in routes.items()))
 
 
 def plot(result: dict, path: str) -> None:

@@ -295,3 +295,17 @@ def test_answers_recorded_without_todays_signals_are_refused():
         training_rows(small, large, 24)
     small[0].routing = {"signals": {**old, "log_turn_tokens": 2.5}}
     assert len(training_rows(small, large, 24)) == 1
+
+
+def test_the_summary_gives_the_ttft_of_each_route():
+    from kvserve.bench.routing import Answer, summarize
+
+    item = EvalItem(id="fact-001", kind="fact", prompt="What is the capital of France?", answers=("Paris",))
+    routes = [("small", "predicted", 1.0), ("small", "predicted", 3.0), ("large", "predicted", 0.2),
+              ("large", "low_confidence", 2.0)]
+    answers = [Answer(item, "cascade", model=model, ttft_s=ttft, routing={"reason": reason}, correct=True)
+               for model, reason, ttft in routes]
+    summary = summarize(answers)
+    assert summary["ttft_ms_by_route"]["small:predicted"] == {"answers": 2, "p50": 2000.0, "p95": 2900.0}
+    assert summary["ttft_ms_by_route"]["large:low_confidence"]["answers"] == 1
+    assert set(summary["ttft_ms_by_route"]) == {"small:predicted", "large:predicted", "large:low_confidence"}
