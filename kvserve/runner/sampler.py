@@ -61,26 +61,36 @@ class Sampler:
         num_rows = logits.shape[0]
         assert len(params) == num_rows and len(generators) == num_rows, \
             f"{num_rows} logits rows but {len(params)} params and {len(generators)} generators"
-        random_rows = [row for row, p in enumerate(params) if not p.greedy]
-        wants_logprobs = any(p.logprobs is not None for p in params)
-
-        if not random_rows and not wants_logprobs:
+        if all(p.greedy and p.logprobs is None for p in params):
             # Fast path: greedy only. fp16/bf16 → fp32 is exact, so this is the argmax of the raw
             # logits; torch's CPU argmax is ~4× faster in fp32 than in bf16, conversion included,
             # and max(dim)'s indices (the first maximum too) ~2.5× faster than argmax on CPU.
             return SamplerOutput(greedy(logits.float()).tolist(), [None] * num_rows)
 
+        token_ids, logprob_rows = self.on_device(logits, params, generators)
+        return _to_host(token_ids, logprob_rows, params)
+
+    def on_device(
+        self,
+        logits: torch.Tensor,                        # [num_rows, vocab], any float dtype
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> tuple[torch.Tensor, tuple | None]:
+        """Everything that runs on the logits' device, without waiting for it (on CUDA: no sync,
+        the parameters copied from pinned memory): the token ids [num_rows], and for the rows
+        that asked for logprobs (rows, their sampled logprobs, top logprobs, top ids)."""
         logits = logits.float()                      # [num_rows, vocab]; never modified in place
         token_ids = greedy(logits)                   # [num_rows]; random rows overwritten below
+        random_rows = [row for row, p in enumerate(params) if not p.greedy]
         if random_rows:
-            row_index = torch.tensor(random_rows, device=logits.device)
+            row_index = _to_device(random_rows, torch.int64, logits.device)
             token_ids[row_index] = self._sample(
-                logits if len(random_rows) == num_rows else logits.index_select(0, row_index),
+                logits if len(random_rows) == len(params) else logits.index_select(0, row_index),
                 [params[row] for row in random_rows],
                 [generators[row] for row in random_rows],
             )
-        logprobs = _logprobs(logits, token_ids, params) if wants_logprobs else [None] * num_rows
-        return SamplerOutput(token_ids.tolist(), logprobs)
+        wants_logprobs = any(p.logprobs is not None for p in params)
+        return token_ids, _logprobs(logits, token_ids, params) if wants_logprobs else None
 
     def _sample(
         self,
@@ -88,8 +98,7 @@ class Sampler:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
     ) -> torch.Tensor:                               # [num_random_rows], int64
-        temperatures = torch.tensor([p.temperature for p in params],
-                                    dtype=torch.float32, device=logits.device)  # [num_random_rows]
+        temperatures = _to_device([p.temperature for p in params], torch.float32, logits.device)  # [num_random_rows]
         scaled = logits / temperatures[:, None]      # [num_random_rows, vocab]
         probs = _mask_top_k_top_p(scaled, params).softmax(dim=-1)  # [num_random_rows, vocab]
         uniforms = self._uniforms(probs, generators)                # [num_random_rows], in [0, 1)
@@ -114,7 +123,7 @@ class Sampler:
                                dtype=probs.dtype, device=probs.device)
             if len(shared_rows) == len(generators):
                 return draws
-            uniforms[torch.tensor(shared_rows, device=probs.device)] = draws
+            uniforms[_to_device(shared_rows, torch.int64, probs.device)] = draws
         for row, generator in enumerate(generators):
             if generator is not None:
                 # the draw depends on this generator only
@@ -148,7 +157,7 @@ def _mask_top_k_top_p(
     sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)  # [num_rows, vocab] each
     keep_sorted = torch.ones_like(sorted_logits, dtype=torch.bool)     # [num_rows, vocab]
     if uses_top_k:
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+        top_k = _to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64, device)
         ranks = torch.arange(vocab, device=device)                     # [vocab]
         keep_sorted &= ranks[None, :] < top_k[:, None]
         sorted_logits = sorted_logits.masked_fill(~keep_sorted, float("-inf"))
@@ -156,8 +165,8 @@ def _mask_top_k_top_p(
         sorted_probs = sorted_logits.softmax(dim=-1)                   # [num_rows, vocab]
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs       # exclusive cumsum
         # top_p == 1 means off: +inf keeps every token despite cumsum rounding past 1.
-        top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params],
-                             dtype=torch.float32, device=device)       # [num_rows]
+        top_p = _to_device([p.top_p if p.top_p < 1.0 else float("inf") for p in params],
+                           torch.float32, device)                      # [num_rows]
         keep_sorted &= mass_before < top_p[:, None]
     keep = torch.empty_like(keep_sorted).scatter_(-1, sorted_ids, keep_sorted)  # original order
     return scaled.masked_fill(~keep, float("-inf"))
@@ -167,21 +176,44 @@ def _logprobs(
     logits: torch.Tensor,                            # [num_rows, vocab], fp32, unmodified
     token_ids: torch.Tensor,                         # [num_rows], the sampled tokens
     params: Sequence[SamplingParams],
-) -> list[TokenLogprob | None]:
+) -> tuple:
+    """On the device: (rows asking for logprobs, their sampled tokens' logprobs [num_lp_rows],
+    top logprobs and ids [num_lp_rows, max_top], descending)."""
     rows = [row for row, p in enumerate(params) if p.logprobs is not None]
-    row_index = torch.tensor(rows, device=logits.device)
+    row_index = _to_device(rows, torch.int64, logits.device)
     logprobs = logits.index_select(0, row_index).log_softmax(dim=-1)   # [num_lp_rows, vocab]
     sampled = token_ids.index_select(0, row_index)                     # [num_lp_rows]
     sampled_lp = logprobs.gather(1, sampled[:, None]).squeeze(1)       # [num_lp_rows]
     max_top = max(params[row].logprobs or 0 for row in rows)
     top_lp, top_ids = logprobs.topk(max_top, dim=-1)                   # [num_lp_rows, max_top], descending
+    return rows, sampled_lp, top_lp, top_ids
 
-    # One device → host transfer per tensor, then plain Python.
-    sampled_list, sampled_lp_list = sampled.tolist(), sampled_lp.tolist()
-    top_lp_list, top_ids_list = top_lp.tolist(), top_ids.tolist()
-    result: list[TokenLogprob | None] = [None] * len(params)
+
+def _to_host(token_ids: torch.Tensor, logprob_rows: tuple | None, params: Sequence[SamplingParams]) -> SamplerOutput:
+    """The step's one device → host transfer (and so its one wait for the device): token ids and
+    logprobs packed in one float64 tensor (exact for both: ids < 2^53, fp32 values)."""
+    if logprob_rows is None:
+        return SamplerOutput(token_ids.tolist(), [None] * len(params))
+    rows, sampled_lp, top_lp, top_ids = logprob_rows
+    n, max_top = top_ids.shape
+    packed = torch.cat([token_ids.double(), sampled_lp.double(), top_lp.double().flatten(),
+                        top_ids.double().flatten()]).tolist()
+    num_rows = len(params)
+    ids = [int(t) for t in packed[:num_rows]]
+    sampled_lps = packed[num_rows:num_rows + n]
+    tops = packed[num_rows + n:num_rows + n + n * max_top]
+    top_id_values = packed[num_rows + n + n * max_top:]
+    result: list[TokenLogprob | None] = [None] * num_rows
     for i, row in enumerate(rows):
         num_top = params[row].logprobs or 0
-        top = tuple(zip(top_ids_list[i][:num_top], top_lp_list[i][:num_top]))
-        result[row] = TokenLogprob(sampled_list[i], sampled_lp_list[i], top)
-    return result
+        base = i * max_top
+        top = tuple((int(top_id_values[base + k]), tops[base + k]) for k in range(num_top))
+        result[row] = TokenLogprob(ids[row], sampled_lps[i], top)
+    return SamplerOutput(ids, result)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on `device`: on CUDA from pinned memory without blocking (a plain
+    torch.tensor(..., device=cuda) copy makes the host wait for every kernel queued before it)."""
+    host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)

@@ -83,8 +83,9 @@ def test_cuda_graph_decode_gives_the_eager_tokens(dtype):
 @pytest.mark.parametrize("enforce_eager", [True, False])
 def test_a_step_never_waits_for_the_gpu_before_sampling(enforce_eager):
     """No .item(), .tolist(), .cpu() or blocking copy in the forward pass (eager: prefill chunks,
-    prefix hits and decode rows mixed; graphs: the decode replays) nor in the logits: under torch's
-    sync debug mode a synchronising call raises. Reading the sampled ids is the step's one sync."""
+    prefix hits and decode rows mixed; graphs: the decode replays), the logits, nor sampling's
+    device side: under torch's sync debug mode a synchronising call raises. Reading the sampled
+    ids (and logprobs, in the same transfer) is the step's one sync."""
     from kvserve.model.checkpoint import load_checkpoint
 
     engine = _engine("random:tiny", "triton", load_checkpoint("random:tiny"), max_num_batched_tokens=48,
@@ -104,9 +105,20 @@ def test_a_step_never_waits_for_the_gpu_before_sampling(enforce_eager):
 
     runner.model.forward = no_sync(runner.model.forward)
     runner.model.compute_logits = no_sync(runner.model.compute_logits)
+    runner.sampler.on_device = no_sync(runner.sampler.on_device)
     if runner.graphs is not None:
         runner.graphs.run = no_sync(runner.graphs.run)
     shared = [5] * 20
     _greedy(engine, [shared + p for p in PROMPTS], 12)
     assert "forward" in checked and "compute_logits" in checked
     assert enforce_eager or "run" in checked
+    # Sampling: temperature, top-k, top-p, a seeded request and logprobs run on the device
+    # without waiting for it; the one transfer of their results comes after.
+    from kvserve.sampling import SamplingParams
+
+    for i, prompt in enumerate(PROMPTS[:4]):
+        engine.add(list(prompt), SamplingParams(max_tokens=6, temperature=0.8, top_k=20, top_p=0.9,
+                                                seed=i if i % 2 else None, logprobs=3, ignore_eos=True))
+    while engine.has_unfinished:
+        engine.step()
+    assert "on_device" in checked
