@@ -42,8 +42,8 @@ from tqdm import tqdm
 from kvserve.bench.routing_eval import EvalItem, grade_many, load_items
 from kvserve.bench.serve import percentile
 from kvserve.bench.server_process import free_port, running
-from kvserve.routing.predictor import (ANSWER_SIGNALS, PROMPT_SIGNALS, TEXT_SIGNALS, Calibration, Logistic,
-                                       answer_scores)
+from kvserve.routing.predictor import (ANSWER_SIGNALS, PROMPT_SIGNALS, SIGNALS_VERSION, TEXT_SIGNALS, Calibration,
+                                       Logistic, answer_scores)
 from kvserve.routing.router import Router, RouterConfig
 
 MAX_TOKENS = {"code": 384, "arithmetic": 256, "fact": 48}
@@ -240,6 +240,10 @@ def training_rows(small: list[Answer], large: list[Answer], hold: int) -> list[d
         if missing:
             raise ValueError(f"the small model's answer to {a.item.id} carries no {', '.join(missing)} (recorded by "
                              "an older kvserve?): run the small and large modes again")
+        if a.routing.get("signals_version", 1) != SIGNALS_VERSION:
+            raise ValueError(f"the small model's answer to {a.item.id} was recorded with signals of version "
+                             f"{a.routing.get('signals_version', 1)}, this kvserve computes version {SIGNALS_VERSION}: "
+                             "run the small and large modes again")
         rows.append({"id": a.item.id, "signals": dict(a.routing.get("signals", {})),
                      "answer": answer_scores(a.logprobs[:hold]), "small_ok": a.correct,
                      "large_ok": large_by_id[a.item.id].correct, "small_cost": a.cost,

@@ -38,6 +38,10 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# What the signals mean, recorded with each routing decision: 2 = the latest turn is the message
+# being answered (its text from the API layer). A calibration fitted on answers recorded under
+# another definition would be skewed (1: the span between reply markers, 4 tokens longer in ChatML).
+SIGNALS_VERSION = 2
 TEXT_SIGNALS = ("log_turn_tokens", "code", "digits")
 PROMPT_SIGNALS = ("first_token_logprob", "first_token_entropy", *TEXT_SIGNALS)
 ANSWER_SIGNALS = ("mean_logprob", "low_logprob", "first_token_logprob", "code")

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from kvserve.routing.predictor import Calibration
+from kvserve.routing.predictor import SIGNALS_VERSION, Calibration
 
 ESCALATION_MODES = ("stream", "before", "off")
 
@@ -146,7 +146,8 @@ class Decision:
     def to_json(self) -> dict:
         return {"router": self.router, "chosen_model": self.chosen, "escalated": self.escalated,
                 "reason": self.reason, "scores": {k: round(v, 4) for k, v in self.scores.items()},
-                "signals": {k: round(v, 4) for k, v in self.signals.items()}, "segments": self.segments,
+                "signals": {k: round(v, 4) for k, v in self.signals.items()}, "signals_version": SIGNALS_VERSION,
+                "segments": self.segments,
                 "runs": [{k: v for k, v in run.items()} for run in self.runs]}
 
 

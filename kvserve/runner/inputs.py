@@ -19,6 +19,9 @@ from kvserve.sampling import SamplingParams
 from kvserve.sched.plan import SchedulerOutput
 
 
+_ALIGN = 8   # int64 elements: 64 bytes
+
+
 @dataclass(frozen=True)
 class ModelInputs:
     input_ids: torch.Tensor           # [num_tokens] int64
@@ -55,16 +58,23 @@ def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device)
 
     # One host tensor holds every input, so a step makes one copy to the device; on CUDA from
     # pinned memory (the caching host allocator's), asynchronous for real, so the host goes on
-    # without waiting for it. The inputs are views of that one device tensor.
-    sizes = [len(input_ids), len(positions), len(slots), len(query_start_loc), len(seq_lens),
-             len(logits_indices), len(block_table) * max_blocks]
-    host = torch.tensor(input_ids + positions + slots + query_start_loc + seq_lens + logits_indices
-                        + [b for row in block_table for b in row], dtype=torch.int64)
+    # without waiting for it. The inputs are views of that one device tensor, each starting on a
+    # 64-byte boundary (Triton specialises a kernel on its pointers' alignment: views at shifting
+    # offsets would compile new variants mid-serving).
+    segments = [input_ids, positions, slots, query_start_loc, seq_lens, logits_indices,
+                [b for row in block_table for b in row]]
+    flat_values: list[int] = []
+    starts_at = []
+    for values in segments:
+        starts_at.append(len(flat_values))
+        flat_values.extend(values)
+        flat_values.extend([0] * (-len(flat_values) % _ALIGN))
+    host = torch.tensor(flat_values, dtype=torch.int64)
     if device.type == "cuda":
         flat = host.pin_memory().to(device, non_blocking=True)
     else:
         flat = host.to(device)
-    ids, pos, slot_mapping, starts, lens, rows, table = torch.split(flat, sizes)
+    ids, pos, slot_mapping, starts, lens, rows, table = (flat[a:a + len(v)] for a, v in zip(starts_at, segments))
     metadata = AttentionMetadata(
         slot_mapping=slot_mapping,
         query_start_loc=starts,

@@ -109,16 +109,20 @@ def test_a_step_never_waits_for_the_gpu_before_sampling(enforce_eager):
     if runner.graphs is not None:
         runner.graphs.run = no_sync(runner.graphs.run)
     shared = [5] * 20
-    _greedy(engine, [shared + p for p in PROMPTS], 12)
+    # A step that raises is retried request by request and its requests fail alone (engine/core.py):
+    # so the test counts failures and tokens, not exceptions.
+    assert [len(t) for t in _greedy(engine, [shared + p for p in PROMPTS], 12)] == [12] * len(PROMPTS)
     assert "forward" in checked and "compute_logits" in checked
     assert enforce_eager or "run" in checked
     # Sampling: temperature, top-k, top-p, a seeded request and logprobs run on the device
     # without waiting for it; the one transfer of their results comes after.
-    from kvserve.sampling import SamplingParams
+    from kvserve.sampling import FinishReason, SamplingParams
 
     for i, prompt in enumerate(PROMPTS[:4]):
         engine.add(list(prompt), SamplingParams(max_tokens=6, temperature=0.8, top_k=20, top_p=0.9,
                                                 seed=i if i % 2 else None, logprobs=3, ignore_eos=True))
+    finished = []
     while engine.has_unfinished:
-        engine.step()
-    assert "on_device" in checked
+        finished += [o for o in engine.step() if o.finished]
+    assert [(o.finish_reason, o.stats.num_output_tokens) for o in finished] == [(FinishReason.LENGTH, 6)] * 4
+    assert "on_device" in checked and engine.core.num_failed_requests == 0

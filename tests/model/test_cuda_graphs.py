@@ -65,6 +65,9 @@ def test_an_eager_step_s_inputs_are_laid_out_as_the_docstring_says():
     assert inputs.metadata.block_table[2, :4].tolist() == [5, 2, 9, 4]
     assert inputs.logits_indices.tolist() == [4, 5] and inputs.sampling_request_ids == ("a", "b")
     assert inputs.metadata.query_start_loc_host == (0, 5, 6, 8) and inputs.metadata.seq_lens_host == (5, 40, 16)
+    tensors = [inputs.input_ids, inputs.positions, inputs.logits_indices, inputs.metadata.slot_mapping,
+               inputs.metadata.query_start_loc, inputs.metadata.seq_lens, inputs.metadata.block_table]
+    assert all(t.data_ptr() % 64 == 0 for t in tensors)        # Triton sees the same alignment every step
 
 
 def test_a_padded_decode_step_from_the_graph_inputs_equals_the_eager_step():

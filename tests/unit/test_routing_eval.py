@@ -293,7 +293,10 @@ def test_answers_recorded_without_todays_signals_are_refused():
     large = [Answer(item, "large", correct=True)]
     with pytest.raises(ValueError, match="log_turn_tokens.*run the small and large modes again"):
         training_rows(small, large, 24)
-    small[0].routing = {"signals": {**old, "log_turn_tokens": 2.5}}
+    small[0].routing = {"signals": {**old, "log_turn_tokens": 2.5}}          # the marker span's length
+    with pytest.raises(ValueError, match="signals of version 1.*run the small and large modes again"):
+        training_rows(small, large, 24)
+    small[0].routing = {"signals": {**old, "log_turn_tokens": 2.5}, "signals_version": 2}
     assert len(training_rows(small, large, 24)) == 1
 
 
