@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from kvserve.sched.plan import SchedulerOutput
 
 
 _ALIGN = 8   # int64 elements: 64 bytes
+_ZEROS = (0,) * _ALIGN
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device)
     sampling_ids: list[str] = []
     sampling_params: list[SamplingParams] = []
     max_blocks = max(len(c.block_ids) for c in plan.chunks)
-    block_table = []
+    block_table: list[int] = []       # rows of max_blocks, flat
+    padding = [0] * max_blocks
     for chunk in plan.chunks:
         input_ids.extend(chunk.token_ids)
         chunk_positions = range(chunk.start_position, chunk.seq_len)
@@ -50,7 +53,8 @@ def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device)
         slots.extend(chunk.block_ids[p // block_size] * block_size + p % block_size for p in chunk_positions)
         query_start_loc.append(len(input_ids))
         seq_lens.append(chunk.seq_len)
-        block_table.append(list(chunk.block_ids) + [0] * (max_blocks - len(chunk.block_ids)))
+        block_table.extend(chunk.block_ids)
+        block_table.extend(padding[len(chunk.block_ids):])
         if chunk.samples:
             logits_indices.append(len(input_ids) - 1)
             sampling_ids.append(chunk.request_id)
@@ -61,25 +65,24 @@ def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device)
     # without waiting for it. The inputs are views of that one device tensor, each starting on a
     # 64-byte boundary (Triton specialises a kernel on its pointers' alignment: views at shifting
     # offsets would compile new variants mid-serving).
-    segments = [input_ids, positions, slots, query_start_loc, seq_lens, logits_indices,
-                [b for row in block_table for b in row]]
-    flat_values: list[int] = []
+    segments = [input_ids, positions, slots, query_start_loc, seq_lens, logits_indices, block_table]
+    flat_values = array.array("q")    # (filled from the lists ~3x faster than torch.tensor reads them)
     starts_at = []
     for values in segments:
         starts_at.append(len(flat_values))
         flat_values.extend(values)
-        flat_values.extend([0] * (-len(flat_values) % _ALIGN))
-    host = torch.tensor(flat_values, dtype=torch.int64)
+        flat_values.extend(_ZEROS[:-len(flat_values) % _ALIGN])
+    host = torch.frombuffer(flat_values, dtype=torch.int64)
     if device.type == "cuda":
         flat = host.pin_memory().to(device, non_blocking=True)
-    else:
-        flat = host.to(device)
+    else:   # a tensor of its own (aligned, as torch allocates), not the array's memory
+        flat = host.to(device, copy=True)
     ids, pos, slot_mapping, starts, lens, rows, table = (flat[a:a + len(v)] for a, v in zip(starts_at, segments))
     metadata = AttentionMetadata(
         slot_mapping=slot_mapping,
         query_start_loc=starts,
         seq_lens=lens,
-        block_table=table.view(len(block_table), max_blocks),
+        block_table=table.view(len(plan.chunks), max_blocks),
         block_size=block_size,
         query_start_loc_host=tuple(query_start_loc),
         seq_lens_host=tuple(seq_lens),
