@@ -71,7 +71,7 @@ class RoutedStream:
         self.runs: list[dict] = self.decision.runs    # {"model", "prompt_tokens", "cached_tokens", "output_tokens", "shown"}
         self._current = None                   # the engine stream being read
         self._run_open = None                  # (model, prompt tokens, tokens sent before it) of the run not yet accounted
-        self._open_generated = 0               # tokens that run has generated so far (shown or held back)
+        self._open_generated = 0               # tokens the open run had generated while they were held back
         self._aborted = False
         self._done = False
         self._sent: list[int] = []             # tokens the client has
@@ -170,7 +170,7 @@ class RoutedStream:
             if self._aborted:                # cancelled during the hold: nothing held is shown
                 yield self._final(FinishReason.ABORT)
                 return
-            if not ok and not self._aborted and not (output.finished and output.finish_reason is FinishReason.ERROR):
+            if not ok and not (output.finished and output.finish_reason is FinishReason.ERROR):
                 async for out in self._replace(config.large, "low_confidence", output):
                     yield out
                 return
@@ -188,7 +188,6 @@ class RoutedStream:
         pending_handoff = False
         while True:
             output = await stream.__anext__()
-            self._open_generated += len(output.token_ids)
             tokens.extend(output.token_ids)
             logprobs.extend(e.logprob for e in output.logprobs or ())
             self._sent.extend(output.token_ids)
@@ -247,7 +246,6 @@ class RoutedStream:
         sent_before = len(self._sent)
         stream = await self._start(model, prompt, params)
         async for output in stream:
-            self._open_generated += len(output.token_ids)
             self._sent.extend(output.token_ids)
             if output.finished:
                 self._record(model, output, shown=len(self._sent) - sent_before)

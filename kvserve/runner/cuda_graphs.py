@@ -24,7 +24,6 @@ The ladder and the filling of the inputs are plain torch and tested on the CPU.
 
 from __future__ import annotations
 
-import array
 import bisect
 import logging
 import time
@@ -33,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from kvserve.attention.backend import AttentionMetadata
+from kvserve.runner.inputs import padded_rows
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,7 @@ class DecodeInputs:
         self._host_slots[:n] = torch.tensor(slots, dtype=torch.int64)
         self._host_lens[:n] = torch.tensor(positions, dtype=torch.int64) + 1
         width = max(len(t) for t in block_tables)
-        table, padding = array.array("q"), [0] * width     # (an array fills ~3x faster than torch.tensor reads lists)
-        for t in block_tables:
-            table.extend(t)
-            table.extend(padding[len(t):])
+        table = padded_rows(block_tables, width)
         self._host_table[:n, :width] = torch.frombuffer(table, dtype=torch.int64).view(n, width)
         self._host_ids[n:rows] = 0
         self._host_positions[n:rows] = 0

@@ -44,8 +44,6 @@ def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device)
     sampling_ids: list[str] = []
     sampling_params: list[SamplingParams] = []
     max_blocks = max(len(c.block_ids) for c in plan.chunks)
-    block_table: list[int] = []       # rows of max_blocks, flat
-    padding = [0] * max_blocks
     for chunk in plan.chunks:
         input_ids.extend(chunk.token_ids)
         chunk_positions = range(chunk.start_position, chunk.seq_len)
@@ -53,8 +51,6 @@ def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device)
         slots.extend(chunk.block_ids[p // block_size] * block_size + p % block_size for p in chunk_positions)
         query_start_loc.append(len(input_ids))
         seq_lens.append(chunk.seq_len)
-        block_table.extend(chunk.block_ids)
-        block_table.extend(padding[len(chunk.block_ids):])
         if chunk.samples:
             logits_indices.append(len(input_ids) - 1)
             sampling_ids.append(chunk.request_id)
@@ -65,7 +61,8 @@ def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device)
     # without waiting for it. The inputs are views of that one device tensor, each starting on a
     # 64-byte boundary (Triton specialises a kernel on its pointers' alignment: views at shifting
     # offsets would compile new variants mid-serving).
-    segments = [input_ids, positions, slots, query_start_loc, seq_lens, logits_indices, block_table]
+    segments = [input_ids, positions, slots, query_start_loc, seq_lens, logits_indices,
+                padded_rows((c.block_ids for c in plan.chunks), max_blocks)]
     flat_values = array.array("q")    # (filled from the lists ~3x faster than torch.tensor reads them)
     starts_at = []
     for values in segments:
@@ -88,3 +85,13 @@ def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device)
         seq_lens_host=tuple(seq_lens),
     )
     return ModelInputs(ids, pos, metadata, rows, tuple(sampling_ids), tuple(sampling_params))
+
+
+def padded_rows(rows, width: int) -> array.array:
+    """Rows of ints, each padded with zeros to `width`, flat in one int64 array (which torch reads
+    in one go: ~3x faster than torch.tensor walks a nested list). The block tables of a step."""
+    flat, padding = array.array("q"), [0] * width
+    for row in rows:
+        flat.extend(row)
+        flat.extend(padding[len(row):])
+    return flat
