@@ -35,7 +35,7 @@ from typing import TypeVar
 
 from kvserve.engine.engine import Engine
 from kvserve.engine.heap import IdleTrimmer
-from kvserve.outputs import RequestOutput, merge
+from kvserve.outputs import RequestOutput, RequestStats, merge
 from kvserve.sampling import FinishReason, InvalidRequestError, SamplingParams
 from kvserve.sched.scheduler import SchedulerStats
 
@@ -77,6 +77,7 @@ class RequestStream:
         self._engine = engine
         self._lock = threading.Lock()
         self._pending: RequestOutput | None = None
+        self._latest: RequestStats | None = None    # the newest delta's stats, read or not
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
         self._done = False
@@ -86,6 +87,7 @@ class RequestStream:
         with self._lock:
             was_empty = self._pending is None
             self._pending = output if was_empty else merge(self._pending, output)
+            self._latest = output.stats
         if (was_empty and not self.quiet) or (self.quiet and output.finished):
             self._loop.call_soon_threadsafe(self._ready.set)
 
@@ -118,6 +120,12 @@ class RequestStream:
     @property
     def finished(self) -> bool:
         return self._done
+
+    def latest_stats(self) -> RequestStats | None:
+        """The request's accounting as of the engine's newest delta, including deltas not yet read
+        (None before the first): what a request cut short had cost when it was cut."""
+        with self._lock:
+            return self._latest
 
     def abort(self) -> None:
         """Cancel the request (idempotent; a no-op once it has finished)."""

@@ -95,12 +95,17 @@ class RoutedStream:
 
     def abort(self) -> None:
         """Cancel the request, whichever model is running it (idempotent). A run cut short is
-        accounted with what it had sent (its final stats may never be read)."""
+        accounted as of the engine's newest delta, read or not (its final stats may never be read),
+        else with what it had sent or held."""
         if self._current is not None and self._run_open is not None and not self._done:
             model, prompt_tokens, sent_before = self._run_open
             shown = len(self._sent) - sent_before
-            self.runs.append({"model": model, "prompt_tokens": prompt_tokens, "cached_tokens": 0,
-                              "output_tokens": max(shown, self._open_generated), "shown": shown})
+            latest_stats = getattr(self._current, "latest_stats", None)   # a replica's stream has none
+            stats = latest_stats() if latest_stats is not None else None
+            generated = max(shown, self._open_generated, stats.num_output_tokens if stats is not None else 0)
+            self.runs.append({"model": model, "prompt_tokens": prompt_tokens,
+                              "cached_tokens": stats.num_cached_tokens if stats is not None else 0,
+                              "output_tokens": generated, "shown": shown})
             self.decision.segments = _segments(self.runs)
             self._run_open = None
         self._aborted = True

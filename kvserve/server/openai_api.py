@@ -177,6 +177,10 @@ class Generation:
         for choice in self.choices:
             if choice.finish_reason is None:   # cut short (client gone, engine failed): nobody reads its last delta
                 self.metrics.finished.labels(self.model.name, "abort").inc()
+                latest_stats = getattr(choice.stream, "latest_stats", None)
+                stats = latest_stats() if latest_stats is not None else None
+                if stats is not None:   # what it cost is what the engine generated, read or not
+                    choice.num_tokens = max(choice.num_tokens, stats.num_output_tokens)
             choice.stream.abort()
         self.model.in_flight -= len(self.choices)
         if self.background:

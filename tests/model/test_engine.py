@@ -665,6 +665,30 @@ def test_async_abort_mid_stream_ends_with_abort_and_frees_everything():
     assert_all_blocks_free(engine)
 
 
+def test_latest_stats_count_the_deltas_the_engine_put_but_nobody_read():
+    """A reader that stops reading still learns what the request had generated: what a routed
+    answer cut short is charged for."""
+    async_engine = AsyncEngine(make_engine())
+    try:
+        async def main():
+            stream = await async_engine.add("read once", SamplingParams(max_tokens=200, temperature=0.0,
+                                                                          ignore_eos=True))
+            assert stream.latest_stats() is None or stream.latest_stats().num_output_tokens >= 0
+            first = await stream.__anext__()
+            deadline = time.monotonic() + 10
+            while stream.latest_stats().num_output_tokens < 200:    # the engine finishes unread
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            rest = await _collect(stream)
+            return first, rest, stream.latest_stats()
+
+        first, rest, latest = asyncio.run(main())
+        assert len(first.token_ids) < 200 and latest.num_output_tokens == 200
+        assert latest == final(rest).stats
+    finally:
+        async_engine.shutdown()
+
+
 def test_async_invalid_request_raises_at_add():
     async_engine = AsyncEngine(make_engine())
     try:

@@ -129,3 +129,56 @@ def test_an_error_a_routed_stream_raises_mid_answer_is_an_api_error():
     with pytest.raises(APIError) as caught:
         asyncio.run(consume())
     assert caught.value.status == 400 and "context allows" in str(caught.value)
+
+
+def test_a_request_cut_short_is_charged_for_what_the_engine_generated_not_what_was_read():
+    """The client reads one delta and goes; the engine had generated 7 tokens by then (put, unread):
+    the weighted cost, the tenant's token count and its lease count 7, not 1."""
+    import asyncio
+    import time
+
+    from kvserve.outputs import RequestOutput, RequestStats
+    from kvserve.server.metrics import ServerMetrics
+    from kvserve.server.openai_api import Generation
+
+    class Ahead:
+        quiet, finished = False, False
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            if not hasattr(self, "sent"):
+                self.sent = True
+                return RequestOutput("r", "Hi", (5,), None, None, RequestStats(3, 0, 1, 4))
+            await asyncio.sleep(3600)
+
+        def latest_stats(self):
+            return RequestStats(3, 0, 7, 10)
+
+        def abort(self):
+            pass
+
+    class Model:
+        name, live, in_flight, background_in_flight, cost_weight = "m", set(), 1, 0, 2.0
+
+    class Lease:
+        def release(self, generated):
+            self.generated = generated
+
+    lease = Lease()
+    metrics = ServerMetrics(lambda: {})
+
+    async def consume_one():
+        generation = Generation("chat", Model(), [Ahead()], [3], False, None, metrics, time.monotonic(),
+                                lease=lease)
+        chunks = generation.chunks()
+        await chunks.__anext__()                      # the role chunk
+        await chunks.__anext__()                      # "Hi"
+        await chunks.aclose()                         # the client went away
+        return generation
+
+    generation = asyncio.run(consume_one())
+    assert generation.cost()["weighted"] == 2.0 * (3 + 7)
+    assert lease.generated == 7
+    assert metrics.weighted_cost.labels("m")._value.get() == 20.0

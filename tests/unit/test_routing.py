@@ -502,3 +502,40 @@ def test_an_abort_during_the_hold_back_accounts_the_tokens_generated():
     (run,) = stream.runs
     assert run["model"] == "small" and run["output_tokens"] >= 6 and run["shown"] == 0   # (it counted 0)
     assert stream.decision.segments == []
+
+
+class AheadStream(FakeStream):
+    """An engine stream whose engine has run ahead of the reader: deltas put but not yet read,
+    seen only in latest_stats() (as the AsyncEngine's stream reports them)."""
+    AHEAD = 5
+
+    def latest_stats(self):
+        return RequestStats(len(self.prompt), 2, self.produced + self.AHEAD, len(self.prompt) + self.produced)
+
+
+def test_an_aborted_answer_is_accounted_as_of_the_engines_newest_delta_not_the_last_one_read():
+    small, large = FakeEngine("s", confident(40)), FakeEngine("L", [])
+
+    async def add(prompt, params, **kwargs):
+        stream = AheadStream(small, f"s-{len(small.started)}", prompt, params)
+        small.started.append(stream)
+        return stream
+
+    small.add = add
+    router = Router(parse_router_spec("chat=small,large,hold=2,escalation=before", ["small", "large"]), calibration())
+    stream = RoutedStream(router, {"small": Member(small), "large": Member(large)}, [101, 102, 103], "Say hi",
+                          SamplingParams(max_tokens=64), {}, decode=str)
+
+    async def consume():
+        outputs = []
+        async for output in stream:
+            outputs.append(output)
+            if len(tokens(outputs)) >= 10:
+                stream.abort()
+        return outputs
+
+    outputs = asyncio.run(consume())
+    (run,) = stream.runs
+    shown = len(tokens(outputs))
+    assert run["shown"] == shown and run["output_tokens"] == small.started[0].produced + AheadStream.AHEAD > shown
+    assert run["cached_tokens"] == 2
