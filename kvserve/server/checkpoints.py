@@ -12,6 +12,7 @@ Rules (400 when broken): at most MAX_CHECKPOINTS marks; type "ephemeral"; ttl "5
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -102,7 +103,20 @@ def _as_dict(message: ChatMessage, sentinels: Sequence[tuple[int, int]] = ()) ->
         content = message.content or ""
     extra = {"name": message.name} if message.name else {}
     if message.tool_calls:
-        extra["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        extra["tool_calls"] = [_call_for_template(call.model_dump()) for call in message.tool_calls]
     if message.tool_call_id:
         extra["tool_call_id"] = message.tool_call_id
     return {"role": message.role, "content": content, **extra}
+
+
+def _call_for_template(call: dict) -> dict:
+    """A past tool call as chat templates expect it: OpenAI sends the arguments as a JSON string,
+    templates (Qwen's, Llama 3.1's) write `arguments | tojson`, so they get the object the string
+    holds (a string that is not one is left as it is)."""
+    try:
+        arguments = json.loads(call["function"]["arguments"])
+    except ValueError:
+        return call
+    if not isinstance(arguments, dict):
+        return call
+    return {**call, "function": {**call["function"], "arguments": arguments}}

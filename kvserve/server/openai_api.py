@@ -37,6 +37,7 @@ from kvserve.server.metrics import ServerMetrics
 from kvserve.server.checkpoints import collect_marks, render_with_marks
 from kvserve.server.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, ContentPart,
                                      as_api_error, check_messages, engine_dead)
+from kvserve.server.tool_calls import CALL_INSTRUCTION, ToolCallOptions, ToolCallScanner
 from kvserve.server.tools import TOOLS_HEADER, tool_line
 from kvserve.routing.replicas import ROUTING_SESSION
 from kvserve.server.routers import turn_of
@@ -102,6 +103,7 @@ class _Choice:
     cache_writes_by_ttl: tuple[tuple[float, int], ...] = ()
     finish_reason: str | None = None
     routed: object = None      # the RoutedStream of a routed choice (stream may wrap it)
+    tools: ToolCallScanner | None = None   # a chat answer that may call the request's tools
 
 
 class Generation:
@@ -109,9 +111,11 @@ class Generation:
 
     def __init__(self, kind: str, model: ServedModel, streams: list[RequestStream], prompt_lengths: list[int],
                  include_usage: bool, logprobs: int | None, metrics: ServerMetrics, received: float,
-                 background: bool = False, tenant: str | None = None, lease: TenantLease | None = None):
+                 background: bool = False, tenant: str | None = None, lease: TenantLease | None = None,
+                 tool_calls: ToolCallOptions | None = None):
         """`streams` holds n choices per prompt, prompt-major; `prompt_lengths` one entry per prompt.
-        `lease`: what the request holds of its tenant's limits, released by close()."""
+        `lease`: what the request holds of its tenant's limits, released by close().
+        `tool_calls`: the tools a chat answer may call (each choice's text is scanned for calls)."""
         self.kind = kind
         self.background = background
         self.tenant = tenant or ""        # the metrics label ("" for the anonymous tenant)
@@ -120,7 +124,8 @@ class Generation:
         self.created = int(time.time())
         self.model = model
         n = len(streams) // len(prompt_lengths)
-        self.choices = [_Choice(i, i // n, s, routed=s if hasattr(s, "decision") else None)
+        self.choices = [_Choice(i, i // n, s, routed=s if hasattr(s, "decision") else None,
+                                tools=ToolCallScanner(tool_calls.names, tool_calls.parallel) if tool_calls else None)
                         for i, s in enumerate(streams)]
         self.prompt_tokens = sum(prompt_lengths)
         self.prompt_lengths = list(prompt_lengths)
@@ -237,12 +242,23 @@ class Generation:
                            "other requests were not affected", type="server_error", code="engine_error")
         finish = output.finish_reason.value if output.finish_reason else None
         logprobs = self._logprobs(output.logprobs) if self.logprobs is not None and output.logprobs else None
+        text, calls = output.text, []
+        if choice.tools is not None:   # text that may be tool calls is held back to the end
+            text = choice.tools.feed(text)
+            if output.finished:
+                rest, calls = choice.tools.finish()
+                text += rest
         if output.finished:
-            choice.finish_reason = finish
             self._observe_finished(output, finish)
-        if not output.text and not output.finished and logprobs is None:
+            if calls and finish in ("stop", "length"):
+                finish = "tool_calls"
+            choice.finish_reason = finish
+        if not text and not output.finished and logprobs is None:
             return None
-        delta = {"content": output.text} if self.kind == "chat" else output.text
+        if calls:
+            delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
+        else:
+            delta = {"content": text} if self.kind == "chat" else text
         chunk = self._chunk(choice.index, delta, finish, logprobs, self.answering_model(choice))
         routing = self.routing(choice) if output.finished else None
         if routing is not None:
@@ -354,7 +370,12 @@ class Generation:
             logprobs = _join_logprobs([p["logprobs"] for p in parts if p.get("logprobs")], self.kind)
             if self.kind == "chat":
                 text = "".join(p["delta"].get("content", "") for p in parts)
-                choices.append({"index": choice.index, "message": {"role": "assistant", "content": text},
+                calls = [{k: v for k, v in call.items() if k != "index"}
+                         for p in parts for call in p["delta"].get("tool_calls", ())]
+                message = {"role": "assistant", "content": text}
+                if calls:
+                    message = {"role": "assistant", "content": text or None, "tool_calls": calls}
+                choices.append({"index": choice.index, "message": message,
                                 "logprobs": logprobs, "finish_reason": choice.finish_reason})
             else:
                 text = "".join(p["text"] for p in parts)
@@ -389,25 +410,45 @@ def latest_message_text(messages: Sequence[ChatMessage]) -> str:
     return messages[-1].text_content() if messages else ""
 
 
-def with_tools(messages: list[ChatMessage], tools: list[dict] | None) -> list[ChatMessage]:
+def with_tools(messages: list[ChatMessage], tools: list[dict] | None,
+               calls: ToolCallOptions | None = None) -> list[ChatMessage]:
     """OpenAI function tools as text at the start of the system prompt (see tools.py); a tool's
-    `cache_control` marks the end of its line. Tool calls are not produced."""
+    `cache_control` marks the end of its line. With `calls` (tool_choice "auto"), the line after
+    them says how to call them (tool_calls.py)."""
     if not tools:
         return messages
     parts = [ContentPart(type="text", text=TOOLS_HEADER)]
-    for i, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type") != "function" or not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise APIError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
-                           param=f"tools.{i}")
+    for tool in tools:
+        function = tool["function"]
         line = tool_line(function["name"], str(function.get("description", "")), function.get("parameters") or {})
         parts.append(ContentPart(type="text", text=line, cache_control=tool.get("cache_control")))
+    if calls is not None:
+        parts.append(ContentPart(type="text", text=CALL_INSTRUCTION))
     if messages[0].role == "system":
         system = messages[0].content if isinstance(messages[0].content, list) else \
             [ContentPart(type="text", text=messages[0].text_content())]
         return [ChatMessage(role="system", content=parts + [ContentPart(type="text", text="\n")] + system),
                 *messages[1:]]
     return [ChatMessage(role="system", content=parts), *messages]
+
+
+def tool_call_options(body: ChatCompletionRequest) -> ToolCallOptions | None:
+    """The tools a chat answer may call: None without tools or with tool_choice "none". kvserve
+    cannot force a call (no constrained decoding), so "required" and a named function are 400s."""
+    tools = body.tools or []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if tool.get("type") != "function" or not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise APIError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
+                           param=f"tools.{i}")
+    choice = body.tool_choice
+    if choice is not None and choice not in ("auto", "none"):
+        raise APIError(400, "tool_choice must be \"auto\" or \"none\": kvserve cannot force a tool call "
+                       "(\"required\" or a named function); with \"auto\" the model calls a tool when it chooses to",
+                       param="tool_choice")
+    if not tools or choice == "none":
+        return None
+    return ToolCallOptions(frozenset(t["function"]["name"] for t in tools), body.parallel_tool_calls is not False)
 
 
 class OpenAIServing:
@@ -457,7 +498,8 @@ class OpenAIServing:
         messages, compacted = body.messages, None
         if body.compaction_options is not None:
             messages, compacted = await self._compact(model, body, tenant)
-        messages = with_tools(messages, body.tools)
+        calls = tool_call_options(body)
+        messages = with_tools(messages, body.tools, calls)
         marks = collect_marks(messages)
         try:
             prompt, positions = render_with_marks(model.tokenizer, messages, marks)
@@ -468,7 +510,7 @@ class OpenAIServing:
         checkpoints = [(position, mark.ttl_s) for position, mark in zip(positions, marks)]
         generation = await self._start("chat", model, body, [prompt], body.requested_max_tokens, add_special=False,
                                        checkpoints=checkpoints, tenant=tenant, background=background,
-                                       turn=latest_message_text(messages))
+                                       turn=latest_message_text(messages), tool_calls=calls)
         generation.compaction = compacted
         return generation
 
@@ -560,7 +602,8 @@ class OpenAIServing:
 
     async def _start(self, kind: str, model: ServedModel, body, prompts: list, max_tokens: int | None,
                      add_special: bool, checkpoints: list[tuple[int, float]] = (),
-                     tenant: str | None = None, background: bool = False, turn: str | None = None) -> Generation:
+                     tenant: str | None = None, background: bool = False, turn: str | None = None,
+                     tool_calls: ToolCallOptions | None = None) -> Generation:
         """`checkpoints`: (character position, ttl_s) in prompts[0] (chat has one prompt).
         `turn`: the text of the chat message being answered, which a router's signals read.
         The tenant's share: its weight and default priority go to the engine; an interactive
@@ -618,7 +661,7 @@ class OpenAIServing:
                 lease.release(never_ran=True)   # the slots and the whole charge come back
             raise
         return Generation(kind, model, streams, [len(ids) for ids in token_lists], body.include_usage,
-                          body.num_logprobs, self.metrics, received, background, tenant, lease)
+                          body.num_logprobs, self.metrics, received, background, tenant, lease, tool_calls)
 
     @contextlib.contextmanager
     def _rejections(self, share: TenantShare):

@@ -161,6 +161,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
     # Compaction of long histories (kvserve/routing/compaction.py): OpenAI Responses' switch, or ours
     truncation: Literal["auto", "disabled"] | None = None
     compaction: CompactionOptions | None = None

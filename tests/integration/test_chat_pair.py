@@ -430,6 +430,36 @@ def test_the_readme_router_example_runs(server):
     assert len(lines) == 2 and all(line.split()[0] in ("small", "large") for line in lines)
 
 
+# ---- tool calls ---------------------------------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_a_model_calls_a_tool_and_answers_from_its_result(openai_client):
+    """The OpenAI tool-calling round trip with the real pair: the small model calls the tool (the
+    same call streamed and not), and the large one answers from the result the client sends back
+    (the past call rendered for the template with its arguments as an object)."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    answer = openai_client.chat.completions.create(model="small", messages=messages, tools=[WEATHER_TOOL],
+                                                   max_tokens=48, temperature=0)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice.message
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"].lower() == "paris"
+    streamed = [c for c in openai_client.chat.completions.create(
+        model="small", messages=messages, tools=[WEATHER_TOOL], max_tokens=48, temperature=0, stream=True)
+        if c.choices and c.choices[0].delta.tool_calls]
+    [delta] = streamed[0].choices[0].delta.tool_calls
+    assert (delta.function.name, delta.function.arguments) == (call.function.name, call.function.arguments)
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 31, "sky": "clear"})}]
+    reply = openai_client.chat.completions.create(model="large", messages=messages, tools=[WEATHER_TOOL],
+                                                  max_tokens=48, temperature=0)
+    assert reply.choices[0].finish_reason == "stop" and "31" in reply.choices[0].message.content
+
+
 # ---- compaction of a long conversation ---------------------------------------------------------
 FILLER = ["How do I reset my password?", "Can I change the delivery address?", "Do you ship to Canada?",
           "What payment methods do you accept?", "How long do refunds take?", "Is gift wrapping available?"]

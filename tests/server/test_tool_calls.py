@@ -1,0 +1,178 @@
+"""Tool calls on the OpenAI chat API (server/tool_calls.py): the forms an answer calls tools in,
+the response and stream shapes (checked with the openai SDK's own types), and the request rules.
+A real model calling a tool, and the round trip through its result, are in
+tests/integration/test_chat_pair.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from helpers import ServerThread
+from kvserve.outputs import RequestOutput, RequestStats
+from kvserve.sampling import FinishReason
+from kvserve.server.metrics import ServerMetrics
+from kvserve.server.openai_api import Generation
+from kvserve.server.tool_calls import ToolCallOptions, ToolCallScanner, parse_calls
+
+NAMES = {"get_weather", "add"}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def scan(deltas: list[str], parallel: bool = True) -> tuple[str, list[tuple[str, dict]]]:
+    """(the text sent, [(name, arguments)]) of an answer written in `deltas`."""
+    scanner = ToolCallScanner(NAMES, parallel)
+    sent = "".join(scanner.feed(d) for d in deltas)
+    rest, calls = scanner.finish()
+    return sent + rest, [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+@pytest.mark.parametrize("deltas, calls", [
+    (['{"name": "get_weather", ', '"arguments": {"city": "Paris"}}'], [("get_weather", {"city": "Paris"})]),
+    (["  ", "`", '``json\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n```'], [("add", {"a": 2, "b": 2})]),
+    (["<tool", '_call>\n{"name": "add", "arguments": "{\\"a\\": 1}"}\n</tool_call>\n',
+      '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'], [("add", {"a": 1}), ("get_weather", {})]),
+    (['[{"name": "add", "arguments": {}}, {"name": "get_weather", "parameters": {"city": "Oslo"}}]'],
+     [("add", {}), ("get_weather", {"city": "Oslo"})]),
+    (['{"name": "get_weather", "arguments": {"city": "Oslo"}, "result": "sunny"}\n'
+      '{"name": "get_weather", "arguments": {"city": "Rome"}}'],
+     [("get_weather", {"city": "Oslo"}), ("get_weather", {"city": "Rome"})]),
+])
+def test_each_form_of_a_call_is_found_and_nothing_of_it_is_sent_as_text(deltas, calls):
+    assert scan(deltas) == ("", calls)
+
+
+@pytest.mark.parametrize("answer", [
+    '{"name": "delete_everything", "arguments": {}}',            # not one of the request's tools
+    '{"name": "add", "arguments": {"a"',                          # cut off at max_tokens
+    '{"name": "add", "arguments": {}} and that is the call',     # text around it
+    '{"name": "add", "arguments": "not json"}',
+    '{"a": 1}',
+    "<b>bold</b>",
+    "`",
+])
+def test_what_is_not_only_calls_is_text_exactly_as_written(answer):
+    assert scan([answer[:5], answer[5:]]) == (answer, [])
+
+
+def test_prose_streams_as_it_comes_and_only_a_possible_call_is_held_back():
+    scanner = ToolCallScanner(NAMES)
+    assert [scanner.feed(d) for d in ["\n", "The", " weather"]] == ["", "\nThe", " weather"]
+    scanner = ToolCallScanner(NAMES)
+    assert [scanner.feed(d) for d in ["<", "tool", "_call>", "{"]] == ["", "", "", ""]
+
+
+def test_parallel_calls_off_keeps_the_first():
+    answer = '{"name": "add", "arguments": {}}\n{"name": "get_weather", "arguments": {}}'
+    assert scan([answer], parallel=False) == ("", [("add", {})])
+    assert parse_calls("", NAMES) is None
+
+
+# ---- the response shapes ----------------------------------------------------------------------
+
+class Scripted:
+    """An engine stream that writes `deltas` and stops."""
+    quiet, finished = False, False
+
+    def __init__(self, deltas: list[str], finish: FinishReason = FinishReason.STOP):
+        self.deltas, self.finish = list(deltas), finish
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.finished:
+            raise StopAsyncIteration
+        text = self.deltas.pop(0)
+        self.finished = not self.deltas
+        return RequestOutput("r", text, (1,), None, self.finish if self.finished else None, RequestStats(3, 0, 1, 4))
+
+    def abort(self):
+        pass
+
+
+class Model:
+    name, live, in_flight, background_in_flight, cost_weight = "m", set(), 1, 0, 1.0
+
+
+def generation(deltas: list[str], finish=FinishReason.STOP) -> Generation:
+    return Generation("chat", Model(), [Scripted(deltas, finish)], [3], False, None, ServerMetrics(lambda: {}),
+                      time.monotonic(), tool_calls=ToolCallOptions(frozenset(NAMES)))
+
+
+CALL = ['{"name": "get_weather",', ' "arguments": {"city": "Paris"}}']
+
+
+def test_a_call_is_a_message_with_tool_calls_and_finish_reason_tool_calls():
+    response = ChatCompletion.model_validate(asyncio.run(generation(CALL).result()))
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_a_streamed_call_comes_as_one_tool_calls_delta_with_the_finish():
+    async def chunks():
+        return [chunk async for chunk in generation(CALL).chunks()]
+
+    parsed = [ChatCompletionChunk.model_validate(c) for c in asyncio.run(chunks())]
+    assert not "".join(c.choices[0].delta.content or "" for c in parsed)
+    [last] = [c for c in parsed if c.choices[0].delta.tool_calls]
+    assert last.choices[0].finish_reason == "tool_calls" and last is parsed[-1]
+    [call] = last.choices[0].delta.tool_calls
+    assert call.index == 0 and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_a_text_answer_is_unchanged_and_a_call_cut_off_stays_text():
+    response = asyncio.run(generation(["Sunny", " in Paris."]).result())
+    assert response["choices"][0]["message"] == {"role": "assistant", "content": "Sunny in Paris."}
+    assert response["choices"][0]["finish_reason"] == "stop"
+    response = asyncio.run(generation(['{"name": "add", ', '"argu'], FinishReason.LENGTH).result())
+    assert response["choices"][0]["message"]["content"] == '{"name": "add", "argu'
+    assert response["choices"][0]["finish_reason"] == "length"
+
+
+# ---- the request rules, on a real server --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread() as running:
+        yield running
+
+
+def chat(server, **fields):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 2,
+            "temperature": 0, **fields}
+    return httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=30)
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_call_kvserve_cannot_force_is_a_400_that_says_so(server, tool_choice):
+    response = chat(server, tools=[WEATHER], tool_choice=tool_choice)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "tool_choice" and "cannot force" in error["message"]
+
+
+def test_tool_choice_none_shows_the_tools_without_asking_for_calls(server):
+    auto = chat(server, tools=[WEATHER]).json()["usage"]["prompt_tokens"]
+    none = chat(server, tools=[WEATHER], tool_choice="none").json()["usage"]["prompt_tokens"]
+    bare = chat(server).json()["usage"]["prompt_tokens"]
+    assert bare < none < auto                     # the tools' lines, then the instruction to call them
+
+
+def test_the_openai_sdk_accepts_the_fields(server):
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                            tools=[WEATHER], tool_choice="auto", parallel_tool_calls=False,
+                                            max_tokens=2, temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
