@@ -11,11 +11,15 @@ admission, checkpoints); only the wire shapes differ:
 
 Translation:
     system (string or text blocks)  → one system message; each block a content part keeping its cache_control
-    tools                           → text in that system message, before the system blocks (Anthropic's
-                                      cache order: tools, system, messages): a header and one JSON
-                                      line per tool; a tool's cache_control marks the end of its line. The
-                                      model cannot call tools: answers are text, never `tool_use`.
-    messages[].content              → content parts, cache_control kept (validated by server/checkpoints.py)
+    tools                           → OpenAI function tools, which the chat path renders as text in that
+                                      system message, before the system blocks (Anthropic's cache order:
+                                      tools, system, messages): a header, one JSON line per tool (a tool's
+                                      cache_control marks the end of its line), and with tool_choice auto
+                                      (the default) the line saying how to call them (server/tool_calls.py)
+    tool_choice                     → auto, none; any and tool are 400s (a call cannot be forced)
+    messages[].content              → content parts, cache_control kept (validated by server/checkpoints.py);
+                                      an assistant's tool_use blocks → its tool_calls; a user's tool_result
+                                      blocks → tool messages before its text
     cache_control (top level)       → a mark on the prompt's last block (Anthropic's automatic caching)
     stop_sequences, temperature, top_p, top_k, max_tokens → the same sampling fields; metadata is ignored
 
@@ -25,7 +29,9 @@ Stream events, in order (the SDK's accumulator expects exactly these):
     ping
     content_block_delta  {"type": "text_delta", "text": ...}, zero or more
     content_block_stop
-    message_delta        {"stop_reason", "stop_sequence"} and the final usage
+    (a request with tools: the text block opens at the first text instead, after ping, and an answer
+    that calls tools has a tool_use block per call instead: start, one input_json_delta, stop)
+    message_delta        {"stop_reason", "stop_sequence"} and the final usage ("tool_use" for calls)
     message_stop
 An engine failure mid-stream ends the stream with `event: error`; a client that disconnects aborts
 the engine requests (sse.py's finally).
@@ -67,16 +73,16 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator,
+                      model_validator)
 
 from kvserve.engine.async_engine import RequestStream
 from kvserve.outputs import RequestOutput
 from kvserve.server.auth import authenticate
 from kvserve.server.openai_api import Generation
-from kvserve.server.tools import TOOLS_HEADER, tool_line
 from kvserve.server.http import ClientGone, serving, unless_disconnected
 from kvserve.server.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompactionOptions, ContentPart,
-                                     Number, as_api_error, validation_error)
+                                     FunctionCall, Number, ToolCall, as_api_error, validation_error)
 from kvserve.server.openapi import request_body
 from kvserve.server.sse import StreamResponse, event_json, sse_frames
 
@@ -111,9 +117,42 @@ def _as_blocks(content: Any) -> Any:
     return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
 
+class ContentBlock(_Body):
+    """A message's block: text; a tool call the assistant made (tool_use: id, name, input); or its
+    result, which the user sends back (tool_result: tool_use_id, content, is_error)."""
+    type: str
+    text: str | None = None
+    id: str | None = None
+    name: str | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = None
+    content: str | list[TextBlock] | None = None
+    is_error: StrictBool = False
+    cache_control: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _known(self) -> "ContentBlock":
+        if self.type == "text":
+            if self.text is None:
+                raise ValueError("a text block needs text")
+        elif self.type == "tool_use":
+            if not self.id or not self.name or self.input is None:
+                raise ValueError("a tool_use block needs id, name and input")
+        elif self.type == "tool_result":
+            if not self.tool_use_id:
+                raise ValueError("a tool_result block needs tool_use_id")
+        else:
+            raise ValueError(f"only text content blocks (and tool_use, tool_result) are supported, got {self.type!r}")
+        return self
+
+    def result_text(self) -> str:
+        text = self.content if isinstance(self.content, str) else "".join(b.text for b in self.content or ())
+        return f"Error: {text}" if self.is_error else text
+
+
 class InputMessage(_Body):
     role: Literal["user", "assistant"]
-    content: list[TextBlock]
+    content: list[ContentBlock]
 
     @field_validator("content", mode="before")
     @classmethod
@@ -127,8 +166,11 @@ class Tool(_Body):
     input_schema: dict[str, Any] | None = None
     cache_control: dict[str, Any] | None = None
 
-    def line(self) -> str:
-        return tool_line(self.name, self.description or "", self.input_schema or {})
+    def as_openai(self) -> dict[str, Any]:
+        """The OpenAI function tool the chat path renders (server/tools.py), checkpoint included."""
+        return {"type": "function", "cache_control": self.cache_control,
+                "function": {"name": self.name, "description": self.description or "",
+                             "parameters": self.input_schema or {}}}
 
 
 class MessagesRequest(_Body):
@@ -143,6 +185,7 @@ class MessagesRequest(_Body):
     stream: StrictBool = False
     metadata: dict[str, Any] | None = None   # accepted and ignored
     tools: list[Tool] | None = None
+    tool_choice: dict[str, Any] | None = None     # {"type": "auto" | "none"}; "any" and "tool" are 400s
     cache_control: dict[str, Any] | None = None   # automatic caching: a mark on the last block
     context_management: dict[str, Any] | None = None   # a compact_* edit turns compaction on
     prompt_cache_key: str | None = Field(default=None, max_length=1024)   # scaled out: one replica per key
@@ -163,21 +206,53 @@ def to_chat_request(body: MessagesRequest) -> ChatCompletionRequest:
             raise APIError(400, f"messages.{i}.content: all messages must have non-empty content",
                            param=f"messages.{i}.content")
         for j, block in enumerate(message.content):
-            if not block.text:
-                raise APIError(400, f"messages.{i}.content.{j}.text: text content blocks must be non-empty",
-                               param=f"messages.{i}.content.{j}.text")
-    messages = []
-    system = _system_parts(body)
-    if system:
-        messages.append(ChatMessage(role="system", content=system))
-    messages += [ChatMessage(role=m.role, content=[_part(block) for block in m.content]) for m in body.messages]
+            where = f"messages.{i}.content.{j}"
+            if block.type == "text" and not block.text:
+                raise APIError(400, f"{where}.text: text content blocks must be non-empty", param=f"{where}.text")
+            belongs = {"tool_use": "assistant", "tool_result": "user"}.get(block.type, message.role)
+            if belongs != message.role:
+                raise APIError(400, f"{where}: {block.type} blocks belong in {belongs} messages", param=where)
+            if block.type == "tool_use" and block.cache_control is not None:
+                raise APIError(400, f"{where}.cache_control: a checkpoint on a tool_use block is not supported",
+                               param=f"{where}.cache_control", code="invalid_cache_control")
+    messages = [ChatMessage(role="system", content=[_part(block) for block in body.system])] if body.system else []
+    for message in body.messages:
+        messages += _chat_messages(message)
     if body.cache_control is not None:
         _mark_last_block(messages, body.cache_control)
     return ChatCompletionRequest(model=body.model, messages=messages, max_tokens=body.max_tokens,
                                  temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                  stop=body.stop_sequences, stream=body.stream,
+                                 tools=[tool.as_openai() for tool in body.tools] if body.tools else None,
+                                 tool_choice=_tool_choice(body.tool_choice),
                                  compaction=_compaction(body.context_management),
                                  prompt_cache_key=body.prompt_cache_key)
+
+
+def _chat_messages(message: InputMessage) -> list[ChatMessage]:
+    """One Anthropic message as chat messages: an assistant's text and tool calls as one message; a
+    user's tool results as `tool` messages (they come first in its content), then its text."""
+    texts = [_part(block) for block in message.content if block.type == "text"]
+    if message.role == "assistant":
+        calls = [ToolCall(id=block.id, function=FunctionCall(name=block.name, arguments=json.dumps(block.input)))
+                 for block in message.content if block.type == "tool_use"]
+        return [ChatMessage(role="assistant", content=texts or None, tool_calls=calls or None)]
+    results = [ChatMessage(role="tool", tool_call_id=block.tool_use_id,
+                           content=[ContentPart(type="text", text=block.result_text(), cache_control=block.cache_control)])
+               for block in message.content if block.type == "tool_result"]
+    return results + ([ChatMessage(role="user", content=texts)] if texts else [])
+
+
+def _tool_choice(choice: dict[str, Any] | None) -> str | None:
+    """Anthropic's tool_choice as OpenAI's: auto and none; any and tool (forcing a call) are 400s,
+    kvserve does not constrain decoding."""
+    if choice is None:
+        return None
+    kind = choice.get("type")
+    if kind in ("auto", "none"):
+        return kind
+    raise APIError(400, f"tool_choice type {kind!r} is not supported: kvserve cannot force a tool call (\"any\", "
+                   "\"tool\"); with \"auto\" the model calls a tool when it chooses to", param="tool_choice")
 
 
 def _compaction(context_management: dict[str, Any] | None) -> CompactionOptions | None:
@@ -208,18 +283,6 @@ def _compaction(context_management: dict[str, Any] | None) -> CompactionOptions 
     return options
 
 
-def _system_parts(body: MessagesRequest) -> list[ContentPart]:
-    parts = []
-    if body.tools:
-        parts.append(ContentPart(type="text", text=TOOLS_HEADER))
-        parts += [ContentPart(type="text", text=tool.line(), cache_control=tool.cache_control)
-                  for tool in body.tools]
-        if body.system:
-            parts.append(ContentPart(type="text", text="\n"))
-    parts += [_part(block) for block in body.system or ()]
-    return parts
-
-
 def _mark_last_block(messages: list[ChatMessage], cache_control: dict[str, Any]) -> None:
     """Top-level cache_control ("automatic caching") marks the last block of the prompt, unless
     that block carries its own mark; it counts towards the checkpoint limit like any other."""
@@ -231,7 +294,7 @@ def _mark_last_block(messages: list[ChatMessage], cache_control: dict[str, Any])
             return
 
 
-def _part(block: TextBlock) -> ContentPart:
+def _part(block: TextBlock | ContentBlock) -> ContentPart:
     return ContentPart(type="text", text=block.text, cache_control=block.cache_control)
 
 
@@ -296,8 +359,13 @@ class AnthropicMessage:
         choice.stream = self._recorded
 
     async def events(self) -> AsyncIterator[tuple[str, dict]]:
-        """(event name, data) pairs; see the module docstring for the order."""
+        """(event name, data) pairs; see the module docstring for the order. An answer that may
+        call tools opens its text block at its first text, and its calls follow as tool_use blocks."""
         started = False
+        # Without tools the text block opens with the message; with them, at the first text (an
+        # answer that is only calls has none: an empty text block would come back to us, refused).
+        may_call = self.generation.choices[0].tools is not None
+        text_index, blocks = (None, 0) if may_call else (0, 1)
         async for chunk in self.generation.chunks():
             for choice in chunk["choices"]:
                 delta = choice["delta"]
@@ -305,16 +373,32 @@ class AnthropicMessage:
                     continue   # the opening chunk, sent before the engine produced anything
                 if not started:   # the first output: the prefill is done, the cache counts are final
                     started = True
-                    for event in self._opening():
+                    for event in self._opening(text_block=not may_call):
                         yield event
                 if delta.get("content"):
-                    yield "content_block_delta", {"type": "content_block_delta", "index": 0,
+                    if text_index is None:
+                        text_index, blocks = blocks, blocks + 1
+                        yield "content_block_start", {"type": "content_block_start", "index": text_index,
+                                                      "content_block": {"type": "text", "text": ""}}
+                    yield "content_block_delta", {"type": "content_block_delta", "index": text_index,
                                                   "delta": {"type": "text_delta", "text": delta["content"]}}
+                for call in delta.get("tool_calls", ()):
+                    if text_index is not None:
+                        yield "content_block_stop", {"type": "content_block_stop", "index": text_index}
+                        text_index = None
+                    index, blocks = blocks, blocks + 1
+                    for event in _tool_use_events(index, call):
+                        yield event
         if not started:   # chunks() always ends with a finishing chunk; this only guards the event order
-            for event in self._opening():
+            for event in self._opening(text_block=not may_call):
                 yield event
+        if blocks == 0:   # nothing at all was written: the empty text block an answer without tools has
+            text_index = 0
+            yield "content_block_start", {"type": "content_block_start", "index": 0,
+                                          "content_block": {"type": "text", "text": ""}}
         stop_reason, stop_sequence = self._stop()
-        yield "content_block_stop", {"type": "content_block_stop", "index": 0}
+        if text_index is not None:
+            yield "content_block_stop", {"type": "content_block_stop", "index": text_index}
         delta = {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                  "usage": anthropic_usage(self.generation.usage())}
         choice = self.generation.choices[0]
@@ -325,18 +409,19 @@ class AnthropicMessage:
         yield "message_delta", delta
         yield "message_stop", {"type": "message_stop"}
 
-    def _opening(self) -> list[tuple[str, dict]]:
+    def _opening(self, text_block: bool = True) -> list[tuple[str, dict]]:
         model = self.generation.answering_model(self.generation.choices[0])
         message = {"id": self.id, "type": "message", "role": "assistant", "model": model,
                    "content": [], "stop_reason": None, "stop_sequence": None,
                    "usage": anthropic_usage(self.generation.usage(), output_tokens=0)}
-        return [("message_start", {"type": "message_start", "message": message}),
-                ("content_block_start", {"type": "content_block_start", "index": 0,
-                                         "content_block": {"type": "text", "text": ""}}),
-                ("ping", {"type": "ping"})]
+        text = [("content_block_start", {"type": "content_block_start", "index": 0,
+                                         "content_block": {"type": "text", "text": ""}})] if text_block else []
+        return [("message_start", {"type": "message_start", "message": message}), *text, ("ping", {"type": "ping"})]
 
     def _stop(self) -> tuple[str, str | None]:
         finish = self.generation.choices[0].finish_reason
+        if finish == "tool_calls":
+            return "tool_use", None
         if finish == "length":
             return "max_tokens", None
         if self.stop_sequences:
@@ -353,13 +438,18 @@ class AnthropicMessage:
     async def result(self) -> dict:
         """The non-streaming message, folded from the stream's events as the SDK accumulates them."""
         message: dict = {}
+        partial_json: dict[int, str] = {}
         async for name, data in self.events():
             if name == "message_start":
                 message = data["message"]
             elif name == "content_block_start":
                 message["content"].append(dict(data["content_block"]))
+            elif name == "content_block_delta" and data["delta"]["type"] == "input_json_delta":
+                partial_json[data["index"]] = partial_json.get(data["index"], "") + data["delta"]["partial_json"]
             elif name == "content_block_delta":
                 message["content"][data["index"]]["text"] += data["delta"]["text"]
+            elif name == "content_block_stop" and data["index"] in partial_json:
+                message["content"][data["index"]]["input"] = json.loads(partial_json.pop(data["index"]))
             elif name == "message_delta":
                 message.update(data["delta"])
                 message["usage"] = data["usage"]
@@ -367,6 +457,17 @@ class AnthropicMessage:
                     message["model"] = data["model"]
                     message["routing"] = data["routing"]
         return message
+
+
+def _tool_use_events(index: int, call: dict) -> list[tuple[str, dict]]:
+    """One OpenAI tool call as Anthropic's tool_use block: start (empty input), the input's JSON
+    in one input_json_delta, stop."""
+    block = {"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"), "name": call["function"]["name"],
+             "input": {}}
+    return [("content_block_start", {"type": "content_block_start", "index": index, "content_block": block}),
+            ("content_block_delta", {"type": "content_block_delta", "index": index,
+                                     "delta": {"type": "input_json_delta", "partial_json": call["function"]["arguments"]}}),
+            ("content_block_stop", {"type": "content_block_stop", "index": index})]
 
 
 def event_frame(name: str, data: dict) -> bytes:

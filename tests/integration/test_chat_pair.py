@@ -460,6 +460,30 @@ def test_a_model_calls_a_tool_and_answers_from_its_result(openai_client):
     assert reply.choices[0].finish_reason == "stop" and "31" in reply.choices[0].message.content
 
 
+def test_the_same_round_trip_through_anthropic_tool_use(server):
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=server, api_key="unused", max_retries=0, timeout=300)
+    tool = {"name": "get_weather", "description": "The current weather in a city",
+            "input_schema": WEATHER_TOOL["function"]["parameters"]}
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    message = client.messages.create(model="small", max_tokens=48, tools=[tool], messages=messages,
+                                     extra_body={"temperature": 0})
+    assert message.stop_reason == "tool_use", message
+    [use] = message.content
+    assert use.type == "tool_use" and use.name == "get_weather" and use.input["city"].lower() == "paris"
+    with client.messages.stream(model="small", max_tokens=48, tools=[tool], messages=messages,
+                                extra_body={"temperature": 0}) as stream:
+        streamed = stream.get_final_message()
+    assert [(b.type, b.name, b.input) for b in streamed.content] == [("tool_use", use.name, use.input)]
+    messages += [{"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in message.content]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                               "content": json.dumps({"temperature_c": 31, "sky": "clear"})}]}]
+    reply = client.messages.create(model="large", max_tokens=48, tools=[tool], messages=messages,
+                                   extra_body={"temperature": 0})
+    assert reply.stop_reason == "end_turn" and "31" in reply.content[0].text
+
+
 # ---- compaction of a long conversation ---------------------------------------------------------
 FILLER = ["How do I reset my password?", "Can I change the delivery address?", "Do you ship to Canada?",
           "What payment methods do you accept?", "How long do refunds take?", "Is gift wrapping available?"]

@@ -176,3 +176,81 @@ def test_the_openai_sdk_accepts_the_fields(server):
                                             tools=[WEATHER], tool_choice="auto", parallel_tool_calls=False,
                                             max_tokens=2, temperature=0)
     assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+# ---- Anthropic's tool_use -------------------------------------------------------------------------
+
+def anthropic_message(deltas: list[str]):
+    from kvserve.server.anthropic_api import AnthropicMessage
+
+    class Tokenized(Model):
+        tokenizer = None
+
+    return AnthropicMessage(Generation("chat", Tokenized(), [Scripted(deltas)], [3], False, None,
+                                       ServerMetrics(lambda: {}), time.monotonic(),
+                                       tool_calls=ToolCallOptions(frozenset(NAMES))), ())
+
+
+def test_an_anthropic_answer_that_calls_is_a_tool_use_block_and_stop_reason_tool_use():
+    from anthropic.types import Message
+
+    message = Message.model_validate(asyncio.run(anthropic_message(CALL).result()))
+    assert message.stop_reason == "tool_use"
+    [block] = message.content                       # no empty text block before it
+    assert block.type == "tool_use" and block.name == "get_weather" and block.input == {"city": "Paris"}
+    assert block.id.startswith("toolu_")
+
+
+def test_anthropic_stream_events_of_a_call_and_of_prose_with_tools():
+    async def events(deltas):
+        return [(name, data) async for name, data in anthropic_message(deltas).events()]
+
+    names = [name for name, _ in asyncio.run(events(CALL))]
+    assert names == ["message_start", "ping", "content_block_start", "content_block_delta", "content_block_stop",
+                     "message_delta", "message_stop"]
+    prose = asyncio.run(events(["Sunny", " today."]))
+    starts = [data["content_block"] for name, data in prose if name == "content_block_start"]
+    assert starts == [{"type": "text", "text": ""}]
+    assert "".join(d["delta"]["text"] for n, d in prose if n == "content_block_delta") == "Sunny today."
+    assert prose[-2][1]["delta"]["stop_reason"] == "end_turn"
+
+
+def test_tool_use_and_tool_result_blocks_become_a_call_and_its_result():
+    from kvserve.server.anthropic_api import MessagesRequest, to_chat_request
+
+    body = MessagesRequest.model_validate({
+        "model": "m", "max_tokens": 8, "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+        "messages": [{"role": "user", "content": "Weather in Paris?"},
+                     {"role": "assistant", "content": [{"type": "text", "text": "Let me look."},
+                                                       {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                                        "input": {"city": "Paris"}}]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                   "content": [{"type": "text", "text": "31 C"}]},
+                                                  {"type": "text", "text": "And tomorrow?"}]}]})
+    chat = to_chat_request(body)
+    roles = [m.role for m in chat.messages]
+    assert roles == ["user", "assistant", "tool", "user"]          # the tools are added by the chat path
+    call = chat.messages[1].tool_calls[0]
+    assert (call.id, call.function.name, json.loads(call.function.arguments)) == ("toolu_1", "get_weather",
+                                                                                 {"city": "Paris"})
+    assert chat.messages[2].tool_call_id == "toolu_1" and chat.messages[2].text_content() == "31 C"
+    assert chat.tools[0]["function"]["name"] == "get_weather" and chat.tool_choice is None
+
+
+@pytest.mark.parametrize("messages, tool_choice, message", [
+    ([{"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "get_weather", "input": {}}]}], None,
+     "tool_use blocks belong in assistant messages"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+        {"type": "tool_result", "tool_use_id": "t", "content": "x"}]}, {"role": "user", "content": "ok"}], None,
+     "tool_result blocks belong in user messages"),
+    ([{"role": "user", "content": [{"type": "tool_result", "content": "x"}]}], None, "needs tool_use_id"),
+    ([{"role": "user", "content": "hi"}], {"type": "any"}, "cannot force a tool call"),
+])
+def test_misplaced_tool_blocks_and_forced_calls_are_anthropic_400s(server, messages, tool_choice, message):
+    body = {"model": "tiny", "max_tokens": 2, "messages": messages,
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}
+    if tool_choice is not None:
+        body["tool_choice"] = tool_choice
+    response = httpx.post(server.base_url + "/v1/messages", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["type"] == "error" and message in response.json()["error"]["message"]
