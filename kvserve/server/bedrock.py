@@ -10,15 +10,19 @@ same `OpenAIServing.chat` as /v1/chat/completions, so limits, checkpoint rules a
 are shared:
 
     toolConfig.tools [{toolSpec}, {toolSpec}, {cachePoint}] ─┐  one system message, tools first:
-    system           [{text}, {cachePoint: {ttl: "1h"}}]    ─┴▶ [header, tool₁, tool₂ + cc, text + cc 1h]
+    system           [{text}, {cachePoint: {ttl: "1h"}}]    ─┴▶ [header, tool₁, tool₂ + cc, how to call, text + cc 1h]
     messages[i]      [{text}, {cachePoint}, {text}]         ──▶ [text + cc 5m, text]
                                                  (cc = cache_control: {"type": "ephemeral", "ttl": ...})
 
 A cachePoint marks the end of the content block before it (in the same list), so it becomes
 `cache_control: {"type": "ephemeral", "ttl": <ttl, default 5m>}` on that block; the shared
-validation then applies (at most 4, ttl 5m/1h, 1h never after 5m). Tool specs are rendered as
-text (tool calls are not produced); other content blocks (images, documents, toolUse, ...) are
-a ValidationException.
+validation then applies (at most 4, ttl 5m/1h, 1h never after 5m). Tool specs become the chat
+path's function tools (rendered as text, with a line saying how to call them: server/tool_calls.py);
+an answer that calls them is toolUse blocks and stopReason "tool_use" (streamed: contentBlockStart
+with the toolUseId and name, one contentBlockDelta with the input's JSON, contentBlockStop), and
+the client's toolUse / toolResult blocks become tool calls and tool messages. toolChoice auto;
+any and tool are a ValidationException (a call cannot be forced). Other content blocks (images,
+documents, ...) are a ValidationException.
 
 Usage (Bedrock's convention, see the user guide's prompt-caching page): `inputTokens` counts the
 prompt tokens neither read from nor written to the cache, so
@@ -66,7 +70,6 @@ from kvserve.server import eventstream
 from kvserve.server.checkpoints import TTLS
 from kvserve.server.openai_api import Generation
 from kvserve.server.auth import authenticate
-from kvserve.server.tools import TOOLS_HEADER, tool_line
 from kvserve.server.http import ClientGone, serving, unless_disconnected
 from kvserve.server.protocol import as_api_error, APIError, ChatCompletionRequest, validation_error
 from kvserve.server.openapi import request_body
@@ -236,32 +239,113 @@ def _text(kind: str, value: Any, where: str) -> str:
     return value
 
 
-def _tool_text(kind: str, value: Any, where: str) -> str:
-    """A toolSpec as a line of the system prompt: its name, description and input JSON schema."""
-    if kind != "toolSpec":
-        raise _invalid(f"{where}: {kind} tools are not supported; only toolSpec and cachePoint", where)
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        raise _invalid(f"{where}.toolSpec needs a name", f"{where}.toolSpec")
-    schema = value.get("inputSchema")
-    return tool_line(value["name"], value.get("description", ""), schema.get("json", {}) if isinstance(schema, dict) else {})
+def _tools(blocks: Any) -> list[dict]:
+    """toolConfig.tools → OpenAI function tools, which the chat path renders at the start of the
+    system prompt; a cachePoint marks the tool before it."""
+    if not isinstance(blocks, list):
+        raise _invalid("toolConfig.tools must be a non-empty list", "toolConfig.tools")
+    tools: list[dict] = []
+    for i, block in enumerate(blocks):
+        where = f"toolConfig.tools.{i}"
+        kind = _member(block, where)
+        if kind == "cachePoint":
+            if not tools or "cache_control" in tools[-1]:
+                raise _invalid(f"{where}: a cachePoint must follow a tool in the same list", where)
+            tools[-1]["cache_control"] = _cache_control(block[kind], f"{where}.cachePoint")
+            continue
+        if kind != "toolSpec":
+            raise _invalid(f"{where}: {kind} tools are not supported; only toolSpec and cachePoint", where)
+        spec = block[kind]
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise _invalid(f"{where}.toolSpec needs a name", f"{where}.toolSpec")
+        schema = spec.get("inputSchema")
+        tools.append({"type": "function", "function": {
+            "name": spec["name"], "description": str(spec.get("description", "")),
+            "parameters": schema.get("json", {}) if isinstance(schema, dict) else {}}})
+    return tools
+
+
+def _tool_choice(choice: Any) -> str:
+    """toolConfig.toolChoice: auto; any and tool (forcing a call) are refused, as kvserve does not
+    constrain decoding."""
+    kind = _member(choice, "toolConfig.toolChoice")
+    if kind != "auto":
+        raise _invalid(f"toolConfig.toolChoice {kind!r} is not supported: kvserve cannot force a tool call "
+                       "(any, tool); with auto the model calls a tool when it chooses to", "toolConfig.toolChoice")
+    return "auto"
+
+
+def _chat_messages(message: dict, i: int) -> list[dict]:
+    """One Converse message → chat messages: text blocks (a cachePoint marks the one before it);
+    an assistant's toolUse blocks → its tool_calls; a user's toolResult blocks → tool messages
+    before its text."""
+    blocks, field = message.get("content"), f"messages.{i}.content"
+    if not isinstance(blocks, list):
+        raise _invalid(f"{field} must be a list of content blocks", field)
+    parts, calls, results = [], [], []
+    for j, block in enumerate(blocks):
+        where = f"{field}.{j}"
+        kind = _member(block, where)
+        value = block[kind]
+        if kind == "cachePoint":
+            previous = _member(blocks[j - 1], where) if j else None
+            if previous != "text" or "cache_control" in parts[-1]:
+                raise _invalid(f"{where}: a cachePoint must follow a text block in the same list", where)
+            parts[-1]["cache_control"] = _cache_control(value, f"{where}.cachePoint")
+        elif kind in ("toolUse", "toolResult"):
+            belongs = "assistant" if kind == "toolUse" else "user"
+            if message["role"] != belongs or not isinstance(value, dict) or not isinstance(value.get("toolUseId"), str):
+                raise _invalid(f"{where}: a {kind} block needs a toolUseId and belongs in {belongs} messages", where)
+            if kind == "toolUse":
+                if not isinstance(value.get("name"), str) or not isinstance(value.get("input"), dict):
+                    raise _invalid(f"{where}.toolUse needs a name and an input object", where)
+                calls.append({"id": value["toolUseId"], "type": "function",
+                              "function": {"name": value["name"], "arguments": json.dumps(value["input"])}})
+            else:
+                results.append({"role": "tool", "tool_call_id": value["toolUseId"],
+                                "content": _result_text(value, where)})
+        else:
+            parts.append({"type": "text", "text": _text(kind, value, where)})
+    if not parts and not calls and not results:
+        raise _invalid(f"{field} must hold at least one text, toolUse or toolResult block", field)
+    if message["role"] == "assistant":
+        return [{"role": "assistant", "content": parts or None, **({"tool_calls": calls} if calls else {})}]
+    return results + ([{"role": "user", "content": parts}] if parts else [])
+
+
+def _result_text(result: dict, where: str) -> str:
+    """A toolResult's content (text and json blocks) as the tool message's text."""
+    pieces, content = [], result.get("content") or []
+    if not isinstance(content, list):
+        raise _invalid(f"{where}.toolResult.content must be a list of content blocks", where)
+    for k, block in enumerate(content):
+        kind = _member(block, f"{where}.toolResult.content.{k}")
+        if kind == "text" and isinstance(block[kind], str):
+            pieces.append(block[kind])
+        elif kind == "json":
+            pieces.append(json.dumps(block[kind]))
+        else:
+            raise _invalid(f"{where}.toolResult.content.{k}: only text and json results are supported", where)
+    text = "".join(pieces)
+    return f"Error: {text}" if result.get("status") == "error" else text
 
 
 def to_chat_request(model_id: str, body: Any) -> Converse:
     """A Converse/ConverseStream body → the shared chat request (APIError 400 when malformed).
-    `additionalModelRequestFields`, `toolChoice` and other fields are ignored."""
+    `additionalModelRequestFields` and other fields are ignored."""
     if not isinstance(body, dict):
         raise _invalid("the request body must be a JSON object")
-    system: list[dict] = []
+    tools, tool_choice = None, None
     tool_config = body.get("toolConfig")
     if tool_config is not None:
         if not isinstance(tool_config, dict):
             raise _invalid("toolConfig must be an object", "toolConfig")
         if not tool_config.get("tools"):
             raise _invalid("toolConfig.tools must be a non-empty list", "toolConfig.tools")
-        system += [{"type": "text", "text": TOOLS_HEADER}]
-        system += _convert(tool_config["tools"], "toolConfig.tools", _tool_text)
-    if body.get("system") is not None:
-        system += _convert(body["system"], "system", _text)
+        tools = _tools(tool_config["tools"])
+        if tool_config.get("toolChoice") is not None:
+            tool_choice = _tool_choice(tool_config["toolChoice"])
+    system = _convert(body["system"], "system", _text) if body.get("system") is not None else []
     messages = [{"role": "system", "content": system}] if system else []
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
@@ -269,17 +353,15 @@ def to_chat_request(model_id: str, body: Any) -> Converse:
     for i, message in enumerate(raw_messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise _invalid(f"messages.{i}.role must be one of {', '.join(ROLES)}", f"messages.{i}.role")
-        content = _convert(message.get("content"), f"messages.{i}.content", _text)
-        if not content:
-            raise _invalid(f"messages.{i}.content must hold at least one text block", f"messages.{i}.content")
-        messages.append({"role": message["role"], "content": content})
+        messages += _chat_messages(message, i)
     config = body.get("inferenceConfig") or {}
     if not isinstance(config, dict):
         raise _invalid("inferenceConfig must be an object", "inferenceConfig")
     fields = {"maxTokens": "max_tokens", "temperature": "temperature", "topP": "top_p", "stopSequences": "stop"}
     sampling = {fields[name]: value for name, value in config.items() if name in fields and value is not None}
     try:
-        chat = ChatCompletionRequest.model_validate({"model": model_id, "messages": messages, **sampling})
+        chat = ChatCompletionRequest.model_validate({"model": model_id, "messages": messages, "tools": tools,
+                                                     "tool_choice": tool_choice, **sampling})
     except ValidationError as error:
         raise validation_error(error.errors()) from None
     return Converse(chat, "max_tokens" in sampling, bool(sampling.get("stop")))
@@ -304,6 +386,8 @@ def cache_details(by_ttl: Mapping[str, int]) -> list[dict]:
 def stop_reason(finish_reason: str | None, ended_with_eos: bool, converse: Converse) -> str:
     """The engine's finish reason → Bedrock's stopReason. "stop" is an end token or a stop
     string; only the last token tells them apart. "length" without maxTokens is the context."""
+    if finish_reason == "tool_calls":
+        return "tool_use"
     if finish_reason == "length":
         return "max_tokens" if converse.max_tokens_given else "model_context_window_exceeded"
     if finish_reason == "stop" and converse.stop_sequences_given and not ended_with_eos:
@@ -371,14 +455,22 @@ class _Reply:
 
     async def response(self) -> dict:
         result = await self.generation.result()
-        text = result["choices"][0]["message"]["content"]
-        return self._with_routing({"output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+        message = result["choices"][0]["message"]
+        content = [{"text": message["content"] or ""}]
+        if message.get("tool_calls"):
+            content = ([{"text": message["content"]}] if message["content"] else []) + [
+                _tool_use(call) for call in message["tool_calls"]]
+        return self._with_routing({"output": {"message": {"role": "assistant", "content": content}},
                                    "stopReason": self.stop_reason, "usage": self.usage(),
                                    "metrics": self.metrics()})
 
     async def events(self, event=eventstream.event, exception=eventstream.exception) -> AsyncIterator[bytes]:
         """The ConverseStream events; an error midway ends the stream with an exception message.
         `event(name, body)` and `exception(member, message)` encode them (default: AWS event-stream)."""
+        # The text block is index 0 from the start, as before, unless the answer may call tools:
+        # then it takes the next index at its first text, and each call a block of its own.
+        may_call = self.generation.choices[0].tools is not None
+        text_index, blocks = (None, 0) if may_call else (0, 1)
         try:
             yield event("messageStart", {"role": "assistant"})
             async with contextlib.aclosing(self.generation.chunks()) as chunks:
@@ -386,8 +478,24 @@ class _Reply:
                     for choice in chunk["choices"]:
                         text = choice["delta"].get("content")
                         if text:
-                            yield event("contentBlockDelta", {"delta": {"text": text}, "contentBlockIndex": 0})
-            yield event("contentBlockStop", {"contentBlockIndex": 0})
+                            if text_index is None:
+                                text_index, blocks = blocks, blocks + 1
+                            yield event("contentBlockDelta", {"delta": {"text": text}, "contentBlockIndex": text_index})
+                        for call in choice["delta"].get("tool_calls", ()):
+                            if text_index is not None:
+                                yield event("contentBlockStop", {"contentBlockIndex": text_index})
+                                text_index = None
+                            index, blocks = blocks, blocks + 1
+                            use = _tool_use(call)["toolUse"]
+                            yield event("contentBlockStart", {"start": {"toolUse": {
+                                "toolUseId": use["toolUseId"], "name": use["name"]}}, "contentBlockIndex": index})
+                            yield event("contentBlockDelta", {"delta": {"toolUse": {
+                                "input": call["function"]["arguments"]}}, "contentBlockIndex": index})
+                            yield event("contentBlockStop", {"contentBlockIndex": index})
+            if blocks == 0:    # nothing written at all: the empty text block of an answer without tools
+                text_index = 0
+            if text_index is not None:
+                yield event("contentBlockStop", {"contentBlockIndex": text_index})
             yield event("messageStop", {"stopReason": self.stop_reason})
             metadata = {"usage": self.usage(), "metrics": self.metrics()}
             if self.trace() is not None:
@@ -397,6 +505,12 @@ class _Reply:
             yield stream_exception(_as_api_error(error), exception)
         finally:   # also on disconnect: StreamingResponse cancels this generator
             self.generation.close()
+
+
+def _tool_use(call: dict) -> dict:
+    """An OpenAI tool call as Converse's toolUse block (its id kept, so the toolResult names it)."""
+    return {"toolUse": {"toolUseId": call["id"], "name": call["function"]["name"],
+                        "input": json.loads(call["function"]["arguments"])}}
 
 
 # ---- routes -----------------------------------------------------------------------------------

@@ -2,9 +2,8 @@
 
 A request's tools are shown to the model as text at the start of the system prompt (Anthropic's
 cache order: tools, system, messages), so a checkpoint on a tool (cache_control / cachePoint)
-marks the end of that tool's line. The OpenAI chat API (and Anthropic's, which goes through it)
-adds a line saying how to call them and finds the calls in the answer (tool_calls.py); Bedrock's
-does not yet:
+marks the end of that tool's line. The OpenAI chat path, which Anthropic's and Bedrock's APIs go
+through, adds a line saying how to call them and finds the calls in the answer (tool_calls.py):
 
     You can use the following tools.
     Tool: {"description": "...", "input_schema": {...}, "name": "get_weather"}

@@ -484,6 +484,35 @@ def test_the_same_round_trip_through_anthropic_tool_use(server):
     assert reply.stop_reason == "end_turn" and "31" in reply.content[0].text
 
 
+def test_the_same_round_trip_through_bedrock_converse_tool_use(server):
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client("bedrock-runtime", endpoint_url=server, region_name="us-east-1",
+                          aws_access_key_id="x", aws_secret_access_key="x",
+                          config=Config(retries={"max_attempts": 0}, read_timeout=300))
+    tools = {"tools": [{"toolSpec": {"name": "get_weather", "description": "The current weather in a city",
+                                     "inputSchema": {"json": WEATHER_TOOL["function"]["parameters"]}}}]}
+    messages = [{"role": "user", "content": [{"text": "What is the weather in Paris?"}]}]
+    config = {"maxTokens": 48, "temperature": 0}
+    reply = client.converse(modelId="small", messages=messages, toolConfig=tools, inferenceConfig=config)
+    assert reply["stopReason"] == "tool_use", reply
+    [block] = reply["output"]["message"]["content"]
+    use = block["toolUse"]
+    assert use["name"] == "get_weather" and use["input"]["city"].lower() == "paris"
+    events = list(client.converse_stream(modelId="small", messages=messages, toolConfig=tools,
+                                         inferenceConfig=config)["stream"])
+    start = next(e["contentBlockStart"]["start"]["toolUse"] for e in events if "contentBlockStart" in e)
+    streamed = "".join(e["contentBlockDelta"]["delta"]["toolUse"]["input"] for e in events if "contentBlockDelta" in e)
+    assert start["name"] == "get_weather" and json.loads(streamed) == use["input"]
+    assert next(e["messageStop"] for e in events if "messageStop" in e)["stopReason"] == "tool_use"
+    messages += [reply["output"]["message"],
+                 {"role": "user", "content": [{"toolResult": {"toolUseId": use["toolUseId"],
+                                                              "content": [{"json": {"temperature_c": 31, "sky": "clear"}}]}}]}]
+    answer = client.converse(modelId="large", messages=messages, toolConfig=tools, inferenceConfig=config)
+    assert answer["stopReason"] == "end_turn" and "31" in answer["output"]["message"]["content"][0]["text"]
+
+
 # ---- compaction of a long conversation ---------------------------------------------------------
 FILLER = ["How do I reset my password?", "Can I change the delivery address?", "Do you ship to Canada?",
           "What payment methods do you accept?", "How long do refunds take?", "Is gift wrapping available?"]

@@ -254,3 +254,70 @@ def test_misplaced_tool_blocks_and_forced_calls_are_anthropic_400s(server, messa
     response = httpx.post(server.base_url + "/v1/messages", json=body, timeout=30)
     assert response.status_code == 400, response.text
     assert response.json()["type"] == "error" and message in response.json()["error"]["message"]
+
+
+# ---- Bedrock Converse's toolUse ---------------------------------------------------------------------
+
+def converse_reply(deltas: list[str]):
+    from types import SimpleNamespace
+
+    from kvserve.server.bedrock import Converse, _Reply
+    from kvserve.server.protocol import ChatCompletionRequest
+
+    class Engined(Model):
+        engine = SimpleNamespace(engine=SimpleNamespace(eos_token_ids={2}))
+
+    generation = Generation("chat", Engined(), [Scripted(deltas)], [3], False, None, ServerMetrics(lambda: {}),
+                            time.monotonic(), tool_calls=ToolCallOptions(frozenset(NAMES)))
+    converse = Converse(ChatCompletionRequest(messages=[{"role": "user", "content": "x"}]), True, False)
+    return _Reply(generation, converse, time.monotonic())
+
+
+def test_a_converse_answer_that_calls_is_tool_use_blocks_and_stop_reason_tool_use():
+    response = asyncio.run(converse_reply(CALL).response())
+    assert response["stopReason"] == "tool_use"
+    [block] = response["output"]["message"]["content"]
+    assert block["toolUse"]["name"] == "get_weather" and block["toolUse"]["input"] == {"city": "Paris"}
+
+    async def events(deltas):
+        return [e async for e in converse_reply(deltas).events(event=lambda name, body: (name, body),
+                                                                exception=lambda *a: ("exception", a))]
+
+    streamed = asyncio.run(events(CALL))
+    assert [name for name, _ in streamed] == ["messageStart", "contentBlockStart", "contentBlockDelta",
+                                              "contentBlockStop", "messageStop", "metadata"]
+    assert streamed[1][1]["start"]["toolUse"]["name"] == "get_weather"
+    assert json.loads(streamed[2][1]["delta"]["toolUse"]["input"]) == {"city": "Paris"}
+    assert streamed[4][1] == {"stopReason": "tool_use"}
+    prose = asyncio.run(events(["Sunny", "."]))
+    assert [(n, b.get("contentBlockIndex")) for n, b in prose[1:4]] == [("contentBlockDelta", 0),
+                                                                         ("contentBlockDelta", 0),
+                                                                         ("contentBlockStop", 0)]
+
+
+def test_converse_tool_blocks_become_a_call_and_its_result():
+    from kvserve.server.bedrock import to_chat_request
+
+    chat = to_chat_request("m", {
+        "toolConfig": {"tools": [{"toolSpec": {"name": "get_weather", "inputSchema": {"json": {"type": "object"}}}},
+                                 {"cachePoint": {"type": "default"}}], "toolChoice": {"auto": {}}},
+        "messages": [{"role": "user", "content": [{"text": "Weather in Paris?"}]},
+                     {"role": "assistant", "content": [{"toolUse": {"toolUseId": "t1", "name": "get_weather",
+                                                                    "input": {"city": "Paris"}}}]},
+                     {"role": "user", "content": [{"toolResult": {"toolUseId": "t1", "content": [{"json": {"c": 31}}]}}]}],
+    }).chat
+    assert [m.role for m in chat.messages] == ["user", "assistant", "tool"] and chat.tool_choice == "auto"
+    assert chat.tools[0]["cache_control"] == {"type": "ephemeral", "ttl": "5m"}
+    assert chat.messages[1].tool_calls[0].id == "t1" and chat.messages[2].text_content() == '{"c": 31}'
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"messages": [{"role": "user", "content": [{"toolUse": {"toolUseId": "t", "name": "get_weather", "input": {}}}]}]},
+     "belongs in assistant messages"),
+    ({"toolConfig": {"tools": [{"toolSpec": {"name": "get_weather"}}], "toolChoice": {"any": {}}},
+      "messages": [{"role": "user", "content": [{"text": "hi"}]}]}, "cannot force a tool call"),
+])
+def test_converse_misplaced_tool_blocks_and_forced_calls_are_validation_errors(server, body, message):
+    response = httpx.post(server.base_url + "/model/tiny/converse", json=body, timeout=30)
+    assert response.status_code == 400 and response.headers["x-amzn-ErrorType"].startswith("ValidationException")
+    assert message in response.json()["message"]
