@@ -190,21 +190,22 @@ class Converse:
     stop_sequences_given: bool
 
 
-def _convert(blocks: Any, field: str, text_of: Callable[[str, Any, str], str]) -> list[dict]:
-    """Content blocks → OpenAI text parts, in prompt order; a cachePoint marks the part before it."""
+def _convert(blocks: Any, field: str, item_of: Callable[[str, Any, str], dict]) -> list[dict]:
+    """Content blocks → the items `item_of(kind, value, where)` makes of them (text parts, tools, ...),
+    in order; a cachePoint marks the item before it (its `cache_control`)."""
     if not isinstance(blocks, list):
         raise _invalid(f"{field} must be a list of content blocks", field)
-    parts: list[dict] = []
+    items: list[dict] = []
     for i, block in enumerate(blocks):
         where = f"{field}.{i}"
         kind = _member(block, where)
         if kind == "cachePoint":
-            if not parts or "cache_control" in parts[-1]:
+            if not items or "cache_control" in items[-1]:
                 raise _invalid(f"{where}: a cachePoint must follow a content block in the same list", where)
-            parts[-1]["cache_control"] = _cache_control(block[kind], f"{where}.cachePoint")
+            items[-1]["cache_control"] = _cache_control(block[kind], f"{where}.cachePoint")
             continue
-        parts.append({"type": "text", "text": text_of(kind, block[kind], where)})
-    return parts
+        items.append(item_of(kind, block[kind], where))
+    return items
 
 
 def _member(block: Any, where: str) -> str:
@@ -239,30 +240,21 @@ def _text(kind: str, value: Any, where: str) -> str:
     return value
 
 
-def _tools(blocks: Any) -> list[dict]:
-    """toolConfig.tools → OpenAI function tools, which the chat path renders at the start of the
-    system prompt; a cachePoint marks the tool before it."""
-    if not isinstance(blocks, list):
-        raise _invalid("toolConfig.tools must be a non-empty list", "toolConfig.tools")
-    tools: list[dict] = []
-    for i, block in enumerate(blocks):
-        where = f"toolConfig.tools.{i}"
-        kind = _member(block, where)
-        if kind == "cachePoint":
-            if not tools or "cache_control" in tools[-1]:
-                raise _invalid(f"{where}: a cachePoint must follow a tool in the same list", where)
-            tools[-1]["cache_control"] = _cache_control(block[kind], f"{where}.cachePoint")
-            continue
-        if kind != "toolSpec":
-            raise _invalid(f"{where}: {kind} tools are not supported; only toolSpec and cachePoint", where)
-        spec = block[kind]
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise _invalid(f"{where}.toolSpec needs a name", f"{where}.toolSpec")
-        schema = spec.get("inputSchema")
-        tools.append({"type": "function", "function": {
-            "name": spec["name"], "description": str(spec.get("description", "")),
-            "parameters": schema.get("json", {}) if isinstance(schema, dict) else {}}})
-    return tools
+def _text_part(kind: str, value: Any, where: str) -> dict:
+    return {"type": "text", "text": _text(kind, value, where)}
+
+
+def _tool(kind: str, spec: Any, where: str) -> dict:
+    """A toolSpec → an OpenAI function tool, which the chat path renders at the start of the
+    system prompt (a cachePoint after it becomes its cache_control)."""
+    if kind != "toolSpec":
+        raise _invalid(f"{where}: {kind} tools are not supported; only toolSpec and cachePoint", where)
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise _invalid(f"{where}.toolSpec needs a name", f"{where}.toolSpec")
+    schema = spec.get("inputSchema")
+    return {"type": "function", "function": {
+        "name": spec["name"], "description": str(spec.get("description", "")),
+        "parameters": schema.get("json", {}) if isinstance(schema, dict) else {}}}
 
 
 def _tool_choice(choice: Any) -> str:
@@ -279,36 +271,31 @@ def _chat_messages(message: dict, i: int) -> list[dict]:
     """One Converse message → chat messages: text blocks (a cachePoint marks the one before it);
     an assistant's toolUse blocks → its tool_calls; a user's toolResult blocks → tool messages
     before its text."""
-    blocks, field = message.get("content"), f"messages.{i}.content"
-    if not isinstance(blocks, list):
-        raise _invalid(f"{field} must be a list of content blocks", field)
-    parts, calls, results = [], [], []
-    for j, block in enumerate(blocks):
-        where = f"{field}.{j}"
-        kind = _member(block, where)
-        value = block[kind]
-        if kind == "cachePoint":
-            previous = _member(blocks[j - 1], where) if j else None
-            if previous != "text" or "cache_control" in parts[-1]:
-                raise _invalid(f"{where}: a cachePoint must follow a text block in the same list", where)
-            parts[-1]["cache_control"] = _cache_control(value, f"{where}.cachePoint")
-        elif kind in ("toolUse", "toolResult"):
-            belongs = "assistant" if kind == "toolUse" else "user"
-            if message["role"] != belongs or not isinstance(value, dict) or not isinstance(value.get("toolUseId"), str):
-                raise _invalid(f"{where}: a {kind} block needs a toolUseId and belongs in {belongs} messages", where)
-            if kind == "toolUse":
-                if not isinstance(value.get("name"), str) or not isinstance(value.get("input"), dict):
-                    raise _invalid(f"{where}.toolUse needs a name and an input object", where)
-                calls.append({"id": value["toolUseId"], "type": "function",
-                              "function": {"name": value["name"], "arguments": json.dumps(value["input"])}})
-            else:
-                results.append({"role": "tool", "tool_call_id": value["toolUseId"],
-                                "content": _result_text(value, where)})
-        else:
-            parts.append({"type": "text", "text": _text(kind, value, where)})
-    if not parts and not calls and not results:
+    role, field = message["role"], f"messages.{i}.content"
+
+    def item(kind: str, value: Any, where: str) -> dict:
+        if kind not in ("toolUse", "toolResult"):
+            return _text_part(kind, value, where)
+        belongs = "assistant" if kind == "toolUse" else "user"
+        if role != belongs or not isinstance(value, dict) or not isinstance(value.get("toolUseId"), str):
+            raise _invalid(f"{where}: a {kind} block needs a toolUseId and belongs in {belongs} messages", where)
+        if kind == "toolResult":    # a tool message; a cachePoint after it marks its text
+            return {"type": "text", "text": _result_text(value, where), "tool_call_id": value["toolUseId"]}
+        if not isinstance(value.get("name"), str) or not isinstance(value.get("input"), dict):
+            raise _invalid(f"{where}.toolUse needs a name and an input object", where)
+        return {"id": value["toolUseId"], "type": "function",
+                "function": {"name": value["name"], "arguments": json.dumps(value["input"])}}
+
+    items = _convert(message.get("content"), field, item)
+    if not items:
         raise _invalid(f"{field} must hold at least one text, toolUse or toolResult block", field)
-    if message["role"] == "assistant":
+    calls = [call for call in items if call["type"] == "function"]
+    if any("cache_control" in call for call in calls):
+        raise _invalid(f"{field}: a cachePoint after a toolUse block is not supported", field)
+    parts = [part for part in items if part["type"] == "text" and "tool_call_id" not in part]
+    results = [{"role": "tool", "tool_call_id": part.pop("tool_call_id"), "content": [part]}
+               for part in items if "tool_call_id" in part]
+    if role == "assistant":
         return [{"role": "assistant", "content": parts or None, **({"tool_calls": calls} if calls else {})}]
     return results + ([{"role": "user", "content": parts}] if parts else [])
 
@@ -342,10 +329,10 @@ def to_chat_request(model_id: str, body: Any) -> Converse:
             raise _invalid("toolConfig must be an object", "toolConfig")
         if not tool_config.get("tools"):
             raise _invalid("toolConfig.tools must be a non-empty list", "toolConfig.tools")
-        tools = _tools(tool_config["tools"])
+        tools = _convert(tool_config["tools"], "toolConfig.tools", _tool)
         if tool_config.get("toolChoice") is not None:
             tool_choice = _tool_choice(tool_config["toolChoice"])
-    system = _convert(body["system"], "system", _text) if body.get("system") is not None else []
+    system = _convert(body["system"], "system", _text_part) if body.get("system") is not None else []
     messages = [{"role": "system", "content": system}] if system else []
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
