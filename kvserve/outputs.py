@@ -69,3 +69,10 @@ def merge(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
         logprobs = (older.logprobs or ()) + (newer.logprobs or ())
     return RequestOutput(newer.request_id, older.text + newer.text, older.token_ids + newer.token_ids,
                          logprobs, newer.finish_reason, newer.stats)
+
+
+def latest_stats(stream: object) -> RequestStats | None:
+    """A stream's accounting as of the engine's newest delta, read or not (what a request cut short
+    had cost), from streams that know it (the AsyncEngine's; not a replica's); else None."""
+    method = getattr(stream, "latest_stats", None)
+    return method() if method is not None else None

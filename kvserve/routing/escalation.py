@@ -35,7 +35,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from kvserve.outputs import RequestOutput, RequestStats, TokenLogprob, merge
+from kvserve.outputs import RequestOutput, RequestStats, TokenLogprob, latest_stats, merge
 from kvserve.routing.predictor import answer_scores, prompt_signals, text_signals
 from kvserve.routing.router import Decision, Router
 from kvserve.sampling import FinishReason, SamplingParams
@@ -100,8 +100,7 @@ class RoutedStream:
         if self._current is not None and self._run_open is not None and not self._done:
             model, prompt_tokens, sent_before = self._run_open
             shown = len(self._sent) - sent_before
-            latest_stats = getattr(self._current, "latest_stats", None)   # a replica's stream has none
-            stats = latest_stats() if latest_stats is not None else None
+            stats = latest_stats(self._current)
             generated = max(shown, self._open_generated, stats.num_output_tokens if stats is not None else 0)
             self.runs.append({"model": model, "prompt_tokens": prompt_tokens,
                               "cached_tokens": stats.num_cached_tokens if stats is not None else 0,

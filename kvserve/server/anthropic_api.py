@@ -344,6 +344,9 @@ class _RecordedStream:
     def abort(self) -> None:
         self._stream.abort()
 
+    def __getattr__(self, name: str):   # the rest (latest_stats, ...) is the stream's
+        return getattr(self._stream, name)
+
 
 class AnthropicMessage:
     """One Generation (a single choice) seen as an Anthropic message: its stream events, or the

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from kvserve.kv.prefix_cache import cache_namespace
 from kvserve.config import ServerConfig
 from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
-from kvserve.outputs import RequestOutput, TokenLogprob
+from kvserve.outputs import RequestOutput, TokenLogprob, latest_stats
 from kvserve.sampling import FinishReason, InvalidRequestError, SamplingParams
 from kvserve.routing.compaction import CompactionError, CompactionPolicy, SummaryStore, compact, summary_request
 from kvserve.server.auth import TenantLease, TenantLimits, TenantShare
@@ -182,8 +182,7 @@ class Generation:
         for choice in self.choices:
             if choice.finish_reason is None:   # cut short (client gone, engine failed): nobody reads its last delta
                 self.metrics.finished.labels(self.model.name, "abort").inc()
-                latest_stats = getattr(choice.stream, "latest_stats", None)
-                stats = latest_stats() if latest_stats is not None else None
+                stats = latest_stats(choice.stream)
                 if stats is not None:   # what it cost is what the engine generated, read or not
                     choice.num_tokens = max(choice.num_tokens, stats.num_output_tokens)
             choice.stream.abort()

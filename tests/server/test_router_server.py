@@ -182,3 +182,8 @@ def test_a_request_cut_short_is_charged_for_what_the_engine_generated_not_what_w
     assert generation.cost()["weighted"] == 2.0 * (3 + 7)
     assert lease.generated == 7
     assert metrics.weighted_cost.labels("m")._value.get() == 20.0
+
+    # The Anthropic API wraps each choice's stream (to read its token ids): the stats show through.
+    from kvserve.outputs import latest_stats
+    from kvserve.server.anthropic_api import _RecordedStream
+    assert latest_stats(_RecordedStream(Ahead())) == RequestStats(3, 0, 7, 10)
