@@ -75,8 +75,8 @@ class ToolCallScanner:
     def finish(self) -> tuple[str, list[dict]]:
         """At the end of the answer: (the text not sent yet, the calls); one of them is empty."""
         held, self._held = self._held, ""
-        calls = parse_calls(held, self.names) if held.strip() else None
-        if not calls:
+        calls = parse_calls(held, self.names)
+        if calls is None:
             return held, []
         return "", calls if self.parallel else calls[:1]
 
